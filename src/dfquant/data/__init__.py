@@ -1,0 +1,1 @@
+"""Datasets: the embedded Fashion-MNIST world and image folders for real users."""

@@ -1,0 +1,1 @@
+"""Text-to-image calibration data: pipelines, generation, the embedded mini generator."""

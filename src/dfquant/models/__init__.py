@@ -1,0 +1,1 @@
+"""Model zoo and the name registry (`fmnist/...`, `torchvision/...`, `timm/...`)."""

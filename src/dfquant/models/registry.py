@@ -1,0 +1,153 @@
+"""Resolve model names to a model plus everything needed to feed and evaluate it.
+
+Names:
+  * ``fmnist/<arch>``       — the project's Fashion-MNIST zoo (weights committed under ``assets/zoo``);
+  * ``torchvision/<name>``  — torchvision classification models with their DEFAULT weights;
+  * ``timm/<name>``         — timm models (pretrained tags allowed, e.g. ``deit_small_patch16_224.fb_in1k``).
+Hub weights load through the libraries' own caches; nothing is downloaded when offline,
+and a missing cache is reported with the command that fills it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dfquant.data import fmnist
+from dfquant.errors import DfqError
+from dfquant.models import zoo
+
+FMNIST_MEAN = (0.2190, 0.2190, 0.2190)
+FMNIST_STD = (0.3318, 0.3318, 0.3318)
+
+
+@dataclass
+class ModelSpec:
+    """A classifier with its preprocessing and label space."""
+
+    name: str
+    model: nn.Module
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def is_vit(self) -> bool:
+        return any(type(m).__name__ in {"Attention", "WindowAttention"} for m in self.model.modules())
+
+    @property
+    def embedded(self) -> bool:
+        """True for the Fashion-MNIST zoo, whose test set ships with the project."""
+        return self.name.startswith("fmnist/")
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (x01 - mean) / std
+
+    def transform(self) -> Callable:
+        """PIL image -> normalized tensor, by the model's own preprocessing (timm's eval transform)."""
+        from timm.data import create_transform
+
+        return create_transform(input_size=self.input_size, interpolation=self.interpolation, mean=self.mean,
+                                std=self.std, crop_pct=self.crop_pct, is_training=False)
+
+
+def zoo_dir() -> Path:
+    return Path(str(resources.files("dfquant") / "assets" / "zoo"))
+
+
+def zoo_card(arch: str) -> dict[str, Any]:
+    path = zoo_dir() / f"fmnist_{arch}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _fmnist(arch: str, pretrained: bool) -> ModelSpec:
+    if arch not in zoo.ARCHS:
+        raise DfqError(f"unknown zoo model fmnist/{arch}; choose one of: " + ", ".join(f"fmnist/{a}" for a in zoo.ARCHS))
+    model = zoo.ARCHS[arch](num_classes=len(fmnist.CLASS_NAMES))
+    if pretrained:
+        from safetensors.torch import load_file
+
+        path = zoo_dir() / f"fmnist_{arch}.safetensors"
+        if not path.exists():
+            raise DfqError(f"no weights for fmnist/{arch} at {path}; train them with `dfq train-classifier fmnist/{arch}`")
+        model.load_state_dict(load_file(str(path)))
+    return ModelSpec(f"fmnist/{arch}", model.eval(), (3, fmnist.SIZE, fmnist.SIZE), FMNIST_MEAN, FMNIST_STD,
+                     list(fmnist.CLASS_NAMES), interpolation="bilinear", crop_pct=1.0, card=zoo_card(arch))
+
+
+def _offline_hint(name: str, exc: Exception) -> DfqError:
+    return DfqError(f"weights for {name} are not cached and cannot be downloaded ({type(exc).__name__}); "
+                    f"on a machine with internet run `dfq fetch {name}` (or `huggingface-cli download` / fill the torch hub cache), "
+                    "or pass --random-weights")
+
+
+def _torchvision(arch: str, pretrained: bool) -> ModelSpec:
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT if pretrained else None
+    except ValueError:
+        raise DfqError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models()") from None
+    try:
+        model = torchvision.models.get_model(arch, weights=weights)
+    except Exception as exc:  # noqa: BLE001 - hub/network failures all mean "not cached"
+        raise _offline_hint(f"torchvision/{arch}", exc) from None
+    from dfquant.data.imagenet import imagenet_class_names
+
+    t = weights.transforms() if weights is not None else None
+    crop = t.crop_size[0] if t is not None else 224
+    resize = t.resize_size[0] if t is not None else 256
+    mean = tuple(t.mean) if t is not None else (0.485, 0.456, 0.406)
+    std = tuple(t.std) if t is not None else (0.229, 0.224, 0.225)
+    interp = t.interpolation.value if t is not None else "bilinear"
+    return ModelSpec(f"torchvision/{arch}", model.eval(), (3, crop, crop), mean, std, imagenet_class_names(),
+                     interpolation=interp, crop_pct=crop / resize)
+
+
+def _timm(arch: str, pretrained: bool) -> ModelSpec:
+    import timm
+
+    base = arch.split(".")[0]
+    if not timm.list_models(base) and not timm.is_model(base):
+        raise DfqError(f"unknown timm model {arch!r}; see timm.list_models()")
+    try:
+        model = timm.create_model(arch, pretrained=pretrained)
+    except Exception as exc:  # noqa: BLE001
+        raise _offline_hint(f"timm/{arch}", exc) from None
+    cfg = timm.data.resolve_model_data_config(model)
+    from dfquant.data.imagenet import imagenet_class_names
+
+    names = imagenet_class_names() if model.num_classes == 1000 else [f"class {i}" for i in range(model.num_classes)]
+    return ModelSpec(f"timm/{arch}", model.eval(), tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]),
+                     names, interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"])
+
+
+_SOURCES: dict[str, Callable[[str, bool], ModelSpec]] = {"fmnist": _fmnist, "torchvision": _torchvision, "timm": _timm}
+
+
+def list_models() -> list[str]:
+    return [f"fmnist/{a}" for a in zoo.ARCHS] + ["torchvision/<name>", "timm/<name>[.<tag>]"]
+
+
+def get_model(name: str, pretrained: bool = True) -> ModelSpec:
+    """Resolve ``name`` (see module doc) into a :class:`ModelSpec` in eval mode."""
+    source, _, arch = name.partition("/")
+    if source not in _SOURCES or not arch:
+        raise DfqError(f"unknown model name {name!r}; use one of: " + ", ".join(list_models()))
+    return _SOURCES[source](arch, pretrained)
