@@ -93,6 +93,169 @@ def train_generator_cmd(
     typer.echo(f"mini generator trained in {card['vae_seconds'] + card['unet_seconds']:.0f}s")
 
 
+def _class_names(classes: str) -> list[str]:
+    """Class names from a known label set or a text file (one name per line)."""
+    if classes == "fmnist":
+        from dfquant.data.fmnist import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if classes == "imagenet":
+        from dfquant.data.imagenet import imagenet_class_names
+
+        return imagenet_class_names()
+    path = Path(classes)
+    if not path.is_file():
+        raise DfqError(f"--classes {classes!r} is not fmnist, imagenet, or a text file with one class name per line")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(names) < 2:
+        raise DfqError(f"{path} lists {len(names)} class names; put at least two, one per line")
+    return names
+
+
+@app.command("prompts")
+def prompts_cmd(
+    classes: str = typer.Option("fmnist", help="fmnist, imagenet, or FILE.txt with one class name per line"),
+    n: int = typer.Option(1024, help="number of prompts (one image each)"),
+    strategy: str = typer.Option("mixup", help="single, template or mixup"),
+    k: int = typer.Option(2, help="labels per mixup prompt"),
+    pairing: str = typer.Option("random", help="mixup pairing: random, similar or dissimilar"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("manifest.jsonl"), help="manifest (JSONL) to write"),
+    generator: Optional[str] = typer.Option(None, help="generator whose text encoder ranks classes (similar/dissimilar pairing only)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Write a prompt manifest: one row per image with its prompt, classes and seed."""
+    from dfquant.prompts import class_similarity, make_manifest, write_manifest
+
+    _threads(threads)
+    names = _class_names(classes)
+    similarity = None
+    if strategy == "mixup" and pairing in ("similar", "dissimilar") and generator:
+        from dfquant.generate.pipeline import load_pipeline
+
+        pipe = load_pipeline(generator)
+        similarity = class_similarity(names, pipe.tokenizer, pipe.text_encoder)
+    rows = make_manifest(names, n, strategy, k, pairing, seed, similarity)
+    write_manifest(rows, out)
+    typer.echo(f"{len(rows)} prompts ({rows[0].strategy}) over {len(names)} classes -> {out}")
+
+
+@app.command("generate")
+def generate_cmd(
+    manifest: Path = typer.Argument(..., help="prompt manifest from `dfq prompts`"),
+    generator: str = typer.Option("mini", help="mini, a diffusers pipeline folder, or a hub id (sd15, sd-turbo, owner/name)"),
+    out: Path = typer.Option(..., help="image folder to write (re-run the same command to resume)"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (default: the generator's preset)"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale (default: preset)"),
+    height: Optional[int] = typer.Option(None, help="image height (default: preset)"),
+    width: Optional[int] = typer.Option(None, help="image width (default: preset)"),
+    batch_size: int = typer.Option(32, help="prompts per pipeline call"),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, dpm, euler, euler-a, pndm or lcm (default: the pipeline's own)"),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+    device: Optional[str] = typer.Option(None, help="torch device (default: accelerate's choice for this process)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Render one PNG per manifest row (resumable; re-run the same command after a crash).
+
+    Scale out with `accelerate launch --multi_gpu --num_processes N -m dfquant.cli generate ...`;
+    each process renders its share. (accelerate's own --cpu flag starts one process only; on a GPU
+    machine pass --device cpu to dfq for CPU workers.)
+    """
+    import os
+
+    import torch
+    from accelerate import PartialState
+
+    from dfquant.generate.pipeline import ALIASES, generate, load_pipeline, native_size, preset_for
+    from dfquant.prompts import read_manifest
+
+    _threads(threads)
+    rows = read_manifest(manifest)
+    preset = preset_for(generator)
+    steps = steps if steps is not None else preset["steps"]
+    lo, hi = preset["steps_range"]
+    # Without an accelerator, accelerate only forms a CPU process group when told cpu=True;
+    # otherwise every launched process would think it is alone and render every image.
+    has_accel = torch.cuda.is_available() or torch.backends.mps.is_available()
+    state = PartialState(cpu=device == "cpu" or (device is None and not has_accel))
+    if "WORLD_SIZE" in os.environ and state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise DfqError(f"launched {os.environ['WORLD_SIZE']} processes but accelerate formed a group of {state.num_processes}; pass --device cpu")
+    if not lo <= steps <= hi and state.is_main_process:
+        typer.echo(f"warning: {generator} is meant for {lo}-{hi} steps, got {steps}", err=True)
+    pipe = load_pipeline(generator, dtype, device or str(state.device), scheduler)
+    size = preset["size"] or native_size(pipe)
+    path = generate(rows, pipe, out, steps=steps, guidance=preset["guidance"] if guidance is None else guidance,
+                    height=height or size, width=width or size, batch_size=batch_size,
+                    generator_id=ALIASES.get(generator, generator), state=state)
+    if state.is_main_process:
+        typer.echo(f"{len(rows)} images in {out} ({path.name} written)")
+
+
+@app.command("grid")
+def grid_cmd(
+    folder: Path = typer.Argument(..., help="image folder written by `dfq generate`"),
+    out: Optional[Path] = typer.Option(None, help="sheet PNG (default: <folder>_grid.png beside the folder)"),
+    n: int = typer.Option(64, help="images per sheet"),
+) -> None:
+    """Contact sheet of generated images with their prompts; one sheet per prompt strategy."""
+    from dfquant.generate.grid import contact_sheets
+
+    for path in contact_sheets(folder, out, n):
+        typer.echo(str(path))
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Argument(..., help="model name, e.g. fmnist/resnet20"),
+    calib: str = typer.Option(..., help="calibration source: real:A, a folder of images, or a distill .safetensors"),
+    wbits: float = typer.Option(4, help="weight bits (2..8, or 1.58 ternary)"),
+    abits: float = typer.Option(4, help="activation bits (2..8)"),
+    algo: str = typer.Option("genie-m", help="minmax | mse | adaround | brecq | qdrop | genie-m | repq-vit"),
+    iters: int = typer.Option(20000, help="reconstruction iterations per block (paper: 20000)"),
+    n: int = typer.Option(1024, help="calibration images"),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/quantize/<model>-w<W>a<A>-<algo>)"),
+    val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
+    eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
+    device: str = typer.Option("cpu"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Quantize a model with block reconstruction and print FP vs quantized top-1."""
+    from dfquant.quant.api import run_quantize
+
+    _threads(threads)
+    out = out or Path("runs/quantize") / f"{model.replace('/', '_')}-w{wbits:g}a{abits:g}-{algo}"
+    res = run_quantize(model, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device)
+    typer.echo(f"{model} W{wbits:g}A{abits:g} {algo}: FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}%  "
+               f"({res['seconds']:.0f}s) -> {out}")
+
+
+@app.command("distill")
+def distill_cmd(
+    model: str = typer.Argument(..., help="model with BatchNorm layers, e.g. fmnist/resnet20"),
+    out: Path = typer.Option(..., help="output .safetensors file"),
+    n: int = typer.Option(1024, help="images to synthesize"),
+    method: str = typer.Option("genie", help="genie (generator + latents, swing) | zeroq (pixels)"),
+    iters: int = typer.Option(500, help="optimization steps per batch"),
+    batch_size: int = typer.Option(128),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Synthesize calibration images by BN-statistics inversion (Genie-D / ZeroQ baseline)."""
+    from dfquant.io import save_tensors
+    from dfquant.models.registry import get_model
+    from dfquant.quant.distill import distill
+
+    _threads(threads)
+    if out.suffix != ".safetensors":
+        raise DfqError(f"--out {out} must end in .safetensors")
+    spec = get_model(model)
+    images = distill(spec.model, n, spec.input_size, method, iters, batch_size, seed=seed)
+    save_tensors(out, {"images": images}, metadata={"model": model, "method": method, "iters": str(iters), "seed": str(seed)})
+    typer.echo(f"wrote {len(images)} {method} images to {out}")
+
+
 def main() -> None:
     """Entry point: turn DfqError into one line on stderr and exit code 2."""
     try:
@@ -103,3 +266,7 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Resolve a calibration source into a tensor of model-ready (normalized) images.
+
+Sources:
+  * ``real`` / ``real:A``  — N random images of Fashion-MNIST split A (zoo models only;
+    the real-data upper bound);
+  * a ``.safetensors`` file with an ``images`` tensor (e.g. ``dfq distill`` output),
+    already in the model's normalized input space;
+  * a folder of images (``dfq generate`` output or any image folder), passed through
+    the model's own preprocessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dfquant.errors import DfqError
+from dfquant.models.registry import ModelSpec
+
+
+def load_calibration(source: str | Path, spec: ModelSpec, n: int = 1024, seed: int = 0) -> torch.Tensor:
+    src = str(source)
+    if src.startswith("real"):
+        split = src.partition(":")[2] or "A"
+        if not spec.embedded:
+            raise DfqError("`real` calibration is the embedded Fashion-MNIST split; for other models pass a folder of images")
+        if split not in ("A", "B"):
+            raise DfqError(f"real:{split} is not a calibration split; use real:A")
+        from dfquant.data import fmnist
+
+        x, _ = fmnist.load_split(split, limit=n, seed=seed)
+        return spec.normalize(x)
+    path = Path(src)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise DfqError(f"{path} not found; create it with `dfq distill`")
+        from safetensors.torch import load_file
+
+        images = load_file(str(path)).get("images")
+        if images is None:
+            raise DfqError(f"{path} has no 'images' tensor; create it with `dfq distill`")
+        if tuple(images.shape[1:]) != tuple(spec.input_size):
+            raise DfqError(f"{path} holds images of shape {tuple(images.shape[1:])} but {spec.name} takes {spec.input_size}; distill for this model")
+        return images[:n]
+    if path.is_dir():
+        from dfquant.data.folders import load_folder_images
+
+        return load_folder_images(path, spec.transform(), limit=n)
+    raise DfqError(f"calibration source {src!r} not found; pass real:A, a folder of images, or a .safetensors from `dfq distill`")

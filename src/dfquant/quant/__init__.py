@@ -1,0 +1,1 @@
+"""Fake-quantization engine: quantizers, model transform, block reconstruction, BN inversion."""

@@ -1,0 +1,105 @@
+"""Quantized layers and the model transform with the literature's conventions.
+
+Every ``Conv2d``/``Linear`` becomes a :class:`QuantLayer` (per-channel weight quantizer +
+per-tensor input quantizer). Residual blocks are wrapped in :class:`QuantBlock`, which
+quantizes the block input once so the identity branch of the residual addition and the
+block's entry convolutions all see the same quantized tensor (their own input quantizers
+are switched off) — the residual path is quantized, as in Genie/QDrop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfquant.quant.quantizers import SoftRoundingWeight, UniformQuantizer
+
+# block class name -> names of sub-modules that consume the block input directly
+BLOCK_ENTRIES: dict[str, tuple[str, ...]] = {
+    "BasicBlock": ("conv1", "downsample.0"),
+    "Bottleneck": ("conv1", "downsample.0"),
+    "InvertedResidual": ("conv.0.0",),
+}
+
+
+@dataclass
+class QuantConfig:
+    """Bit-widths and conventions of one quantization run (a preset fills the conventions)."""
+
+    wbits: float = 4
+    abits: float = 4
+    first_last_bits: float = 8       # first and last layer weights (and last layer input)
+    quantize_first_input: bool = False  # Genie: image input unquantized; set True for an 8-bit input
+    second_input_bits: float | None = 8  # BRECQ/Genie keep the second layer's input 8-bit; QDrop: None
+    weight_init: str = "mse"         # mse (Lp, p=2.4) | minmax | percentile
+    act_init: str = "mse"
+    act_symmetric: bool = True       # signed iff the calibration data has negatives
+    fold_bn: bool = False
+    keep_fp: list[str] = field(default_factory=list)  # module names left in full precision
+
+
+def _act_quantizer(bits: float, cfg: QuantConfig) -> UniformQuantizer:
+    q = UniformQuantizer(bits, symmetric=cfg.act_symmetric, learn_scale=True)
+    q.init_method = cfg.act_init
+    return q
+
+
+class QuantLayer(nn.Module):
+    """Conv2d or Linear with fake-quantized weight and input."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, wbits: float, abits: float | None, cfg: QuantConfig):
+        super().__init__()
+        self.layer = layer
+        self.wq = UniformQuantizer(wbits, channel_axis=0)
+        self.wq.init_range(layer.weight, method=cfg.weight_init)
+        self.aq = _act_quantizer(abits, cfg) if abits else None
+        self.soft: SoftRoundingWeight | None = None
+
+    def enable_soft_rounding(self, learn_scale: bool) -> SoftRoundingWeight:
+        self.soft = SoftRoundingWeight(self.wq, self.layer.weight, learn_scale)
+        return self.soft
+
+    def qweight(self) -> torch.Tensor:
+        return self.soft() if self.soft is not None else self.wq(self.layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is not None:
+            x = self.aq(x)
+        w = self.qweight() if self.wq.enabled else self.layer.weight
+        if isinstance(self.layer, nn.Conv2d):
+            c = self.layer
+            return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        return F.linear(x, w, self.layer.bias)
+
+
+class QuantBlock(nn.Module):
+    """A residual block whose input is quantized once (shared by the identity branch)."""
+
+    def __init__(self, block: nn.Module, abits: float, cfg: QuantConfig):
+        super().__init__()
+        self.block = block
+        self.aq = _act_quantizer(abits, cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.aq(x))
+
+
+def quant_layers(module: nn.Module) -> list[QuantLayer]:
+    return [m for m in module.modules() if isinstance(m, QuantLayer)]
+
+
+def act_quantizers(module: nn.Module) -> list[UniformQuantizer]:
+    qs = [m.aq for m in module.modules() if isinstance(m, (QuantLayer, QuantBlock)) and m.aq is not None]
+    return qs + [m for m in module.modules() if type(m).__name__ == "LogSqrt2Quantizer"]
+
+
+def set_quant_state(module: nn.Module, weights: bool, acts: bool) -> None:
+    """Switch weight and activation quantization on or off throughout ``module``."""
+    for m in module.modules():
+        if isinstance(m, QuantLayer):
+            m.wq.enabled = weights
+    for q in act_quantizers(module):
+        q.enabled = acts

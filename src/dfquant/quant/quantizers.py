@@ -1,0 +1,232 @@
+"""Quantizers: one uniform base for weights and activations, plus soft rounding.
+
+* :class:`UniformQuantizer` — affine/symmetric uniform grid, per-channel or per-tensor,
+  range init by min-max, percentile or Lp (MSE-family) search over clip ratios, and an
+  optional LSQ-style learnable step. Ternary weights (``bits=1.58``) are the symmetric
+  3-level case {-1, 0, +1} * scale.
+* :class:`SoftRoundingWeight` — AdaRound's rectified-sigmoid rounding on top of a frozen
+  ``floor(W / s0)``; with ``learn_scale`` the step size is learned jointly (Genie-M),
+  without it the step stays at its init (AdaRound / BRECQ / QDrop).
+* :class:`LogSqrt2Quantizer` — RepQ-ViT's post-softmax quantizer with levels 2^(-k/2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
+TERNARY = 1.58
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def check_bits(bits: float) -> float:
+    """Accept integer bit-widths 2..8 and 1.58 (ternary); raise ValueError otherwise."""
+    if bits == TERNARY or (float(bits).is_integer() and 2 <= bits <= 8):
+        return float(bits)
+    raise ValueError(f"bits must be an integer in 2..8 or 1.58 (ternary), got {bits}")
+
+
+class UniformQuantizer(nn.Module):
+    """Uniform fake quantizer; the single base class every weight and activation quantizer uses.
+
+    Args:
+        bits: bit-width (2..8) or 1.58 for ternary.
+        channel_axis: ``None`` for per-tensor, else the axis that gets its own scale.
+        symmetric: zero point fixed at 0 (signed grid if ``signed``, else [0, 2^b - 1]).
+        signed: for symmetric grids; ``None`` decides from the data at init (signed iff min < 0).
+        learn_scale: make the step an ``nn.Parameter`` (LSQ).
+    """
+
+    def __init__(self, bits: float, channel_axis: int | None = None, symmetric: bool = False,
+                 signed: bool | None = None, learn_scale: bool = False):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.channel_axis = channel_axis
+        self.symmetric = symmetric or self.bits == TERNARY
+        self.signed = True if self.bits == TERNARY else signed
+        self.enabled = True
+        self.initialized = False
+        self.init_method = "mse"  # used when the range is initialized lazily from the first batch
+        self.drop_prob = 0.0      # QDrop: while training, keep each element full precision with this prob
+        self.register_buffer("zero_point", torch.zeros(1))
+        self.scale = nn.Parameter(torch.ones(1), requires_grad=learn_scale)
+
+    # ----- grid -------------------------------------------------------------------------
+    @property
+    def qrange(self) -> tuple[int, int]:
+        if self.bits == TERNARY:
+            return -1, 1
+        b = int(self.bits)
+        if self.symmetric and self.signed:
+            return -(2 ** (b - 1)), 2 ** (b - 1) - 1
+        return 0, 2**b - 1
+
+    def _shape(self, x: torch.Tensor) -> list[int]:
+        if self.channel_axis is None:
+            return [1] * x.dim()
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = x.shape[self.channel_axis]
+        return shape
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = self.qrange
+        return (torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self.initialized:
+            self.init_range(x, method=self.init_method)
+        shape = self._shape(x)
+        out = self.quantize(x, self.scale.view(shape), self.zero_point.view(shape))
+        if self.training and self.drop_prob > 0:
+            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
+        return out
+
+    # ----- range init -------------------------------------------------------------------
+    def _minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channel_axis is None:
+            return x.min().view(1), x.max().view(1)
+        flat = x.transpose(0, self.channel_axis).reshape(x.shape[self.channel_axis], -1)
+        return flat.min(1).values, flat.max(1).values
+
+    def _params_for(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qmin, qmax = self.qrange
+        lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+        if self.symmetric:
+            absmax = torch.maximum(lo.abs(), hi)
+            scale = absmax / qmax
+            zp = torch.zeros_like(scale)
+        else:
+            scale = (hi - lo) / (qmax - qmin)
+            zp = torch.round(-lo / scale.clamp_min(1e-12)) + qmin
+        return scale.clamp_min(1e-8), zp
+
+    @torch.no_grad()
+    def init_range(self, x: torch.Tensor, method: str = "mse", p: float = 2.4, percentile: float = 0.9999,
+                   grid: int = 100) -> None:
+        """Set scale/zero point from data: ``minmax``, ``percentile`` or ``mse`` (Lp over clip ratios 1.0..0.01)."""
+        x = x.detach().float()
+        if self.signed is None:
+            self.signed = bool(x.min() < 0)
+        lo, hi = self._minmax(x)
+        if method == "percentile":
+            flat = x.reshape(1, -1) if self.channel_axis is None else x.transpose(0, self.channel_axis).reshape(len(lo), -1)
+            if flat.shape[1] > 2**20:  # torch.quantile's size limit; a random subsample estimates the tail
+                flat = flat[:, torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[: 2**20]]
+            lo = torch.quantile(flat, 1 - percentile, dim=1).view(lo.shape)
+            hi = torch.quantile(flat, percentile, dim=1).view(hi.shape)
+            scale, zp = self._params_for(lo, hi)
+        elif method == "minmax":
+            scale, zp = self._params_for(lo, hi)
+        elif method == "mse":
+            shape = self._shape(x)
+            best = torch.full_like(lo, float("inf"))
+            scale, zp = self._params_for(lo, hi)
+            for i in range(grid):
+                r = 1.0 - i / grid
+                s, z = self._params_for(lo * r, hi * r)
+                err = (self.quantize(x, s.view(shape), z.view(shape)) - x).abs().pow(p)
+                err = err.sum().view(1) if self.channel_axis is None else err.transpose(0, self.channel_axis).reshape(len(lo), -1).sum(1)
+                better = err < best
+                best = torch.where(better, err, best)
+                scale, zp = torch.where(better, s, scale), torch.where(better, z, zp)
+        else:
+            raise ValueError(f"unknown range init {method!r}")
+        self.set_params(scale, zp)
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.data = scale.detach().clone().float().flatten()
+        self.zero_point = zero_point.detach().clone().float().flatten()
+        self.initialized = True
+
+    def extra_repr(self) -> str:
+        axis = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        return f"bits={self.bits}, {axis}, symmetric={self.symmetric}, signed={self.signed}"
+
+
+class SoftRoundingWeight(nn.Module):
+    """Learned rounding of a weight tensor on a frozen integer floor.
+
+    ``W_q = s * (clamp(floor(W / s0) + h(V) + z, qmin, qmax) - z)`` where ``h`` is the rectified
+    sigmoid. ``floor(W / s0)`` is frozen at init, so when the step ``s`` is learned as well
+    (Genie-M) the soft bits ``V`` and ``s`` are optimized jointly without the floor drifting.
+    After :meth:`harden`, ``h(V)`` is replaced by ``V >= 0``.
+    """
+
+    def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor, learn_scale: bool):
+        super().__init__()
+        self.q = quantizer
+        if not quantizer.initialized:
+            quantizer.init_range(weight)
+        shape = quantizer._shape(weight)
+        s0 = quantizer.scale.detach().view(shape)
+        self.register_buffer("w_floor", torch.floor(weight.detach() / s0))
+        rest = (weight.detach() / s0 - self.w_floor).clamp(0.01, 0.99)
+        # invert the rectified sigmoid so that h(V) starts at the fractional remainder
+        self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.q.scale.requires_grad_(learn_scale)
+        self.hard = False
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.V) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def forward(self) -> torch.Tensor:
+        shape = self.q._shape(self.w_floor)
+        s, z = self.q.scale.view(shape), self.q.zero_point.view(shape)
+        qmin, qmax = self.q.qrange
+        bits = (self.V >= 0).float() if self.hard else self.h()
+        return s * (torch.clamp(self.w_floor + bits + z, qmin, qmax) - z)
+
+    def rounding_loss(self, beta: float) -> torch.Tensor:
+        """AdaRound regularizer: pushes every h(V) to 0 or 1 as beta anneals from 20 to 2."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    def harden(self) -> None:
+        self.hard = True
+        self.V.requires_grad_(False)
+
+
+class LogSqrt2Quantizer(nn.Module):
+    """RepQ-ViT post-softmax quantizer: x in [0, 1] -> 2^(-k/2) * scale, k in 0..2^b-1 (k = max means 0)."""
+
+    def __init__(self, bits: float):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.enabled = True
+        self.register_buffer("scale", torch.ones(1))
+        self.initialized = False
+
+    @torch.no_grad()
+    def init_range(self, x: torch.Tensor) -> None:
+        """Search the scale among {max * 2^(-j/8)} minimizing squared error (as RepQ-ViT's calibration)."""
+        best, best_s = float("inf"), x.max().clamp_min(1e-8)
+        for j in range(16):
+            s = x.max().clamp_min(1e-8) * 2 ** (-j / 8)
+            err = (self._q(x, s) - x).pow(2).sum().item()
+            if err < best:
+                best, best_s = err, s
+        self.scale.fill_(float(best_s))
+        self.initialized = True
+
+    def _q(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        n_levels = 2 ** int(round(self.bits))
+        k = torch.round(-2 * torch.log2((x / s).clamp_min(1e-20)))
+        zero = k >= n_levels
+        k = k.clamp(0, n_levels - 1)
+        out = s * 2 ** (-k / 2)
+        return torch.where(zero, torch.zeros_like(out), out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self.initialized:
+            self.init_range(x)
+        return (self._q(x, self.scale) - x).detach() + x

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer, check_bits
+from dfquant.quant.reconstruct import _Beta
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_round_trip_on_grid_and_error_bound(bits, symmetric):
+    torch.manual_seed(bits)
+    q = UniformQuantizer(bits, channel_axis=0, symmetric=symmetric)
+    w = torch.randn(6, 4, 3, 3)
+    q.init_range(w, method="minmax")
+    wq = q(w)
+    assert torch.allclose(q(wq), wq, atol=1e-6)  # grid points are fixed points
+    step = q.scale.view(-1, 1, 1, 1)
+    assert ((wq - w).abs() <= step / 2 + 1e-6).all()  # min-max range: no clipping, error <= step/2
+    levels = [torch.unique(torch.round(wq[c] / step[c])).numel() for c in range(6)]
+    assert max(levels) <= 2**bits
+
+
+def test_per_channel_shapes_and_independence():
+    q = UniformQuantizer(4, channel_axis=0)
+    w = torch.randn(8, 3, 3, 3)
+    w[3] *= 100
+    q.init_range(w)
+    assert q.scale.shape == (8,) and q.zero_point.shape == (8,)
+    assert q.scale[3] > 20 * q.scale[2]
+    lin = UniformQuantizer(4, channel_axis=0)
+    lin.init_range(torch.randn(5, 7))
+    assert lin.scale.shape == (5,)
+
+
+def test_activation_signedness_and_methods():
+    x = torch.relu(torch.randn(4096))
+    q = UniformQuantizer(4, symmetric=True)
+    q.init_range(x)
+    assert q.signed is False and q.qrange == (0, 15)
+    y = torch.randn(4096)
+    for method in ("minmax", "percentile", "mse"):
+        s = UniformQuantizer(4, symmetric=True)
+        s.init_range(y, method=method)
+        assert s.signed is True and s.qrange == (-8, 7)
+    mse, mm = UniformQuantizer(3, symmetric=True), UniformQuantizer(3, symmetric=True)
+    mse.init_range(y, "mse", p=2.0)
+    mm.init_range(y, "minmax")
+    assert (mse(y) - y).pow(2).mean() < (mm(y) - y).pow(2).mean()  # the search never loses to its own start
+
+
+def test_ternary_levels():
+    q = UniformQuantizer(1.58, channel_axis=0)
+    w = torch.randn(4, 16)
+    q.init_range(w)
+    levels = torch.round(q(w) / q.scale.view(-1, 1))
+    assert set(levels.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert q.qrange == (-1, 1)
+
+
+def test_bits_validation():
+    for bad in (1, 9, 2.5, 0):
+        with pytest.raises(ValueError):
+            check_bits(bad)
+    assert check_bits(1.58) == 1.58
+
+
+def test_lsq_scale_receives_gradient():
+    q = UniformQuantizer(4, symmetric=True, learn_scale=True)
+    x = torch.randn(256)
+    q.init_range(x)
+    q(x).pow(2).sum().backward()
+    assert q.scale.grad is not None and torch.isfinite(q.scale.grad).all() and q.scale.grad.abs().sum() > 0
+
+
+def test_soft_rounding_starts_near_fp_and_hardens_to_grid():
+    torch.manual_seed(0)
+    w = torch.randn(4, 64)
+    q = UniformQuantizer(4, channel_axis=0)
+    q.init_range(w, method="minmax")  # no clipping, so h(V) starts at the exact remainder (clamped to .01..99)
+    soft = SoftRoundingWeight(q, w, learn_scale=True)
+    step = q.scale.view(-1, 1)
+    err = (soft() - w).abs()
+    # only values past the grid end (min/max under a rounded zero point) may be clipped
+    assert (err <= 0.0101 * step).float().mean() >= 0.95 and (err <= step).all()
+    soft.harden()
+    hard = soft()
+    codes = hard / step + q.zero_point.view(-1, 1)
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert ((hard - w).abs() <= step + 1e-6).all()  # floor or ceil of the original
+    assert soft.V.requires_grad is False and q.scale.requires_grad is True
+
+
+def test_rounding_loss_annealing():
+    beta = _Beta(iters=100, warmup=0.2, start=20, end=2)
+    assert beta(0) is None and beta(19) is None
+    assert beta(20) == pytest.approx(20) and beta(99) == pytest.approx(2.225)
+    assert beta(60) > beta(80)
+    w = torch.randn(3, 5)
+    soft = SoftRoundingWeight(UniformQuantizer(4, channel_axis=0), w, False)
+    # the regularizer is larger at low temperature and vanishes once every h(V) is 0 or 1
+    assert soft.rounding_loss(2.0) > soft.rounding_loss(20.0) > 0
+    soft.V.data = torch.sign(soft.V.data) * 50
+    assert soft.rounding_loss(2.0).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_log_sqrt2_levels():
+    q = LogSqrt2Quantizer(4)
+    x = torch.softmax(torch.randn(8, 16) * 2, dim=-1)
+    y = q(x)
+    s = q.scale.item()
+    nz = y[y > 0] / s
+    k = -2 * torch.log2(nz)
+    assert torch.allclose(k, k.round(), atol=1e-4) and k.max() <= 15
+    assert (y[x < s * 2 ** (-8)] == 0).all()  # below the smallest level -> 0
