@@ -43,12 +43,11 @@ _FILES = {
 def data_dir() -> Path:
     """Where the idx files live: $DFQ_FMNIST_DIR, the Debian package, or a torchvision download."""
     env = os.environ.get("DFQ_FMNIST_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(DEBIAN_DIR), Path.home() / ".cache" / "dfquant" / "FashionMNIST" / "raw"]
+    candidates = [Path(env)] if env else [Path(DEBIAN_DIR), Path.home() / ".cache" / "dfquant" / "FashionMNIST" / "raw"]
     for cand in candidates:
         if all((cand / f).exists() for pair in _FILES.values() for f in pair):
             return cand
-    if env:
+    if env:  # an explicit location that is wrong is an error, not a reason to look elsewhere
         raise DfqError(f"no Fashion-MNIST idx.gz files in DFQ_FMNIST_DIR={env}; point it at a folder holding {_FILES['train'][0]} etc.")
     return _download()
 
