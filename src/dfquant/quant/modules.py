@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfquant.quant.quantizers import SoftRoundingWeight, UniformQuantizer
+from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer
 
 # block class name -> names of sub-modules that consume the block input directly
 BLOCK_ENTRIES: dict[str, tuple[str, ...]] = {
@@ -91,9 +91,10 @@ def quant_layers(module: nn.Module) -> list[QuantLayer]:
     return [m for m in module.modules() if isinstance(m, QuantLayer)]
 
 
-def act_quantizers(module: nn.Module) -> list[UniformQuantizer]:
-    qs = [m.aq for m in module.modules() if isinstance(m, (QuantLayer, QuantBlock)) and m.aq is not None]
-    return qs + [m for m in module.modules() if type(m).__name__ == "LogSqrt2Quantizer"]
+def act_quantizers(module: nn.Module) -> list[nn.Module]:
+    """Every activation quantizer (anything quantizer-like that is not a layer's weight quantizer)."""
+    weight_qs = {id(m.wq) for m in module.modules() if isinstance(m, QuantLayer)}
+    return [m for m in module.modules() if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)) and id(m) not in weight_qs]
 
 
 def set_quant_state(module: nn.Module, weights: bool, acts: bool) -> None:

@@ -112,11 +112,21 @@ class UniformQuantizer(nn.Module):
     @torch.no_grad()
     def init_range(self, x: torch.Tensor, method: str = "mse", p: float = 2.4, percentile: float = 0.9999,
                    grid: int = 100) -> None:
-        """Set scale/zero point from data: ``minmax``, ``percentile`` or ``mse`` (Lp over clip ratios 1.0..0.01)."""
+        """Set scale/zero point from data: ``minmax``, ``percentile``, ``psearch`` (best of three
+        percentiles) or ``mse`` (Lp error over clip ratios 1.0..0.01)."""
         x = x.detach().float()
         if self.signed is None:
             self.signed = bool(x.min() < 0)
         lo, hi = self._minmax(x)
+        if method == "psearch":  # RepQ-ViT: the percentile in {0.999, 0.9999, 0.99999} with least squared error
+            best = None
+            for pct in (0.999, 0.9999, 0.99999):
+                self.init_range(x, "percentile", percentile=pct)
+                err = (self.quantize(x, self.scale.view(self._shape(x)), self.zero_point.view(self._shape(x))) - x).pow(2).sum()
+                if best is None or err < best[0]:
+                    best = (err, self.scale.detach().clone(), self.zero_point.clone())
+            self.set_params(best[1], best[2])
+            return
         if method == "percentile":
             flat = x.reshape(1, -1) if self.channel_axis is None else x.transpose(0, self.channel_axis).reshape(len(lo), -1)
             if flat.shape[1] > 2**20:  # torch.quantile's size limit; a random subsample estimates the tail
