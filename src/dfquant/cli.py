@@ -79,8 +79,8 @@ def eval_cmd(
 @app.command("train-generator")
 def train_generator_cmd(
     out: Path = typer.Option(None, help="output pipeline folder (default: the package's assets/generator)"),
-    vae_epochs: int = typer.Option(3, help="VAE epochs over split B"),
-    unet_steps: int = typer.Option(4000, help="UNet + text-encoder steps at batch 128"),
+    vae_epochs: int = typer.Option(1, help="VAE epochs over split B"),
+    unet_steps: int = typer.Option(2500, help="UNet + text-encoder steps at batch 128"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
@@ -254,6 +254,54 @@ def distill_cmd(
     images = distill(spec.model, n, spec.input_size, method, iters, batch_size, seed=seed)
     save_tensors(out, {"images": images}, metadata={"model": model, "method": method, "iters": str(iters), "seed": str(seed)})
     typer.echo(f"wrote {len(images)} {method} images to {out}")
+
+
+@app.command("run")
+def run_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML run config (see configs/); options below override it"),
+    model: Optional[str] = typer.Option(None),
+    source: Optional[str] = typer.Option(None, help="generated | real | distill | a folder of images"),
+    strategy: Optional[str] = typer.Option(None, help="single | template | mixup"),
+    k: Optional[int] = typer.Option(None, help="classes per mixup prompt"),
+    pairing: Optional[str] = typer.Option(None, help="random | similar | dissimilar"),
+    n: Optional[int] = typer.Option(None, help="calibration images"),
+    generator: Optional[str] = typer.Option(None, help="mini, sd15, sd-turbo, a hub id or a folder"),
+    algo: Optional[str] = typer.Option(None, help="auto | genie-m | brecq | qdrop | adaround | mse | repq-vit"),
+    wbits: Optional[float] = typer.Option(None, help="with --abits: a single bit setting (else the config's list)"),
+    abits: Optional[float] = typer.Option(None),
+    iters: Optional[int] = typer.Option(None, help="reconstruction iterations per block"),
+    seed: Optional[int] = typer.Option(None),
+    out: Optional[str] = typer.Option(None, help="run folder"),
+    val: Optional[str] = typer.Option(None, help="ImageNet-style val folder"),
+    eval_limit: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Run prompts -> generate -> quantize -> evaluate, reusing finished stages."""
+    from dfquant.run import RunConfig, results_table, run
+
+    _threads(threads)
+    bits = None
+    if (wbits is None) != (abits is None):
+        raise DfqError("pass both --wbits and --abits (or neither, to use the config's bit list)")
+    if wbits is not None:
+        bits = [f"W{wbits:g}A{abits:g}"]
+    cfg = RunConfig.load(config, model=model, source=source, strategy=strategy, k=k, pairing=pairing, n=n,
+                         generator=generator, algo=algo, bits=bits, iters=iters, seed=seed, out=out, val=val,
+                         eval_limit=eval_limit, device=device)
+    rows = run(cfg)
+    typer.echo("\n" + results_table(rows))
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="folders written by dfq run"),
+    out: Path = typer.Option(Path("report"), help="output folder for report.md and its PNGs"),
+) -> None:
+    """Write a Markdown report (accuracy table, accuracy vs bits, sample grids, analyses)."""
+    from dfquant.report import write_report
+
+    typer.echo(f"wrote {write_report(run_dirs, out)}")
 
 
 def main() -> None:

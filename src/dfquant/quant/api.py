@@ -53,7 +53,7 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
 
 def run_quantize(model_name: str, calib_source: str, wbits: float, abits: float, algo: str, iters: int, n: int,
                  batch_size: int, seed: int, out, val=None, eval_limit: int | None = None, device: str = "cpu",
-                 progress: bool = True) -> dict:
+                 progress: bool = True, calib: torch.Tensor | None = None, fp_top1: float | None = None) -> dict:
     """CLI-level job: resolve model and calibration, quantize, evaluate, write checkpoint + results."""
     from pathlib import Path
 
@@ -65,8 +65,9 @@ def run_quantize(model_name: str, calib_source: str, wbits: float, abits: float,
 
     make_quant_config(algo, wbits, abits)  # validate before any slow work
     spec = get_model(model_name)
-    calib = load_calibration(calib_source, spec, n, seed)
-    fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
+    calib = load_calibration(calib_source, spec, n, seed) if calib is None else calib
+    if fp_top1 is None:
+        fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
     vit = None
     if algo == "repq-vit" or spec.is_vit:
         from dfquant.quant.vit import default_vit_options

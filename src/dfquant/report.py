@@ -1,0 +1,94 @@
+"""``dfq report``: a Markdown report (tables + PNGs) from one or more run folders."""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dfquant.errors import DfqError  # noqa: E402
+from dfquant.io import atomic_path, read_json, write_text  # noqa: E402
+from dfquant.run import results_table  # noqa: E402
+
+
+def _rows(run_dirs: list[Path]) -> list[dict]:
+    rows = []
+    for d in run_dirs:
+        f = d / "results.json"
+        if not f.exists():
+            raise DfqError(f"{d} has no results.json; pass folders written by `dfq run` (finished runs)")
+        rows += [{**r, "run": str(d)} for r in read_json(f)]
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of quantized top-1, per (model, calibration, algo, bits)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["strategy"], r["algo"], r["bits"])].append(r)
+    out = []
+    for (model, strat, algo, bits), rs in groups.items():
+        acc = np.array([r["q_top1"] for r in rs])
+        out.append({"model": model, "calibration": strat, "algo": algo, "bits": bits, "fp_top1": rs[0]["fp_top1"],
+                    "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "seeds": len(acc)})
+    return sorted(out, key=lambda r: (r["model"], r["bits"], -r["mean"]))
+
+
+def aggregate_table(agg: list[dict]) -> str:
+    head = "| model | calibration | algo | bits | FP top-1 | quantized top-1 (mean ± std) | seeds |\n|---|---|---|---|---|---|---|\n"
+    return head + "".join(f"| {a['model']} | {a['calibration']} | {a['algo']} | {a['bits']} | {a['fp_top1']:.2f} | "
+                          f"{a['mean']:.2f} ± {a['std']:.2f} | {a['seeds']} |\n" for a in agg)
+
+
+def accuracy_vs_bits(agg: list[dict], path: Path) -> None:
+    models = sorted({a["model"] for a in agg})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = [a for a in agg if a["model"] == model]
+        bits = sorted({a["bits"] for a in sub}, key=lambda b: -sum(float(x) for x in b[1:].split("A")))
+        for i, cal in enumerate(sorted({a["calibration"] for a in sub})):
+            pts = {a["bits"]: a for a in sub if a["calibration"] == cal}
+            xs = [j for j, b in enumerate(bits) if b in pts]
+            ax.errorbar(xs, [pts[bits[j]]["mean"] for j in xs], yerr=[pts[bits[j]]["std"] for j in xs],
+                        marker="o", capsize=3, label=cal, color=f"C{i}")
+        ax.axhline(sub[0]["fp_top1"], color="k", ls="--", lw=1, label="full precision")
+        ax.set_xticks(range(len(bits)), bits)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_report(run_dirs: list[Path], out: Path) -> Path:
+    """Write ``out/report.md`` with the accuracy table, accuracy-vs-bits plot, sample grids and analyses."""
+    rows = _rows(run_dirs)
+    out.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(rows)
+    accuracy_vs_bits(agg, out / "accuracy_vs_bits.png")
+    parts = ["# dfquant report\n", "## Accuracy\n", aggregate_table(agg), "\n![accuracy vs bits](accuracy_vs_bits.png)\n",
+             "\n## Runs\n", results_table(rows)]
+    grids, analyses = [], []
+    for d in run_dirs:
+        images = d / "images"
+        if (images / "manifest.jsonl").exists():
+            from dfquant.generate.grid import contact_sheets
+
+            for sheet in contact_sheets(images, out / f"grid_{d.name}.png", n=32):
+                grids.append(f"### {d.name}\n\n![samples]({sheet.name})\n")
+        for png in sorted((d / "analysis").glob("*.png")) if (d / "analysis").exists() else []:
+            shutil.copy(png, out / f"{d.name}_{png.name}")
+            analyses.append(f"### {d.name}: {png.stem}\n\n![{png.stem}]({d.name}_{png.name})\n")
+    if grids:
+        parts += ["\n## Calibration samples\n", *grids]
+    if analyses:
+        parts += ["\n## Analyses\n", *analyses]
+    write_text(out / "report.md", "\n".join(parts))
+    return out / "report.md"

@@ -1,0 +1,236 @@
+"""``dfq run``: prompts -> generate -> quantize -> evaluate, with cached stages.
+
+Every run folder holds ``config.yaml`` (resolved), ``versions.json``, ``run.log``,
+``stages.json`` (the key of each finished stage), the stage outputs and
+``results.json`` / ``results.md``. A stage whose key (a hash of everything that changes
+its output) matches ``stages.json`` and whose output exists is reused, so a re-run of
+the same config only does what is missing, and an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfquant.errors import DfqError
+from dfquant.io import read_json, versions, write_json, write_text
+
+
+@dataclass
+class RunConfig:
+    """One experiment. ``source``: generated | real | distill | a folder of images."""
+
+    model: str = "fmnist/resnet20"
+    source: str = "generated"
+    strategy: str = "mixup"          # single | template | mixup
+    k: int = 2
+    pairing: str = "random"
+    n: int = 1024
+    generator: str = "mini"
+    steps: int | None = None         # None: the generator preset (mini 25, sd15 50, sd-turbo 1)
+    guidance: float | None = None
+    scheduler: str | None = None
+    dtype: str = "float32"
+    gen_batch_size: int = 64
+    distill_method: str = "genie"
+    distill_iters: int = 500
+    algo: str = "auto"               # auto: genie-m for CNNs, repq-vit for ViTs (as the paper)
+    bits: list[str] = field(default_factory=lambda: ["W4A4"])
+    iters: int = 20000
+    batch_size: int = 32
+    eval_limit: int | None = None
+    val: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/default"
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides: Any) -> "RunConfig":
+        data: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise DfqError(f"config {p} not found; pass a YAML file (see configs/)")
+            data = yaml.safe_load(p.read_text()) or {}
+            unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise DfqError(f"unknown key(s) {', '.join(sorted(unknown))} in {p}; valid keys: "
+                               + ", ".join(f.name for f in dataclasses.fields(cls)))
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+
+def parse_bits(tag: str) -> tuple[float, float]:
+    """'W4A4' -> (4, 4); 'W1.58A8' -> (1.58, 8)."""
+    t = tag.upper()
+    if not (t.startswith("W") and "A" in t):
+        raise DfqError(f"bit setting {tag!r} must look like W4A4 or W1.58A8")
+    w, a = t[1:].split("A")
+    try:
+        return float(w), float(a)
+    except ValueError:
+        raise DfqError(f"bit setting {tag!r} must look like W4A4 or W1.58A8") from None
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Run:
+    """A run folder with stage bookkeeping."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.stages_path = self.dir / "stages.json"
+        self.stages: dict[str, str] = read_json(self.stages_path) if self.stages_path.exists() else {}
+
+    def log(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        print(line, flush=True)
+        with open(self.dir / "run.log", "a") as fh:
+            fh.write(line + "\n")
+
+    def cached(self, stage: str, key: str, output: Path) -> bool:
+        return self.stages.get(stage) == key and output.exists()
+
+    def done(self, stage: str, key: str) -> None:
+        self.stages[stage] = key
+        write_json(self.stages_path, self.stages)
+
+
+def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
+    """Execute (or resume) the run described by ``cfg``; return one result row per bit setting."""
+    import torch
+
+    from dfquant.data.calib import load_calibration
+    from dfquant.models.registry import get_model
+
+    bit_settings = [parse_bits(b) for b in cfg.bits]
+    r = Run(cfg)
+    write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    write_json(r.dir / "versions.json", versions())
+    torch.manual_seed(cfg.seed)
+    spec = get_model(cfg.model)
+    algo = cfg.algo if cfg.algo != "auto" else ("repq-vit" if spec.is_vit else "genie-m")
+    r.log(f"run {r.dir}: {cfg.model} source={cfg.source} strategy={cfg.strategy} algo={algo} bits={cfg.bits}")
+
+    calib_key, calib_src = _calibration_stage(r, spec, progress)
+    calib = load_calibration(calib_src, spec, cfg.n, cfg.seed)
+
+    from dfquant.evaluate import evaluate
+
+    fp_key = _key("fp", cfg.model, cfg.eval_limit, cfg.val)
+    fp_path = r.dir / "fp_top1.json"
+    if r.cached("fp_eval", fp_key, fp_path):
+        fp_top1 = read_json(fp_path)["fp_top1"]
+    else:
+        fp_top1 = evaluate(spec, val_dir=cfg.val, limit=cfg.eval_limit, progress=progress)
+        write_json(fp_path, {"fp_top1": fp_top1})
+        r.done("fp_eval", fp_key)
+    r.log(f"FP top-1 {fp_top1:.2f}%")
+
+    rows = []
+    for (wbits, abits), tag in zip(bit_settings, cfg.bits):
+        qdir = r.dir / "quant" / tag.upper()
+        key = _key("quant", calib_key, algo, wbits, abits, cfg.iters, cfg.batch_size, cfg.seed, cfg.eval_limit, cfg.val)
+        if r.cached(f"quant_{tag.upper()}", key, qdir / "results.json"):
+            res = read_json(qdir / "results.json")
+            r.log(f"{tag}: cached, top-1 {res['q_top1']:.2f}%")
+        else:
+            from dfquant.quant.api import run_quantize
+
+            r.log(f"{tag}: quantizing with {algo}, {cfg.iters} iterations per block")
+            res = run_quantize(cfg.model, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
+                               qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1)
+            r.done(f"quant_{tag.upper()}", key)
+            r.log(f"{tag}: top-1 {res['q_top1']:.2f}% ({res['seconds']:.0f}s)")
+        rows.append({"model": cfg.model, "source": cfg.source, "strategy": _strategy_label(cfg), "algo": algo,
+                     "bits": tag.upper(), "wbits": wbits, "abits": abits, "n_calib": len(calib), "iters": cfg.iters,
+                     "seed": cfg.seed, "fp_top1": round(fp_top1, 2), "q_top1": round(res["q_top1"], 2),
+                     "quant_seconds": res["seconds"]})
+    write_json(r.dir / "results.json", rows)
+    write_text(r.dir / "results.md", results_table(rows))
+    return rows
+
+
+def _strategy_label(cfg: RunConfig) -> str:
+    if cfg.source != "generated":
+        return cfg.source if cfg.source in ("real", "distill") else "folder"
+    if cfg.strategy == "mixup":
+        return f"mixup-{cfg.pairing}-k{cfg.k}"
+    return cfg.strategy
+
+
+def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
+    """Produce the calibration source for the run; return (stage key, source string)."""
+    cfg = r.cfg
+    if cfg.source == "real":
+        return _key("real", cfg.n, cfg.seed), "real:A"
+    if cfg.source == "distill":
+        out = r.dir / "distill.safetensors"
+        key = _key("distill", cfg.model, cfg.distill_method, cfg.distill_iters, cfg.n, cfg.seed)
+        if not r.cached("distill", key, out):
+            from dfquant.io import save_tensors
+            from dfquant.quant.distill import distill
+
+            r.log(f"distill: {cfg.n} images by BN-statistics inversion ({cfg.distill_method}, {cfg.distill_iters} iters)")
+            images = distill(spec.model, cfg.n, spec.input_size, cfg.distill_method, cfg.distill_iters, seed=cfg.seed,
+                             device=cfg.device, progress=progress)
+            save_tensors(out, {"images": images})
+            r.done("distill", key)
+        return key, str(out)
+    if cfg.source != "generated":
+        if not Path(cfg.source).is_dir():
+            raise DfqError(f"source {cfg.source!r} is not generated, real, distill or an existing folder of images")
+        return _key("folder", str(Path(cfg.source).resolve())), cfg.source
+
+    from dfquant.generate.pipeline import generate, load_pipeline, preset_for
+    from dfquant.prompts import class_similarity, make_manifest, write_manifest
+
+    manifest = r.dir / "prompts.jsonl"
+    pkey = _key("prompts", spec.class_names, cfg.strategy, cfg.k, cfg.pairing, cfg.n, cfg.seed,
+                cfg.generator if cfg.pairing != "random" else None)
+    pipe = None
+    if not r.cached("prompts", pkey, manifest):
+        sim = None
+        if cfg.strategy == "mixup" and cfg.pairing != "random":
+            pipe = load_pipeline(cfg.generator, cfg.dtype, cfg.device, cfg.scheduler)
+            sim = class_similarity(spec.class_names, pipe.tokenizer, pipe.text_encoder)
+        rows = make_manifest(spec.class_names, cfg.n, cfg.strategy, cfg.k, cfg.pairing, cfg.seed, sim)
+        write_manifest(rows, manifest)
+        r.done("prompts", pkey)
+        r.log(f"prompts: {len(rows)} {cfg.strategy} prompts, e.g. {rows[0].prompt!r}")
+    preset = preset_for(cfg.generator)
+    steps = cfg.steps or preset["steps"]
+    guidance = cfg.guidance if cfg.guidance is not None else preset["guidance"]
+    images = r.dir / "images"
+    gkey = _key("generate", pkey, cfg.generator, steps, guidance, cfg.scheduler, cfg.dtype)
+    if not r.cached("generate", gkey, images / "manifest.jsonl"):
+        from dfquant.generate.pipeline import native_size
+        from dfquant.prompts import read_manifest
+
+        pipe = pipe or load_pipeline(cfg.generator, cfg.dtype, cfg.device, cfg.scheduler)
+        size = preset["size"] if cfg.generator in ("mini", "sd15", "sd-turbo") else native_size(pipe)
+        r.log(f"generate: {cfg.n} images with {cfg.generator}, {steps} steps, guidance {guidance}, {size}px")
+        t0 = time.time()
+        generate(read_manifest(manifest), pipe, images, steps=steps, guidance=guidance, height=size, width=size,
+                 batch_size=cfg.gen_batch_size, generator_id=cfg.generator, progress=progress)
+        r.done("generate", gkey)
+        r.log(f"generate: done in {time.time() - t0:.0f}s")
+    return gkey, str(images)
+
+
+def results_table(rows: list[dict]) -> str:
+    head = "| model | calibration | algo | bits | FP top-1 | quantized top-1 | drop | quant time (s) |\n|---|---|---|---|---|---|---|---|\n"
+    return head + "".join(
+        f"| {x['model']} | {x['strategy']} | {x['algo']} | {x['bits']} | {x['fp_top1']:.2f} | {x['q_top1']:.2f} | "
+        f"{x['fp_top1'] - x['q_top1']:.2f} | {x['quant_seconds']:.0f} |\n" for x in rows)

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from dfquant.errors import DfqError
+from dfquant.evaluate import evaluate
+from dfquant.quant.api import make_quant_config, quantize
+from dfquant.quant.modules import QuantBlock, QuantLayer, set_quant_state
+from dfquant.quant.reconstruct import ReconConfig, reconstruct
+from dfquant.quant.transform import fold_bn, quantize_model, recon_units
+
+
+@pytest.fixture(scope="module")
+def calib(resnet20):
+    from dfquant.data import fmnist
+
+    x, _ = fmnist.load_split("A", limit=128, seed=0)
+    return resnet20.normalize(x)
+
+
+def test_transform_conventions(resnet20):
+    q = quantize_model(resnet20.model, make_quant_config("genie-m", 4, 4))
+    assert q.conv1.wq.bits == 8 and q.conv1.aq is None          # first layer: W8, input unquantized
+    assert q.fc.wq.bits == 8 and q.fc.aq.bits == 8               # last layer: W8A8
+    assert isinstance(q.layer1[0], QuantBlock) and q.layer1[0].aq.bits == 8  # second layer input A8 (Genie/BRECQ)
+    assert q.layer1[1].aq.bits == 4 and q.layer1[1].block.conv1.aq is None   # block input quantized once
+    assert q.layer1[1].block.conv2.aq.bits == 4 and q.layer1[1].block.conv2.wq.bits == 4
+    assert q.layer2[0].block.downsample[0].aq is None            # shortcut conv shares the block's quantized input
+    qd = quantize_model(resnet20.model, make_quant_config("qdrop", 4, 4))
+    assert qd.layer1[0].aq.bits == 4                              # QDrop: no 8-bit second layer
+    assert recon_units(q)[:3] == ["conv1", "layer1.0", "layer1.1"] and recon_units(q)[-1] == "fc"
+    assert len(recon_units(q, "layer")) == sum(isinstance(m, QuantLayer) for m in q.modules())
+
+
+def test_bn_folding_preserves_function(resnet20):
+    import copy
+
+    x = torch.randn(4, 3, 32, 32)
+    folded = fold_bn(copy.deepcopy(resnet20.model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(folded(x), resnet20.model(x), atol=1e-4)
+
+
+def test_quant_disabled_is_identity(resnet20):
+    q = quantize_model(resnet20.model, make_quant_config("genie-m", 4, 4))
+    set_quant_state(q, weights=False, acts=False)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(q(x), resnet20.model(x), atol=1e-5)
+
+
+def test_reconstruction_lowers_block_loss(resnet20, calib):
+    trace: list = []
+    qmodel, info = quantize(resnet20.model, calib, "genie-m", 2, 4, iters=60, batch_size=32, trace=trace, progress=False)
+    block = [t["rec_loss"] for t in trace if t["unit"] == "layer2.1"]
+    assert len(block) == 60
+    assert sum(block[-10:]) / 10 < 0.8 * sum(block[:10]) / 10
+    assert all(t["grad_norm"] >= 0 for t in trace)
+    for ql in (m for m in qmodel.modules() if isinstance(m, QuantLayer)):
+        assert ql.soft is not None and ql.soft.hard
+
+
+def test_w8a8_resnet20_within_half_point(resnet20, calib):
+    qmodel, _ = quantize(resnet20.model, calib, "mse", 8, 8, iters=0, progress=False)
+    fp = evaluate(resnet20, progress=False, limit=2000)
+    q8 = evaluate(resnet20, qmodel, progress=False, limit=2000)
+    assert abs(fp - q8) <= 0.5
+
+
+def test_bad_inputs(resnet20, calib):
+    with pytest.raises(DfqError, match="--wbits 9"):
+        make_quant_config("genie-m", 9, 4)
+    with pytest.raises(DfqError, match="unknown algorithm"):
+        make_quant_config("gptq", 4, 4)
+    with pytest.raises(DfqError, match="fewer than the batch size"):
+        quantize(resnet20.model, calib[:8], "genie-m", 4, 4, iters=1, batch_size=32, progress=False)
+
+
+def test_nan_loss_stops_with_block_name(resnet20, calib):
+    bad = calib.clone()
+    bad[:, 0, 0, 0] = float("nan")
+    with pytest.raises(DfqError, match="in block conv1"):
+        quantize(resnet20.model, bad, "genie-m", 4, 4, iters=5, batch_size=32, progress=False)
+
+
+def test_checkpoint_round_trip(resnet20, calib, tmp_path):
+    from dfquant.quant.checkpoint import load_quantized, save_quantized
+
+    qmodel, info = quantize(resnet20.model, calib, "genie-m", 3, 3, iters=3, progress=False)
+    save_quantized(tmp_path, resnet20, qmodel, info["quant"], {})
+    _, loaded = load_quantized(tmp_path)
+    x = calib[:16]
+    assert torch.allclose(loaded(x), qmodel(x), atol=1e-5)

@@ -1,0 +1,64 @@
+import pytest
+import timm
+import torch
+
+from dfquant.errors import DfqError
+from dfquant.quant.api import build_quantized, make_quant_config
+from dfquant.quant.modules import QuantLayer, set_quant_state
+from dfquant.quant.vit import QuantAttention, repq_vit, reparameterize_layernorms
+
+
+def _tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=2, num_classes=10).eval()
+
+
+def test_quantized_attention_equals_fused_when_disabled():
+    m = _tiny_vit()
+    q = build_quantized(m, make_quant_config("repq-vit", 4, 4), vit={"quant_attention": True})
+    assert sum(isinstance(x, QuantAttention) for x in q.modules()) == 2
+    set_quant_state(q, False, False)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(q(x), m(x), atol=1e-5)
+
+
+def test_reparameterization_keeps_fp_function():
+    m = _tiny_vit()
+    q = build_quantized(m, make_quant_config("repq-vit", 4, 4), vit={"quant_attention": True})
+    x = torch.randn(8, 3, 32, 32)
+    names = reparameterize_layernorms(q, x)
+    assert names == ["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1"]
+    set_quant_state(q, False, False)
+    assert torch.allclose(q(x), m(x), atol=1e-5)
+    qkv = q.blocks[0].attn.attn.qkv
+    assert qkv.aq.channel_axis is None and qkv.aq.symmetric is False  # per-tensor after reparameterization
+
+
+def test_swin_attention_quantizable():
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=16, depths=(1, 1),
+                          num_heads=(1, 2), num_classes=5).eval()
+    q = build_quantized(m, make_quant_config("repq-vit", 8, 8), vit={"quant_attention": True})
+    x = torch.randn(2, 3, 56, 56)
+    set_quant_state(q, False, False)
+    assert torch.allclose(q(x), m(x), atol=1e-4)
+    assert "layers.1.downsample.reduction" in reparameterize_layernorms(q, x)
+
+
+def test_unknown_attention_is_an_error():
+    m = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, num_classes=3).eval()
+    with pytest.raises(DfqError, match="cannot be quantized"):
+        build_quantized(m, make_quant_config("repq-vit", 4, 4), vit={"quant_attention": True})
+
+
+def test_repq_vit_quantizes_everything_and_reports_fp_parts():
+    m = _tiny_vit()
+    x = torch.randn(32, 3, 32, 32)
+    q8, info = repq_vit(m, x, 8, 8, progress=False)
+    q4, _ = repq_vit(m, x, 4, 4, progress=False)
+    ref = m(x)
+    err8, err4 = (q8(x) - ref).abs().mean(), (q4(x) - ref).abs().mean()
+    assert 0 < err8 < err4
+    assert "LayerNorm" in info["full_precision_layers"]
+    assert all(ql.wq.initialized for ql in q8.modules() if isinstance(ql, QuantLayer))
+    assert q8.patch_embed.proj.aq.bits == 8 and q8.head.wq.bits == 8
