@@ -201,8 +201,9 @@ class _ActQDQ(nn.Module):
     same value because rounding is monotonic.
     """
 
-    def __init__(self, q: UniformQuantizer, name: str):
+    def __init__(self, q: UniformQuantizer, name: str, transposed: bool = False):
         super().__init__()
+        self.transposed = transposed
         p = _act_params(q, name)
         dtype, (qmin, qmax) = p["dtype"], p["qrange"]
         scale, z = p["scale"].reshape(()), int(p["zero_point"].item())
@@ -215,6 +216,11 @@ class _ActQDQ(nn.Module):
             self.register_buffer("clip_max", torch.tensor(float(qmax - z)) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:  # see export_module: keeps DequantizeLinear directly before MatMul
+            return self._qdq(x.transpose(-2, -1)).transpose(-2, -1)
+        return self._qdq(x)
+
+    def _qdq(self, x: torch.Tensor) -> torch.Tensor:
         if self.clip:
             return _ClipQDQ.apply(x, self.scale, self.zero_point, self.clip_min, self.clip_max)
         return _QDQ.apply(x, self.scale, self.zero_point)
@@ -315,6 +321,14 @@ def export_module(qmodel: nn.Module) -> nn.Module:
     for name, m in list(emodel.named_modules()):
         if isinstance(m, QuantLayer):
             _set(emodel, name, _ExportLayer(m, name))
+    for name, m in list(emodel.named_modules()):
+        if type(m).__name__ == "QuantAttention" and isinstance(m.k_q, UniformQuantizer) and m.k_q.enabled:
+            # QuantAttention transposes k after quantizing it. Quantizing the transposed tensor
+            # instead (per-tensor, so the same values) lets the exporter cancel the transpose
+            # pair and puts DequantizeLinear right before the MatMul: onnxruntime >= 1.2x fails
+            # to load a graph at opset >= 21 where a signed DequantizeLinear feeds a Transpose
+            # (its QDQ propagation and int8->uint8 conversion disagree on output_dtype).
+            m.k_q = _ActQDQ(m.k_q, f"{name}.k_q", transposed=True)
     for name, m in list(emodel.named_modules()):
         if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)):
             _set(emodel, name, _act_module(m, name))
@@ -656,3 +670,72 @@ def export_int_state(qmodel: nn.Module, path: str | Path, metadata: dict[str, st
     save_tensors(path, tensors, metadata=meta)
     return {"path": str(path), "layers": len(layers), "activation_quantizers": len(acts), "tensors": len(tensors),
             "bytes": Path(path).stat().st_size}
+
+
+# ----------------------------------------------------------------------------------------
+# dfq export
+# ----------------------------------------------------------------------------------------
+FORMATS = {"onnx": ".onnx", "int-state": ".safetensors"}
+
+
+def _verify_images(spec, n: int, val: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` embedded test images of a zoo model, or ``n`` images spread evenly over ``val``."""
+    if val is None:
+        if not spec.embedded:
+            raise DfqError(f"{spec.name} has no embedded test set; pass --val /path/to/imagenet/val, or --no-verify")
+        from dfquant.evaluate import test_tensors
+
+        return test_tensors(spec, n)
+    from dfquant.data.folders import ImageFolder
+
+    ds = ImageFolder(val, spec.transform(), num_classes=spec.num_classes)
+    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique().tolist()
+    xs, ys = zip(*(ds[i] for i in idx))
+    return torch.stack(list(xs)), torch.tensor(list(ys))
+
+
+def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True,
+               n: int = 256, opset: int = DEFAULT_OPSET, val: str | Path | None = None) -> dict[str, Any]:
+    """``dfq export``: load a quantized checkpoint, write ``fmt`` to ``out`` (default inside the
+    checkpoint folder), verify an ONNX export with onnxruntime on ``n`` test images, and
+    write ``export_report.json`` next to the output. Raises :class:`DfqError` (after writing
+    the report) when the verification fails."""
+    from dfquant.io import read_json, versions, write_json
+    from dfquant.quant.checkpoint import load_quantized
+
+    if fmt not in FORMATS:
+        raise DfqError(f"--format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
+    if verify and fmt == "onnx" and n < 1:
+        raise DfqError(f"--n {n} must be at least 1 (or pass --no-verify)")
+    ckpt_dir = Path(ckpt_dir)
+    out = Path(out) if out is not None else ckpt_dir / ("model" + FORMATS[fmt] if fmt == "onnx" else "model_int.safetensors")
+    if out.suffix != FORMATS[fmt]:
+        raise DfqError(f"--out {out} must end in {FORMATS[fmt]} for --format {fmt}")
+    spec, qmodel = load_quantized(ckpt_dir)
+    qmeta = read_json(ckpt_dir / "quant_config.json")
+    meta = {"model": spec.name, "checkpoint": str(ckpt_dir)}
+    meta.update({k: str(qmeta[k]) for k in ("algo", "wbits", "abits") if k in qmeta})
+    report: dict[str, Any] = {"checkpoint": str(ckpt_dir), "model": spec.name, "format": fmt, "output": str(out),
+                              **{k: qmeta.get(k) for k in ("algo", "wbits", "abits", "q_top1")}}
+    if fmt == "int-state":
+        report["export"] = export_int_state(qmodel, out, metadata=meta)
+    else:
+        report["export"] = export_onnx(qmodel, spec.input_size, out, opset, metadata=meta)
+        if verify:
+            images, labels = _verify_images(spec, n, val)
+            report["verify"] = verify_onnx(qmodel, out, images, labels)
+            report["tolerance"] = {"top1_diff_points": TOP1_TOLERANCE_POINTS, "mean_rel_diff": LOGIT_MEAN_TOLERANCE,
+                                   "ort_disabled_optimizers": [ORT_BIAS_TRANSFORMER]}
+    report["versions"] = versions()
+    report_path = out.parent / "export_report.json"
+    write_json(report_path, report)
+    report["report_path"] = str(report_path)
+    v = report.get("verify")
+    if v is not None and not v["passed"]:
+        raise DfqError(
+            f"onnxruntime disagrees with the fake-quantized model on {v['n']} images: top-1 {v['top1_onnx']:.2f}% vs "
+            f"{v['top1_torch']:.2f}% (tolerance {TOP1_TOLERANCE_POINTS} points), mean |logit diff| "
+            f"{100 * v['mean_rel_diff']:.3f}% of the largest logit (tolerance {100 * LOGIT_MEAN_TOLERANCE:g}%); "
+            f"see {report_path}. One image is {100 / v['n']:.2f} points: if a single near-tie image flipped, "
+            "verify on more images (--n 1000); otherwise report the model and the file")
+    return report

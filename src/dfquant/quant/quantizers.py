@@ -173,7 +173,8 @@ class SoftRoundingWeight(nn.Module):
 
     def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor, learn_scale: bool):
         super().__init__()
-        self.q = quantizer
+        # a plain reference, not a registered submodule: the quantizer is owned (and saved) by its layer
+        self.__dict__["q"] = quantizer
         if not quantizer.initialized:
             quantizer.init_range(weight)
         shape = quantizer._shape(weight)

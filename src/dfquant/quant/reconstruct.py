@@ -143,7 +143,7 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
             for q in aqs:
                 q.scale.data.clamp_(min=1e-8)
             if it % 50 == 0:
-                bar.set_postfix(rec=f"{rec.item():.4g}", rnd=f"{float(rnd):.3g}")
+                bar.set_postfix(rec=f"{rec.item():.4g}", rnd=f"{float(rnd.detach()):.3g}")
     finally:
         bar.close()
         for q in aqs:

@@ -1,0 +1,112 @@
+"""Accuracy grid: models x calibration sources x algorithms x bit-widths x seeds.
+
+Each calibration set is produced once per (model, source, seed) through the same stage
+code as ``dfq run`` (cached under runs/bench/), then every algorithm and bit setting is
+quantized from it. Rows are appended to ``<out>.csv`` as they finish, so an interrupted
+grid resumes; ``<out>.md`` (mean ± std over seeds) and ``<out>.png`` (accuracy vs bits)
+are rewritten at the end. The command line is recorded in the Markdown file.
+
+Sources: real | distill | single | template | mixup | mixup-similar | mixup-dissimilar | mixup-k3
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dfquant.data.calib import load_calibration
+from dfquant.evaluate import evaluate
+from dfquant.io import write_text
+from dfquant.models.registry import get_model
+from dfquant.quant.api import quantize_any
+from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table
+from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits
+
+SOURCES = {
+    "real": dict(source="real"), "distill": dict(source="distill"),
+    "single": dict(strategy="single"), "template": dict(strategy="template"),
+    "mixup": dict(strategy="mixup"), "mixup-similar": dict(strategy="mixup", pairing="similar"),
+    "mixup-dissimilar": dict(strategy="mixup", pairing="dissimilar"), "mixup-k3": dict(strategy="mixup", k=3),
+}
+FIELDS = ["model", "strategy", "algo", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "quant_seconds"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["fmnist/resnet20"])
+    ap.add_argument("--sources", nargs="+", default=["real", "distill", "single", "mixup"], choices=list(SOURCES))
+    ap.add_argument("--algos", nargs="+", default=["genie-m"], help="'auto' = genie-m for CNNs, repq-vit for ViTs")
+    ap.add_argument("--bits", nargs="+", default=["W4A4", "W2A4"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--distill-iters", type=int, default=200)
+    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="benchmarks/results/grid")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_path = out.with_suffix(".csv")
+    done = set()
+    if csv_path.exists():
+        with open(csv_path) as fh:
+            done = {(r["model"], r["strategy"], r["algo"], r["bits"], r["seed"]) for r in csv.DictReader(fh)}
+    else:
+        with open(csv_path, "w", newline="") as fh:
+            csv.DictWriter(fh, FIELDS).writeheader()
+    for model in args.models:
+        spec = get_model(model)
+        fp_top1 = evaluate(spec, limit=args.eval_limit)
+        for source in args.sources:
+            for seed in args.seeds:
+                cfg = RunConfig(model=model, n=args.n, seed=seed, distill_iters=args.distill_iters,
+                                out=f"runs/bench/{model.replace('/', '_')}/{source}-s{seed}", **SOURCES[source])
+                pending = [(a, b) for a in args.algos for b in args.bits
+                           if (model, source, _algo(a, spec), b, str(seed)) not in done]
+                if not pending:
+                    continue
+                _, src = _calibration_stage(Run(cfg), spec, progress=True)
+                calib = load_calibration(src, spec, args.n, seed)
+                for algo, bits in pending:
+                    wbits, abits = parse_bits(bits)
+                    algo = _algo(algo, spec)
+                    vit = None
+                    if spec.is_vit:
+                        from dfquant.quant.vit import default_vit_options
+
+                        vit = default_vit_options(spec.model)
+                    t0 = time.time()
+                    qmodel, _ = quantize_any(spec.model, calib, algo, wbits, abits, args.iters, 32, seed, "cpu", vit)
+                    row = {"model": model, "strategy": source, "algo": algo, "bits": bits, "seed": seed,
+                           "n_calib": len(calib), "iters": args.iters, "fp_top1": round(fp_top1, 2),
+                           "q_top1": round(evaluate(spec, qmodel, limit=args.eval_limit), 2),
+                           "quant_seconds": round(time.time() - t0, 1)}
+                    print(row, flush=True)
+                    with open(csv_path, "a", newline="") as fh:
+                        csv.DictWriter(fh, FIELDS).writerow(row)
+    with open(csv_path) as fh:
+        rows = [{**r, "q_top1": float(r["q_top1"]), "fp_top1": float(r["fp_top1"])} for r in csv.DictReader(fh)]
+    agg = aggregate(rows)
+    accuracy_vs_bits(agg, out.with_suffix(".png"))
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommand: `{cmd}`\n\nCPU (2 cores), {args.iters} reconstruction "
+               f"iterations per block (paper: 20000), {args.n} calibration images, batch 32; test set "
+               f"{'first ' + str(args.eval_limit) if args.eval_limit else 'full 10k'} images.\n\n"
+               + aggregate_table(agg) + f"\n![accuracy vs bits]({out.with_suffix('.png').name})\n")
+
+
+def _algo(algo: str, spec) -> str:
+    return ("repq-vit" if spec.is_vit else "genie-m") if algo == "auto" else algo
+
+
+if __name__ == "__main__":
+    main()
