@@ -80,7 +80,7 @@ def eval_cmd(
 def train_generator_cmd(
     out: Path = typer.Option(None, help="output pipeline folder (default: the package's assets/generator)"),
     vae_epochs: int = typer.Option(1, help="VAE epochs over split B"),
-    unet_steps: int = typer.Option(2500, help="UNet + text-encoder steps at batch 128"),
+    unet_steps: int = typer.Option(1400, help="UNet + text-encoder steps at batch 128"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
@@ -302,6 +302,47 @@ def report_cmd(
     from dfquant.report import write_report
 
     typer.echo(f"wrote {write_report(run_dirs, out)}")
+
+
+@app.command("export")
+def export_cmd(
+    ckpt: Path = typer.Argument(..., help="quantized checkpoint folder written by `dfq quantize`"),
+    format: str = typer.Option("onnx", "--format", help="onnx (QuantizeLinear/DequantizeLinear graph) | int-state (safetensors of integer weights + scales)"),
+    out: Optional[Path] = typer.Option(None, help="output file (default: CKPT/model.onnx or CKPT/model_int.safetensors)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="onnx: run onnxruntime next to the fake-quantized model on --n test images"),
+    n: int = typer.Option(256, help="test images for --verify"),
+    opset: int = typer.Option(21, help="ONNX opset; 21+ stores weights of <= 4 bits as INT4/UINT4, 13..20 in int8 containers"),
+    val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder for --verify (off the mini world)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Export a quantized checkpoint for deployment (the fake-quantized model only simulates integers)."""
+    from dfquant.quant.export import run_export
+
+    _threads(threads)
+    rep = run_export(ckpt, format, out, verify, n, opset, val)
+    exp = rep["export"]
+    if format == "onnx":
+        kinds: dict[str, int] = {}
+        for t in exp["weights"].values():
+            kinds[t] = kinds.get(t, 0) + 1
+        typer.echo(f"wrote {exp['path']} (opset {exp['opset']}, {exp['bytes'] / 1024:.0f} KiB; weights: "
+                   + ", ".join(f"{c} {t}" for t, c in sorted(kinds.items()))
+                   + f"; {exp['ops'].get('QuantizeLinear', 0)} QuantizeLinear, {exp['ops'].get('DequantizeLinear', 0)} DequantizeLinear)")
+        v = rep.get("verify")
+        if v is not None:
+            tol = rep["tolerance"]
+            typer.echo(f"onnxruntime vs fake-quant on {v['n']} test images: top-1 {v['top1_onnx']:.2f}% vs {v['top1_torch']:.2f}% "
+                       f"(tolerance {tol['top1_diff_points']} points), argmax agreement {v['argmax_agreement']:.2f}%, "
+                       f"mean |logit diff| {v['mean_abs_diff']:.2e} = {100 * v['mean_rel_diff']:.3f}% of max |logit| "
+                       f"(tolerance {100 * tol['mean_rel_diff']:g}%), max {v['max_abs_diff']:.2e}")
+            d = v.get("ort_default")
+            if d is not None:
+                typer.echo(f"default onnxruntime session (rounds float biases to int32): top-1 {d['top1_onnx']:.2f}%, "
+                           f"argmax agreement {d['argmax_agreement']:.2f}%, mean |logit diff| {100 * d['mean_rel_diff']:.3f}% of max")
+    else:
+        typer.echo(f"wrote {exp['path']} ({exp['layers']} layers, {exp['activation_quantizers']} activation quantizers, "
+                   f"{exp['tensors']} tensors, {exp['bytes'] / 1024:.0f} KiB)")
+    typer.echo(f"report -> {rep['report_path']}")
 
 
 def main() -> None:

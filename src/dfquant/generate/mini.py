@@ -139,7 +139,7 @@ def train_unet(pipe: StableDiffusionPipeline, latents: torch.Tensor, labels: tor
     return float(ema)
 
 
-def train_generator(out: Path, vae_epochs: int = 1, unet_steps: int = 2500, seed: int = 0, command: str = "") -> dict:
+def train_generator(out: Path, vae_epochs: int = 1, unet_steps: int = 1400, seed: int = 0, command: str = "") -> dict:
     """Train the mini generator on split B and save it as a diffusers pipeline folder."""
     t0 = time.time()
     pipe = build_pipeline("mini", seed)

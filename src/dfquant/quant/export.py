@@ -29,11 +29,15 @@ opsets up to 20; later opsets are reached with ``onnx.version_converter``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import math
+import os
 import re
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -348,6 +352,24 @@ def _require_onnx():
         raise DfqError("ONNX export needs onnx and onnxruntime; install them with `pip install 'dfquant[export]'`") from None
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence file descriptor 1 (torch's TorchScript exporter prints the whole graph to
+    stdout when it fails, before the one-line error this module raises)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
 def _locate_op(emodel: nn.Module, example: torch.Tensor, op: str) -> list[str]:
     """Names (and types) of the innermost modules whose forward calls ``op`` (e.g. ``aten::cummax``)."""
     from torch.overrides import TorchFunctionMode
@@ -368,7 +390,7 @@ def _locate_op(emodel: nn.Module, example: torch.Tensor, op: str) -> list[str]:
     for m in emodel.modules():
         desc = f"{names[id(m)]} ({type(m).__name__})"
         hooks.append(m.register_forward_pre_hook(lambda mod, a, d=desc: stack.append(d)))
-        hooks.append(m.register_forward_hook(lambda mod, a, o: stack.pop()))
+        hooks.append(m.register_forward_hook(lambda mod, a, o: (stack.pop(), None)[1]))  # None: keep the output
     try:
         with torch.no_grad(), Spy():
             emodel(example)
@@ -455,7 +477,7 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     trace_opset = min(opset, TORCHSCRIPT_MAX_OPSET)
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_stdout():
             warnings.simplefilter("ignore")
             torch.onnx.export(emodel, (example,), buf, dynamo=False, opset_version=trace_opset,
                               input_names=["input"], output_names=["logits"], do_constant_folding=True,
@@ -466,7 +488,7 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
         if m:
             op = m.group(1)
             where = _locate_op(emodel, example, op)
-            inside = f" in {', '.join(where)}" if where else ""
+            inside = f" (called by module {', '.join(where)})" if where else ""
             raise DfqError(f"cannot export to ONNX: operator {op}{inside} has no ONNX equivalent at opset {trace_opset}; "
                            "replace that module with supported ops, or use --format int-state") from None
         raise DfqError(f"cannot export to ONNX: {msg}") from None
@@ -708,7 +730,8 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
     if verify and fmt == "onnx" and n < 1:
         raise DfqError(f"--n {n} must be at least 1 (or pass --no-verify)")
     ckpt_dir = Path(ckpt_dir)
-    out = Path(out) if out is not None else ckpt_dir / ("model" + FORMATS[fmt] if fmt == "onnx" else "model_int.safetensors")
+    default_name = "model.onnx" if fmt == "onnx" else "model_int.safetensors"
+    out = Path(out) if out is not None else ckpt_dir / default_name
     if out.suffix != FORMATS[fmt]:
         raise DfqError(f"--out {out} must end in {FORMATS[fmt]} for --format {fmt}")
     spec, qmodel = load_quantized(ckpt_dir)

@@ -1,0 +1,61 @@
+"""End to end: prompts -> generate -> quantize -> evaluate -> report, with stage caching."""
+
+import json
+
+import pytest
+import torch
+
+from dfquant.errors import DfqError
+from dfquant.run import RunConfig, parse_bits, run
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tmp_path_factory):
+    from dfquant.generate.mini import build_pipeline
+
+    path = tmp_path_factory.mktemp("gen") / "tiny"
+    build_pipeline("tiny", seed=0).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def test_end_to_end_with_caching_and_report(tiny_generator, tmp_path, capsys):
+    cfg = RunConfig(model="fmnist/resnet20", source="generated", strategy="mixup", n=32, generator=tiny_generator,
+                    steps=2, bits=["W4A4", "W8A8"], iters=3, eval_limit=200, out=str(tmp_path / "run"))
+    rows = run(cfg, progress=False)
+    d = tmp_path / "run"
+    assert [r["bits"] for r in rows] == ["W4A4", "W8A8"]
+    assert all(0 <= r["q_top1"] <= 100 for r in rows) and rows[0]["strategy"] == "mixup-random-k2"
+    assert len(list((d / "images").glob("*.png"))) == 32
+    prompts = [json.loads(line) for line in (d / "prompts.jsonl").read_text().splitlines()]
+    assert all(len(p["classes"]) == 2 and " and a " in p["prompt"] for p in prompts)
+    for f in ("config.yaml", "versions.json", "run.log", "results.md", "quant/W4A4/model.safetensors",
+              "quant/W4A4/quant_config.json"):
+        assert (d / f).exists(), f
+    stages = json.loads((d / "stages.json").read_text())
+    assert set(stages) == {"prompts", "generate", "fp_eval", "quant_W4A4", "quant_W8A8"}
+    mtimes = {p: p.stat().st_mtime_ns for p in [d / "images" / "000000.png", d / "quant/W4A4/model.safetensors"]}
+    capsys.readouterr()
+    rows2 = run(cfg, progress=False)
+    log = capsys.readouterr().out
+    assert rows2 == rows and "W4A4: cached" in log and "generate:" not in log
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    # a new bit setting only runs the new stage
+    run(RunConfig(**{**cfg.__dict__, "bits": ["W4A4", "W3A3"]}), progress=False)
+    assert "quant_W3A3" in json.loads((d / "stages.json").read_text())
+    from dfquant.report import write_report
+
+    md = write_report([d], tmp_path / "report")
+    text = md.read_text()
+    assert "accuracy_vs_bits.png" in text and "mixup-random-k2" in text and (tmp_path / "report" / "accuracy_vs_bits.png").exists()
+
+
+def test_real_source_and_bad_config(tmp_path):
+    with pytest.raises(DfqError, match="unknown key"):
+        (tmp_path / "c.yaml").write_text("modle: x\n")
+        RunConfig.load(tmp_path / "c.yaml")
+    with pytest.raises(DfqError, match="W4A4"):
+        parse_bits("4bit")
+    assert parse_bits("w1.58a8") == (1.58, 8.0)
+    rows = run(RunConfig(source="real", n=64, bits=["W8A8"], algo="mse", iters=0, eval_limit=300,
+                         out=str(tmp_path / "real")), progress=False)
+    assert rows[0]["strategy"] == "real" and abs(rows[0]["fp_top1"] - rows[0]["q_top1"]) < 2.0
