@@ -212,6 +212,7 @@ def quantize_cmd(
     abits: float = typer.Option(4, help="activation bits (2..8)"),
     algo: str = typer.Option("genie-m", help="minmax | mse | adaround | brecq | qdrop | genie-m | repq-vit"),
     iters: int = typer.Option(20000, help="reconstruction iterations per block (paper: 20000)"),
+    joint_iters: int = typer.Option(0, help="then optimize all quantization parameters jointly (logit + feature distillation)"),
     n: int = typer.Option(1024, help="calibration images"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
@@ -226,7 +227,8 @@ def quantize_cmd(
 
     _threads(threads)
     out = out or Path("runs/quantize") / f"{model.replace('/', '_')}-w{wbits:g}a{abits:g}-{algo}"
-    res = run_quantize(model, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device)
+    res = run_quantize(model, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device,
+                       joint_iters=joint_iters)
     typer.echo(f"{model} W{wbits:g}A{abits:g} {algo}: FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}%  "
                f"({res['seconds']:.0f}s) -> {out}")
 

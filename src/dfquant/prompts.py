@@ -139,7 +139,9 @@ def read_manifest(path: str | Path) -> list[PromptRow]:
     path = Path(path)
     if not path.is_file():
         raise DfqError(f"manifest {path} not found; create one with `dfq prompts`")
-    try:
-        return [PromptRow(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    keys = set(PromptRow.__dataclass_fields__)
+    try:  # generated-image manifests carry extra keys (file, generator, settings)
+        return [PromptRow(**{k: v for k, v in json.loads(line).items() if k in keys})
+                for line in path.read_text().splitlines() if line.strip()]
     except (json.JSONDecodeError, TypeError) as exc:
         raise DfqError(f"{path} is not a dfq prompt manifest ({exc}); recreate it with `dfq prompts`") from None

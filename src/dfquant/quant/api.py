@@ -53,7 +53,8 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
 
 def run_quantize(model_name: str, calib_source: str, wbits: float, abits: float, algo: str, iters: int, n: int,
                  batch_size: int, seed: int, out, val=None, eval_limit: int | None = None, device: str = "cpu",
-                 progress: bool = True, calib: torch.Tensor | None = None, fp_top1: float | None = None) -> dict:
+                 progress: bool = True, calib: torch.Tensor | None = None, fp_top1: float | None = None,
+                 joint_iters: int = 0) -> dict:
     """CLI-level job: resolve model and calibration, quantize, evaluate, write checkpoint + results."""
     from pathlib import Path
 
@@ -74,9 +75,15 @@ def run_quantize(model_name: str, calib_source: str, wbits: float, abits: float,
 
         vit = default_vit_options(spec.model)
     qmodel, info = quantize_any(spec.model, calib, algo, wbits, abits, iters, batch_size, seed, device, vit, progress)
+    if joint_iters > 0:
+        from dfquant.quant.joint import joint_finetune
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        joint_finetune(qmodel, calib, joint_iters, batch_size, seed=seed, resume=Path(out) / "joint_resume.pt",
+                       progress=progress)
     q_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
     meta = {"algo": algo, "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
-            "iters": iters, "batch_size": batch_size, "seed": seed, "fp_top1": fp_top1, "q_top1": q_top1,
+            "iters": iters, "joint_iters": joint_iters, "batch_size": batch_size, "seed": seed, "fp_top1": fp_top1, "q_top1": q_top1,
             "seconds": info["seconds"], "units": info["units"], "vit": vit, "versions": versions(),
             "recon": {k: v for k, v in vars(info["recon"]).items()} if info.get("recon") else None,
             "full_precision_layers": info.get("full_precision_layers", [])}
