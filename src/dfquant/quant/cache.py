@@ -18,17 +18,29 @@ DEFAULT_BUDGET_GB = float(os.environ.get("DFQ_CACHE_RAM_GB", "4"))
 
 
 class ActivationCache:
-    """A fixed-size (N, *shape) float32 store, in RAM or on disk."""
+    """A fixed-size (N, *shape) float32 store, in RAM or on disk.
+
+    The RAM budget is shared by all live caches: once the caches already in memory plus
+    this one would pass it, this one goes to a memory-mapped file instead.
+    """
+
+    ram_in_use = 0  # bytes held in RAM by live caches (process-wide)
 
     def __init__(self, n: int, shape: tuple[int, ...], budget_gb: float = DEFAULT_BUDGET_GB):
         nbytes = n * math.prod(shape) * 4
-        self.on_disk = nbytes > budget_gb * 2**30
+        self.on_disk = ActivationCache.ram_in_use + nbytes > budget_gb * 2**30
+        self._ram = 0 if self.on_disk else nbytes
+        ActivationCache.ram_in_use += self._ram
         if self.on_disk:
             self._dir = tempfile.TemporaryDirectory(prefix="dfq-cache-")
             self.data = torch.from_numpy(np.lib.format.open_memmap(
                 os.path.join(self._dir.name, "cache.npy"), mode="w+", dtype=np.float32, shape=(n, *shape)))
         else:
             self.data = torch.empty((n, *shape), dtype=torch.float32)
+
+    def __del__(self) -> None:
+        ActivationCache.ram_in_use -= getattr(self, "_ram", 0)
+        self._ram = 0
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -76,3 +88,28 @@ def capture(model: torch.nn.Module, module: torch.nn.Module, images: torch.Tenso
     finally:
         handle.remove()
     return cin, cout
+
+
+@torch.no_grad()
+def capture_all(model: torch.nn.Module, modules: dict[str, torch.nn.Module], images: torch.Tensor, batch_size: int,
+                device: torch.device | str = "cpu", budget_gb: float = DEFAULT_BUDGET_GB
+                ) -> dict[str, tuple[ActivationCache, ActivationCache]]:
+    """One full forward pass over ``images`` caching the input and output of every module in ``modules``
+    (used for the full-precision targets, which do not change during reconstruction)."""
+    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [m.register_forward_hook(lambda _m, a, out, k=k: store.__setitem__(k, (a[0], out)))
+               for k, m in modules.items()]
+    caches: dict[str, tuple[ActivationCache, ActivationCache]] = {}
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size].to(device))
+            for k, (a, out) in store.items():
+                if k not in caches:
+                    caches[k] = (ActivationCache(len(images), tuple(a.shape[1:]), budget_gb),
+                                 ActivationCache(len(images), tuple(out.shape[1:]), budget_gb))
+                caches[k][0][i : i + batch_size] = a
+                caches[k][1][i : i + batch_size] = out
+    finally:
+        for h in handles:
+            h.remove()
+    return caches

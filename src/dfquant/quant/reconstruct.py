@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
-from dfquant.quant.cache import DEFAULT_BUDGET_GB, capture
+from dfquant.quant.cache import DEFAULT_BUDGET_GB, capture, capture_all
 from dfquant.quant.modules import act_quantizers, quant_layers, set_quant_state
 from dfquant.quant.transform import recon_units
 
@@ -176,15 +176,16 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     set_quant_state(fp_model, weights=False, acts=False)
     set_quant_state(qmodel, weights=True, acts=True)
     units = recon_units(qmodel, cfg.granularity)
+    fp_caches = capture_all(fp_model, {u: fp_model.get_submodule(u) for u in units}, calib, 64, dev, cfg.cache_ram_gb)
     summary = []
     t0 = time.time()
     bar = tqdm(units, desc=f"{cfg.algo}", disable=not progress)
     for name in bar:
         unit = qmodel.get_submodule(name)
-        fp_unit = fp_model.get_submodule(name)
         x_q, _ = capture(qmodel, unit, calib, 64, outputs=False, device=dev, budget_gb=cfg.cache_ram_gb)
-        x_fp, y_fp = capture(fp_model, fp_unit, calib, 64, outputs=True, device=dev, budget_gb=cfg.cache_ram_gb)
+        x_fp, y_fp = fp_caches.pop(name)
         s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace)
+        del x_q, x_fp, y_fp
         summary.append(s)
         bar.set_postfix(unit=name, loss=f"{s['loss_after']:.4g}")
     for s in summary:
