@@ -59,3 +59,13 @@ def test_real_source_and_bad_config(tmp_path):
     rows = run(RunConfig(source="real", n=64, bits=["W8A8"], algo="mse", iters=0, eval_limit=300,
                          out=str(tmp_path / "real")), progress=False)
     assert rows[0]["strategy"] == "real" and abs(rows[0]["fp_top1"] - rows[0]["q_top1"]) < 2.0
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        cfg = RunConfig.load(path)
+        assert all(parse_bits(b) for b in cfg.bits) and cfg.n == 1024 and cfg.batch_size == 32

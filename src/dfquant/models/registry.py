@@ -92,9 +92,11 @@ def _fmnist(arch: str, pretrained: bool) -> ModelSpec:
 
 
 def _offline_hint(name: str, exc: Exception) -> DfqError:
+    source, _, arch = name.partition("/")
+    fix = (f"`huggingface-cli download timm/{arch}`" if source == "timm" else
+           f"`python -c \"import torchvision; torchvision.models.get_model('{arch}', weights='DEFAULT')\"` (fills the torch hub cache)")
     return DfqError(f"weights for {name} are not cached and cannot be downloaded ({type(exc).__name__}); "
-                    f"on a machine with internet run `dfq fetch {name}` (or `huggingface-cli download` / fill the torch hub cache), "
-                    "or pass --random-weights")
+                    f"on a machine with internet run {fix}, or pass --random-weights")
 
 
 def _torchvision(arch: str, pretrained: bool) -> ModelSpec:
