@@ -191,10 +191,28 @@ def test_int_state_contents(qmodels, tmp_path):
                 assert st[f"{A}.act_qrange"].tolist() == list(q.qrange)
                 assert st[f"{A}.act_zero_point"].dtype == torch.int32
         assert not any(".wq." in k or ".soft." in k or ".layer." in k or ".block." in k for k in st)
-    # genie-m keeps BatchNorm: its tensors travel under their original names
+    # genie-m keeps BatchNorm: the file rebuilds the float model with quantized weights by
+    # its original state-dict names
     st = load_file(str(tmp_path / "w4a4.safetensors"))
     assert {"bn1.weight", "bn1.running_mean", "layer1.0.bn2.running_var", "layer2.0.downsample.1.weight"} <= set(st)
     assert "layer1.0.aq.act_scale" in st and "layer1.0.conv2.aq.act_scale" in st and "conv1.weight_int" in st
+    from dfquant.models import zoo
+    from dfquant.quant.modules import set_quant_state
+
+    state = {k: v for k, v in st.items() if not k.rpartition(".")[2].startswith(("weight_", "act_"))}
+    with safe_open(str(tmp_path / "w4a4.safetensors"), "pt") as fh:
+        layer_names = json.loads(fh.metadata()["layers"])
+    for P in layer_names:
+        q, s, z = st[f"{P}.weight_int"].float(), st[f"{P}.weight_scale"], st[f"{P}.weight_zero_point"].float()
+        shape = (-1,) + (1,) * (q.dim() - 1)
+        state[f"{P}.weight"] = (q - z.view(shape)) * s.view(shape)
+    rebuilt = zoo.resnet20()
+    rebuilt.load_state_dict(state, strict=True)
+    ref = copy.deepcopy(qmodels["w4a4"])
+    set_quant_state(ref, weights=True, acts=False)
+    x = torch.randn(4, *INPUT)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(x), ref(x), atol=1e-5)
 
 
 class Bessel(nn.Module):
@@ -211,6 +229,13 @@ class FancyQuantizer(nn.Module):
         return x
 
 
+class NoisyQuantizer(UniformQuantizer):
+    frozen = False
+
+    def forward(self, x):
+        return super().forward(x) if self.frozen else x + 0.01 * torch.randn_like(x)
+
+
 def test_unsupported_op_and_module_are_named(qmodels, tmp_path):
     model = nn.Sequential(qmodels["w8a8"], nn.Sequential(nn.ReLU(), Bessel()))
     with pytest.raises(DfqError, match=r"aten::special_bessel_j0.*1\.1 \(Bessel\)"):
@@ -220,6 +245,13 @@ def test_unsupported_op_and_module_are_named(qmodels, tmp_path):
         E.export_onnx(nn.Sequential(nn.Conv2d(3, 3, 1), FancyQuantizer()), INPUT, tmp_path / "y.onnx")
     with pytest.raises(DfqError, match="FancyQuantizer"):
         E.export_int_state(nn.Sequential(FancyQuantizer()), tmp_path / "y.safetensors")
+    # a UniformQuantizer subclass with its own forward is exported only once frozen onto its grid
+    q = NoisyQuantizer(8, symmetric=True)
+    q.init_range(torch.randn(100))
+    with pytest.raises(DfqError, match="NoisyQuantizer"):
+        E.export_onnx(nn.Sequential(q), (8,), tmp_path / "z.onnx")
+    q.frozen = True
+    E.export_onnx(nn.Sequential(q), (8,), tmp_path / "z.onnx")
 
 
 def test_soft_rounding_must_be_hardened(fp_model):
@@ -275,3 +307,13 @@ def test_vit_export_runs_in_default_onnxruntime(data, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear", "Log", "Pow", "Where"} <= set(ops)
     report = E.verify_onnx(qmodel, path, data[1][:64], data[2][:64])
     assert report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE and report["argmax_agreement"] >= 99.0, report
+
+
+def test_verification_error_names_the_fix():
+    report = {"export": {"fused_bias": False}, "report_path": "x/export_report.json",
+              "verify": {"n": 256, "passed": False, "top1_onnx": 93.75, "top1_torch": 94.14, "mean_rel_diff": 2e-4,
+                         "disagreements": [{"torch_top2_margin": 0.006}]}}
+    err = E.verification_error(report)
+    assert isinstance(err, DfqError) and "--n 1000" in str(err) and "0.006" in str(err) and "\n" not in str(err)
+    report["verify"]["passed"] = True
+    assert E.verification_error(report) is None

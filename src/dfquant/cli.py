@@ -38,18 +38,34 @@ def train_classifier_cmd(
     lr: Optional[float] = typer.Option(None, help="peak LR (default 0.1 SGD for CNNs, 1e-3 AdamW for ViT)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(None, help="output folder (default: the package's assets/zoo)"),
+    symreg: float = typer.Option(0.0, help="SymReg coefficient: add SYMREG x weight-asymmetry penalty (robust variant, needs --out)"),
+    satnl: bool = typer.Option(False, "--satnl", help="replace ReLUs by a saturating nonlinearity (robust variant, needs --out)"),
+    satnl_bound: float = typer.Option(4.0, help="SatNL saturation level c (outputs in [0, c])"),
+    satnl_mode: str = typer.Option("tanh", help="SatNL shape: tanh (c*tanh(relu(x)/c)) or hard (clamp(x, 0, c))"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
-    """Train a Fashion-MNIST zoo classifier on split A and write its weights and model card."""
+    """Train a Fashion-MNIST zoo classifier on split A and write its weights and model card.
+
+    With --symreg/--satnl it trains a quantization-robust variant into --out DIR; use it as
+    fmnist/<arch>@DIR in the other commands (e.g. `dfq quantize fmnist/resnet20@DIR ...`).
+    """
     from dfquant.models import zoo
     from dfquant.models.registry import zoo_dir
     from dfquant.models.train import train_classifier
+    from dfquant.quant.robust import SATNL_MODES
 
     _threads(threads)
     source, _, arch = model.partition("/")
     if source != "fmnist" or arch not in zoo.ARCHS:
         raise DfqError(f"train-classifier trains the zoo only; choose one of: " + ", ".join(f"fmnist/{a}" for a in zoo.ARCHS))
-    card = train_classifier(arch, out or zoo_dir(), epochs, batch_size, lr, seed)
+    if symreg < 0:
+        raise DfqError(f"--symreg {symreg:g} must be >= 0 (e.g. 1e-3)")
+    if satnl and (satnl_mode not in SATNL_MODES or not satnl_bound > 0):
+        raise DfqError(f"--satnl-mode must be one of {', '.join(SATNL_MODES)} and --satnl-bound positive")
+    if (symreg > 0 or satnl) and out is None:
+        raise DfqError("a robust variant (--symreg/--satnl) must not overwrite the committed zoo; pass --out DIR")
+    card = train_classifier(arch, out or zoo_dir(), epochs, batch_size, lr, seed, symreg=symreg, satnl=satnl,
+                            satnl_bound=satnl_bound, satnl_mode=satnl_mode)
     typer.echo(f"{model}: test top-1 {card['test_top1']:.2f}%")
 
 
@@ -116,7 +132,7 @@ def _class_names(classes: str) -> list[str]:
 def prompts_cmd(
     classes: str = typer.Option("fmnist", help="fmnist, imagenet, or FILE.txt with one class name per line"),
     n: int = typer.Option(1024, help="number of prompts (one image each)"),
-    strategy: str = typer.Option("mixup", help="single, template or mixup"),
+    strategy: str = typer.Option("mixup", help="single, template, mixup or learned (then `dfq learn-prompts`)"),
     k: int = typer.Option(2, help="labels per mixup prompt"),
     pairing: str = typer.Option("random", help="mixup pairing: random, similar or dissimilar"),
     seed: int = typer.Option(0),
@@ -153,6 +169,7 @@ def generate_cmd(
     scheduler: Optional[str] = typer.Option(None, help="ddim, dpm, euler, euler-a, pndm or lcm (default: the pipeline's own)"),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
     device: Optional[str] = typer.Option(None, help="torch device (default: accelerate's choice for this process)"),
+    prompt_embeds: Optional[Path] = typer.Option(None, help="learned embeddings from `dfq learn-prompts` (learned manifests)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Render one PNG per manifest row (resumable; re-run the same command after a crash).
@@ -184,9 +201,14 @@ def generate_cmd(
         typer.echo(f"warning: {generator} is meant for {lo}-{hi} steps, got {steps}", err=True)
     pipe = load_pipeline(generator, dtype, device or str(state.device), scheduler)
     size = preset["size"] or native_size(pipe)
+    embeds = None
+    if prompt_embeds is not None:
+        from dfquant.generate.learned import load_embeddings, rows_embeddings
+
+        embeds = rows_embeddings(rows, load_embeddings(prompt_embeds))
     path = generate(rows, pipe, out, steps=steps, guidance=preset["guidance"] if guidance is None else guidance,
                     height=height or size, width=width or size, batch_size=batch_size,
-                    generator_id=ALIASES.get(generator, generator), state=state)
+                    generator_id=ALIASES.get(generator, generator), state=state, prompt_embeds=embeds)
     if state.is_main_process:
         typer.echo(f"{len(rows)} images in {out} ({path.name} written)")
 
@@ -320,10 +342,10 @@ def export_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Export a quantized checkpoint for deployment (the fake-quantized model only simulates integers)."""
-    from dfquant.quant.export import run_export
+    from dfquant.quant.export import run_export, verification_error
 
     _threads(threads)
-    rep = run_export(ckpt, format, out, verify, n, opset, val, fuse_bias)
+    rep = run_export(ckpt, format, out, verify, n, opset, val, fuse_bias, raise_on_failure=False)
     exp = rep["export"]
     if format == "onnx":
         kinds: dict[str, int] = {}
@@ -343,6 +365,9 @@ def export_cmd(
         typer.echo(f"wrote {exp['path']} ({exp['layers']} layers, {exp['activation_quantizers']} activation quantizers, "
                    f"{exp['tensors']} tensors, {exp['bytes'] / 1024:.0f} KiB)")
     typer.echo(f"report -> {rep['report_path']}")
+    err = verification_error(rep)
+    if err is not None:
+        raise err
 
 
 @app.command("analyze")
@@ -404,6 +429,67 @@ def _classes_of(source: str, n: int, seed: int) -> Optional[list[list[int]]]:
 
         return [r.classes for r in read_manifest(manifest)][:n]
     return None
+
+
+@app.command("qat")
+def qat_cmd(
+    model: str = typer.Argument(..., help="CNN model name, e.g. fmnist/resnet20"),
+    calib: str = typer.Option(..., help="training images: a folder of synthetic images, a distill .safetensors, or real:A"),
+    wbits: float = typer.Option(2, help="weight bits (2..8; the initial bits with --learn-bits)"),
+    abits: float = typer.Option(4, help="activation bits (2..8)"),
+    iters: int = typer.Option(2000, help="QAT steps"),
+    lr: float = typer.Option(1e-4, help="Adam LR of the weights (clip ranges 10x, bit logits 1e-2)"),
+    learn_bits: bool = typer.Option(False, "--learn-bits", help="learn per-layer weight bit-widths (mixed precision)"),
+    avg_bits: Optional[float] = typer.Option(None, help="with --learn-bits: budget on the mean weight bits (default --wbits)"),
+    n: int = typer.Option(1024, help="calibration images"),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    bn_reestimate: bool = typer.Option(True, "--bn-reestimate/--no-bn-reestimate", help="re-estimate BN statistics after hardening"),
+    act_reinit: bool = typer.Option(True, "--act-reinit/--no-act-reinit", help="re-initialize activation ranges after hardening"),
+    out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/qat/<model>-w<W>a<A>-nipq)"),
+    val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
+    eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Data-free QAT with NIPQ: distill from the FP model on the calibration set (no labels), then harden.
+
+    Re-running the same command resumes from OUT/qat_resume.pt.
+    """
+    from dfquant.quant.nipq import check_qat_args, run_qat
+
+    _threads(threads)
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size)
+    out = out or Path("runs/qat") / f"{model.replace('/', '_').replace('@', '_')}-w{wbits:g}a{abits:g}-nipq"
+    res = run_qat(model, calib, wbits, abits, out, iters, lr, learn_bits, avg_bits, n, batch_size, seed, val, eval_limit,
+                  bn_reestimate, act_reinit)
+    bits = f", mean weight bits {res['avg_weight_bits_learned']:.2f}" if learn_bits else ""
+    typer.echo(f"{model} W{wbits:g}A{abits:g} NIPQ QAT: FP top-1 {res['fp_top1']:.2f}%  before QAT {res['init_top1']:.2f}%  "
+               f"after QAT {res['q_top1']:.2f}%{bits} ({res['seconds']:.0f}s) -> {out}")
+
+
+@app.command("learn-prompts")
+def learn_prompts_cmd(
+    model: str = typer.Argument(..., help="the classifier to be quantized, e.g. fmnist/resnet20"),
+    out: Path = typer.Option(..., help="output .safetensors with [classes, modes, seq, dim] prompt embeddings"),
+    generator: str = typer.Option("mini", help="mini, a diffusers folder or a cached hub id (e.g. sd-turbo)"),
+    modes: int = typer.Option(4, help="learned prompt modes per class"),
+    iters: int = typer.Option(100), steps: int = typer.Option(4, help="few-step sampling inside the loop"),
+    guidance: float = typer.Option(3.5), lr: float = typer.Option(1e-2), seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Learn multi-mode prompt embeddings per class (class, embedding- and feature-diversity terms)."""
+    from dfquant.generate.learned import learn_prompts, save_embeddings
+    from dfquant.generate.pipeline import load_pipeline
+    from dfquant.models.registry import get_model
+
+    _threads(threads)
+    if out.suffix != ".safetensors":
+        raise DfqError(f"--out {out} must end in .safetensors")
+    spec = get_model(model)
+    pipe = load_pipeline(generator)
+    embeds = learn_prompts(pipe, spec, modes, iters, steps, guidance, lr, seed=seed)
+    save_embeddings(out, embeds, spec.class_names, {"model": model, "generator": generator, "iters": iters, "seed": seed})
+    typer.echo(f"wrote {tuple(embeds.shape)} prompt embeddings to {out}")
 
 
 def main() -> None:

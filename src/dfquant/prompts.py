@@ -3,6 +3,8 @@
 Strategies (each row records every class it names, so labels stay known):
   * ``single``   — "a photo of a {cls}";
   * ``template`` — GenQ-style "a {adj} photo of a {adj2} {cls}" with :data:`ADJECTIVES`;
+  * ``learned``  — one class per image, generated from learned multi-mode prompt embeddings
+                   (:mod:`dfquant.generate.learned`); the row keeps "a photo of a {cls}" as its text;
   * ``mixup``    — mixup-class prompting (arXiv 2507.21947): k labels joined by "and",
                    "a photo of a {c1} and a {c2}"; pairing ``random`` (the paper's default and
                    best), ``similar`` or ``dissimilar`` by the generator's text-embedding cosine.
@@ -29,7 +31,7 @@ ADJECTIVES: tuple[str, ...] = (
     "bright", "dark", "clean", "blurry", "close-up", "cropped", "large", "small",
     "detailed", "simple", "centered", "high-contrast", "low-contrast", "plain", "good", "real",
 )
-STRATEGIES = ("single", "template", "mixup")
+STRATEGIES = ("single", "template", "mixup", "learned")
 PAIRINGS = ("random", "similar", "dissimilar")
 
 
@@ -99,7 +101,7 @@ def make_manifest(class_names: Sequence[str], n: int, strategy: str = "mixup", k
                   seed: int = 0, similarity: np.ndarray | None = None) -> list[PromptRow]:
     """Build ``n`` prompt rows for ``strategy`` (see module docstring)."""
     if strategy not in STRATEGIES:
-        raise DfqError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)} (or `learned` via dfq learn-prompts)")
+        raise DfqError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if pairing not in PAIRINGS:
         raise DfqError(f"unknown pairing {pairing!r}; use one of {', '.join(PAIRINGS)}")
     if n < 1:
@@ -120,7 +122,7 @@ def make_manifest(class_names: Sequence[str], n: int, strategy: str = "mixup", k
     rows = []
     for i, g in enumerate(groups):
         cls = [names[c] for c in g]
-        if strategy == "single":
+        if strategy in ("single", "learned"):  # learned: the text its embedding starts from
             prompt = f"a photo of a {cls[0]}"
         elif strategy == "template":
             a1, a2 = rng.choice(len(ADJECTIVES), size=2, replace=False)

@@ -29,7 +29,9 @@ class RunConfig:
 
     model: str = "fmnist/resnet20"
     source: str = "generated"
-    strategy: str = "mixup"          # single | template | mixup
+    strategy: str = "mixup"          # single | template | mixup | learned
+    modes: int = 4                   # learned: prompt modes per class
+    learn_iters: int = 100           # learned: optimization steps
     k: int = 2
     pairing: str = "random"
     n: int = 1024
@@ -213,7 +215,20 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
     steps = cfg.steps or preset["steps"]
     guidance = cfg.guidance if cfg.guidance is not None else preset["guidance"]
     images = r.dir / "images"
-    gkey = _key("generate", pkey, cfg.generator, steps, guidance, cfg.scheduler, cfg.dtype)
+    embeds, ekey = None, None
+    if cfg.strategy == "learned":
+        from dfquant.generate.learned import learn_prompts, load_embeddings, save_embeddings
+
+        epath = r.dir / "prompt_embeds.safetensors"
+        ekey = _key("learn", cfg.model, cfg.generator, cfg.modes, cfg.learn_iters, guidance, cfg.seed)
+        if not r.cached("learn_prompts", ekey, epath):
+            pipe = pipe or load_pipeline(cfg.generator, cfg.dtype, cfg.device, cfg.scheduler)
+            r.log(f"learn-prompts: {cfg.modes} modes per class, {cfg.learn_iters} steps")
+            save_embeddings(epath, learn_prompts(pipe, spec, cfg.modes, cfg.learn_iters, guidance=guidance,
+                                                 seed=cfg.seed, progress=progress), spec.class_names, {"model": cfg.model})
+            r.done("learn_prompts", ekey)
+        embeds = load_embeddings(epath)
+    gkey = _key("generate", pkey, ekey, cfg.generator, steps, guidance, cfg.scheduler, cfg.dtype)
     if not r.cached("generate", gkey, images / "manifest.jsonl"):
         from dfquant.generate.pipeline import native_size
         from dfquant.prompts import read_manifest
@@ -222,8 +237,14 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
         size = preset["size"] if cfg.generator in ("mini", "sd15", "sd-turbo") else native_size(pipe)
         r.log(f"generate: {cfg.n} images with {cfg.generator}, {steps} steps, guidance {guidance}, {size}px")
         t0 = time.time()
-        generate(read_manifest(manifest), pipe, images, steps=steps, guidance=guidance, height=size, width=size,
-                 batch_size=cfg.gen_batch_size, generator_id=cfg.generator, progress=progress)
+        rows = read_manifest(manifest)
+        row_embeds = None
+        if embeds is not None:
+            from dfquant.generate.learned import rows_embeddings
+
+            row_embeds = rows_embeddings(rows, embeds)
+        generate(rows, pipe, images, steps=steps, guidance=guidance, height=size, width=size,
+                 batch_size=cfg.gen_batch_size, generator_id=cfg.generator, prompt_embeds=row_embeds, progress=progress)
         r.done("generate", gkey)
         r.log(f"generate: done in {time.time() - t0:.0f}s")
     return gkey, str(images)

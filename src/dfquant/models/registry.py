@@ -2,6 +2,8 @@
 
 Names:
   * ``fmnist/<arch>``       — the project's Fashion-MNIST zoo (weights committed under ``assets/zoo``);
+  * ``fmnist/<arch>@<dir>`` — the same architecture with the weights ``dfq train-classifier --out <dir>``
+    wrote there (e.g. a SymReg/SatNL-trained variant; a SatNL recorded in its card is rebuilt);
   * ``torchvision/<name>``  — torchvision classification models with their DEFAULT weights;
   * ``timm/<name>``         — timm models (pretrained tags allowed, e.g. ``deit_small_patch16_224.fb_in1k``).
 Hub weights load through the libraries' own caches; nothing is downloaded when offline,
@@ -71,24 +73,34 @@ def zoo_dir() -> Path:
     return Path(str(resources.files("dfquant") / "assets" / "zoo"))
 
 
-def zoo_card(arch: str) -> dict[str, Any]:
-    path = zoo_dir() / f"fmnist_{arch}.json"
+def zoo_card(arch: str, folder: Path | None = None) -> dict[str, Any]:
+    path = (folder or zoo_dir()) / f"fmnist_{arch}.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _fmnist(arch: str, pretrained: bool) -> ModelSpec:
+    name = f"fmnist/{arch}"
+    arch, _, folder = arch.partition("@")
     if arch not in zoo.ARCHS:
         raise DfqError(f"unknown zoo model fmnist/{arch}; choose one of: " + ", ".join(f"fmnist/{a}" for a in zoo.ARCHS))
+    wdir = Path(folder) if folder else None
+    if wdir is not None and not (wdir / f"fmnist_{arch}.safetensors").exists():
+        raise DfqError(f"no fmnist_{arch}.safetensors in {wdir}; train it with `dfq train-classifier fmnist/{arch} --out {wdir}`")
+    card = zoo_card(arch, wdir)
     model = zoo.ARCHS[arch](num_classes=len(fmnist.CLASS_NAMES))
+    if card.get("satnl"):  # a robust variant trained with --satnl: same parameters, saturating activations
+        from dfquant.quant.robust import apply_satnl
+
+        apply_satnl(model, **card["satnl"])
     if pretrained:
         from safetensors.torch import load_file
 
-        path = zoo_dir() / f"fmnist_{arch}.safetensors"
+        path = (wdir or zoo_dir()) / f"fmnist_{arch}.safetensors"
         if not path.exists():
             raise DfqError(f"no weights for fmnist/{arch} at {path}; train them with `dfq train-classifier fmnist/{arch}`")
         model.load_state_dict(load_file(str(path)))
-    return ModelSpec(f"fmnist/{arch}", model.eval(), (3, fmnist.SIZE, fmnist.SIZE), FMNIST_MEAN, FMNIST_STD,
-                     list(fmnist.CLASS_NAMES), interpolation="bilinear", crop_pct=1.0, card=zoo_card(arch))
+    return ModelSpec(name, model.eval(), (3, fmnist.SIZE, fmnist.SIZE), FMNIST_MEAN, FMNIST_STD,
+                     list(fmnist.CLASS_NAMES), interpolation="bilinear", crop_pct=1.0, card=card)
 
 
 def _offline_hint(name: str, exc: Exception) -> DfqError:
@@ -144,7 +156,7 @@ _SOURCES: dict[str, Callable[[str, bool], ModelSpec]] = {"fmnist": _fmnist, "tor
 
 
 def list_models() -> list[str]:
-    return [f"fmnist/{a}" for a in zoo.ARCHS] + ["torchvision/<name>", "timm/<name>[.<tag>]"]
+    return [f"fmnist/{a}" for a in zoo.ARCHS] + ["fmnist/<arch>@<dir>", "torchvision/<name>", "timm/<name>[.<tag>]"]
 
 
 def get_model(name: str, pretrained: bool = True) -> ModelSpec:

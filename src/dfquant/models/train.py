@@ -34,11 +34,28 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(arch: str, out_dir: Path, epochs: int, batch_size: int = 128, lr: float | None = None,
-                     seed: int = 0) -> dict:
-    """Train ``fmnist/<arch>`` on split A; write ``fmnist_<arch>.safetensors`` and its model card JSON."""
+                     seed: int = 0, symreg: float = 0.0, satnl: bool = False, satnl_bound: float = 4.0,
+                     satnl_mode: str = "tanh") -> dict:
+    """Train ``fmnist/<arch>`` on split A; write ``fmnist_<arch>.safetensors`` and its model card JSON.
+
+    Robust variants (:mod:`dfquant.quant.robust`): ``symreg > 0`` adds ``symreg * symreg_loss(model)``
+    to the cross-entropy; ``satnl`` replaces every ReLU by a saturating nonlinearity (recorded in the
+    card, so :func:`dfquant.models.registry.get_model` rebuilds it). The defaults train the plain model
+    exactly as before (same computation, same card keys).
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = zoo.ARCHS[arch](num_classes=10)
+    robust: dict = {}
+    if satnl:
+        from dfquant.quant.robust import apply_satnl
+
+        apply_satnl(model, satnl_bound, satnl_mode)
+        robust["satnl"] = {"bound": satnl_bound, "mode": satnl_mode}
+    if symreg > 0:
+        from dfquant.quant.robust import symreg_loss
+
+        robust["symreg"] = symreg
     is_vit = arch == "vit"
     lr = lr if lr is not None else (1e-3 if is_vit else 0.1)
     params = model.parameters()
@@ -68,6 +85,8 @@ def train_classifier(arch: str, out_dir: Path, epochs: int, batch_size: int = 12
         for step in bar:
             idx = perm[step * batch_size : (step + 1) * batch_size]
             loss = F.cross_entropy(model(_augment(x_train[idx], gen)), y_train[idx])
+            if symreg > 0:
+                loss = loss + symreg * symreg_loss(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -86,6 +105,7 @@ def train_classifier(arch: str, out_dir: Path, epochs: int, batch_size: int = 12
         "train_seconds_this_run": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
         "command": "dfq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("dfq") else " ".join(sys.argv),
         "versions": versions(),
+        **robust,
     }
     save_tensors(out_dir / f"fmnist_{arch}.safetensors", model.state_dict())
     write_json(out_dir / f"fmnist_{arch}.json", card)

@@ -62,6 +62,7 @@ def load_quantized(ckpt_dir: Path) -> tuple[ModelSpec, nn.Module]:
             m.enabled, m.initialized = st["enabled"], st["initialized"]
             if isinstance(m, UniformQuantizer):
                 m.signed = st["signed"]
+                m.bits = st.get("bits", m.bits)  # per-layer bit-widths (mixed precision from `dfq qat --learn-bits`)
     state = load_file(str(ckpt_dir / "model.safetensors"))
     for name, m in qmodel.named_modules():  # per-channel buffers/params must take the saved shapes
         for pname in ("scale", "zero_point"):

@@ -317,6 +317,12 @@ def _check_supported(qmodel: nn.Module) -> None:
     for name, m in qmodel.named_modules():
         if isinstance(m, QuantLayer) and not isinstance(m.layer, (nn.Conv2d, nn.Linear)):
             raise DfqError(f"cannot export {name}: QuantLayer wraps {type(m.layer).__name__}, not Conv2d/Linear")
+        if (isinstance(m, UniformQuantizer) and type(m).forward is not UniformQuantizer.forward
+                and not getattr(m, "frozen", False)):
+            # the export reads scale/zero_point/qrange; a subclass with its own forward must have
+            # fallen back to that grid (``frozen``) for the export to compute what it computes
+            raise DfqError(f"cannot export quantizer {name} ({type(m).__name__}): it overrides forward and is not "
+                           "frozen onto its integer grid; freeze it (e.g. nipq.finalize) before exporting")
         if isinstance(m, _KNOWN) or type(m).__name__ == "QuantAttention":
             continue
         tname = type(m).__name__
@@ -346,8 +352,8 @@ def export_module(qmodel: nn.Module, fuse_bias: bool = False) -> nn.Module:
         if type(m).__name__ == "QuantAttention" and isinstance(m.k_q, UniformQuantizer) and m.k_q.enabled:
             # QuantAttention transposes k after quantizing it. Quantizing the transposed tensor
             # instead (per-tensor, so the same values) lets the exporter cancel the transpose
-            # pair and puts DequantizeLinear right before the MatMul: onnxruntime >= 1.2x fails
-            # to load a graph at opset >= 21 where a signed DequantizeLinear feeds a Transpose
+            # pair and puts DequantizeLinear right before the MatMul: onnxruntime (1.32) fails
+            # to load a graph at opset >= 21 where an int8 DequantizeLinear feeds a Transpose
             # (its QDQ propagation and int8->uint8 conversion disagree on output_dtype).
             m.k_q = _ActQDQ(m.k_q, f"{name}.k_q", transposed=True)
     for name, m in list(emodel.named_modules()):
@@ -576,7 +582,9 @@ def verify_onnx(qmodel: nn.Module, onnx_path: str | Path, images: torch.Tensor, 
     Returns ``n``, ``max_abs_diff``, ``mean_abs_diff``, ``max_abs_logit`` (scale of the
     logits), ``mean_rel_diff`` (mean |diff| / max |logit|), ``top1_torch`` / ``top1_onnx``
     (percent), ``top1_diff_points``, ``argmax_agreement`` (percent of images with the same
-    predicted class) and ``passed`` (:func:`verification_passed`).
+    predicted class), ``disagreements`` (up to 20 images whose class differs, with the
+    fake-quantized model's top-2 logit margin: near ties flip under float noise) and
+    ``passed`` (:func:`verification_passed`).
     """
     _require_onnx()
     sess = _ort_session(onnx_path)
@@ -597,6 +605,11 @@ def verify_onnx(qmodel: nn.Module, onnx_path: str | Path, images: torch.Tensor, 
               "max_abs_logit": max_logit, "mean_rel_diff": diff.mean().item() / max(max_logit, 1e-12),
               "top1_torch": top1_t, "top1_onnx": top1_o, "top1_diff_points": abs(top1_t - top1_o),
               "argmax_agreement": 100.0 * (t.argmax(1) == o.argmax(1)).float().mean().item()}
+    top2 = t.topk(2, dim=1).values if t.shape[1] > 1 else torch.cat([t, t], 1)
+    report["disagreements"] = [
+        {"index": i, "label": int(labels[i]), "class_torch": int(t[i].argmax()), "class_onnx": int(o[i].argmax()),
+         "torch_top2_margin": float(top2[i, 0] - top2[i, 1]), "max_abs_diff": float(diff[i].max())}
+        for i in (t.argmax(1) != o.argmax(1)).nonzero().flatten().tolist()[:20]]
     report["passed"] = verification_passed(report)
     return report
 
@@ -718,13 +731,32 @@ def _verify_images(spec, n: int, val: str | Path | None) -> tuple[torch.Tensor, 
     return torch.stack(list(xs)), torch.tensor(list(ys))
 
 
+def verification_error(report: dict[str, Any]) -> DfqError | None:
+    """The error ``dfq export`` exits with when the verification in ``report`` failed, else None."""
+    v = report.get("verify")
+    if v is None or v["passed"]:
+        return None
+    flips = v["disagreements"]
+    near_tie = (f"{len(flips)} image(s) changed class, with top-2 logit margins up to "
+                f"{max(d['torch_top2_margin'] for d in flips):.3g} in the fake-quantized model. ") if flips else ""
+    bias = ("--fuse-bias lets onnxruntime round biases to int32, which the simulation does not model; export without it. "
+            if report["export"].get("fused_bias") else "")
+    return DfqError(
+        f"onnxruntime disagrees with the fake-quantized model on {v['n']} images: top-1 {v['top1_onnx']:.2f}% vs "
+        f"{v['top1_torch']:.2f}% (tolerance {TOP1_TOLERANCE_POINTS} points), mean |logit diff| "
+        f"{100 * v['mean_rel_diff']:.3f}% of the largest logit (tolerance {100 * LOGIT_MEAN_TOLERANCE:g}%). {near_tie}{bias}"
+        f"One image is {100 / v['n']:.2f} points at --n {v['n']}: if near ties flipped, verify on more images "
+        f"(--n 1000); otherwise report the model with {report['report_path']}")
+
+
 def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True,
                n: int = 256, opset: int = DEFAULT_OPSET, val: str | Path | None = None,
-               fuse_bias: bool = False) -> dict[str, Any]:
+               fuse_bias: bool = False, raise_on_failure: bool = True) -> dict[str, Any]:
     """``dfq export``: load a quantized checkpoint, write ``fmt`` to ``out`` (default inside the
     checkpoint folder), verify an ONNX export with onnxruntime on ``n`` test images, and
     write ``export_report.json`` next to the output. Raises :class:`DfqError` (after writing
-    the report) when the verification fails."""
+    the report) when the verification fails, unless ``raise_on_failure`` is false (then see
+    :func:`verification_error`)."""
     from dfquant.io import read_json, versions, write_json
     from dfquant.quant.checkpoint import load_quantized
 
@@ -756,15 +788,8 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
     report_path = out.parent / "export_report.json"
     write_json(report_path, report)
     report["report_path"] = str(report_path)
-    v = report.get("verify")
-    if v is not None and not v["passed"]:
-        raise DfqError(
-            f"onnxruntime disagrees with the fake-quantized model on {v['n']} images: top-1 {v['top1_onnx']:.2f}% vs "
-            f"{v['top1_torch']:.2f}% (tolerance {TOP1_TOLERANCE_POINTS} points), mean |logit diff| "
-            f"{100 * v['mean_rel_diff']:.3f}% of the largest logit (tolerance {100 * LOGIT_MEAN_TOLERANCE:g}%); "
-            f"see {report_path}. "
-            + ("--fuse-bias lets onnxruntime round biases to int32, which the simulation does not model; export "
-               "without it. " if fuse_bias else "")
-            + f"One image is {100 / v['n']:.2f} points: if a single near-tie image flipped, verify on more images "
-            "(--n 1000); otherwise report the model and the file")
+    if raise_on_failure:
+        err = verification_error(report)
+        if err is not None:
+            raise err
     return report

@@ -1,0 +1,579 @@
+"""NIPQ: quantization-aware training with pseudo-quantization noise (Shin et al., CVPR 2023), data-free.
+
+When PTQ is not enough (e.g. W2A4), the quantized network is fine-tuned on the calibration set
+by distillation from the full-precision model (KL on logits, no labels).
+
+Pseudo-quantization (training mode) — for a grid with clip range ``[lo, hi]`` and bit-width ``b``:
+
+* step ``Δ = (hi - lo) / (2^b - 1)`` — derived from the clip range and the (continuous) bits;
+* zero point ``z = round(-lo / Δ)`` (straight-through), grid ends ``lower = -zΔ``, ``upper = (2^b - 1 - z)Δ``
+  (exactly the ends of the hard grid at integer ``b``);
+* ``y = clamp(x, lower, upper) + Δ·u·[lower < x < upper]``, ``u ~ U(-1/2, 1/2)`` drawn anew every call:
+  values inside the range get noise with the statistics of the rounding error of the hard grid
+  (mean 0, variance Δ²/12), clipped values sit on the grid ends, exactly as after hard rounding.
+
+There is no rounding in the forward pass, so the gradient reaches the clip range (through the
+clamp and through Δ) and the bit-width (through Δ: more bits, less noise) without a
+straight-through estimator. Eval mode (and :meth:`NIPQQuantizer.freeze`) is the hard quantizer
+of the base class on the same grid with ``round(b)`` bits.
+
+Learned parameters per quantizer: ``log_hi``/``log_lo`` (log of the clip ends, per output channel for
+weights; ``lo`` is fixed at 0 for non-negative activations) and, with ``learn_bits``,
+``bit_logit`` with ``b = b_min + (b_max - b_min)·sigmoid(bit_logit)`` in ``[2, 8]``.
+Bit budget (mixed precision): ``penalty = strength · max(0, avg_b - budget)`` where
+``avg_b = Σ_l n_l b_l / Σ_l n_l`` over the layers with learned bits (``n_l`` = weight count; the first
+and last layer stay at 8 bit and do not count). After training, :func:`finalize` rounds the bits
+(to nearest, then lowers the most rounded-up layers until the budget holds), freezes every grid,
+re-estimates BatchNorm statistics on the calibration set and re-initializes the activation ranges.
+The result is a plain :class:`~dfquant.quant.quantizers.UniformQuantizer` model that
+:func:`~dfquant.quant.checkpoint.save_quantized`, ``dfq eval`` and ``dfq export`` handle.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dfquant.errors import DfqError
+from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, act_quantizers
+from dfquant.quant.quantizers import UniformQuantizer, check_bits, round_ste
+
+BIT_RANGE = (2.0, 8.0)
+_EPS = 1e-8
+
+
+def _round_half_up(b: float) -> int:
+    return int(math.floor(b + 0.5))
+
+
+class NIPQQuantizer(UniformQuantizer):
+    """Pseudo-quantizer: noise in training, the base class's hard grid in eval / after :meth:`freeze`.
+
+    Args:
+        bits: initial bit-width; integer unless ``learn_bits`` (then anything in ``bit_range``).
+        channel_axis: ``None`` per-tensor, else per-channel (weights: 0).
+        learn_bits: make the bit-width a parameter (sigmoid-bounded to ``bit_range``).
+        bit_range: bounds of the learned bit-width.
+
+    The grid is always affine (``symmetric=False``, levels ``0..2^b-1`` with a zero point); for
+    non-negative data the zero point is 0 and the grid equals the unsigned symmetric one.
+    """
+
+    def __init__(self, bits: float, channel_axis: int | None = None, learn_bits: bool = False,
+                 bit_range: tuple[float, float] = BIT_RANGE):
+        b_min, b_max = float(bit_range[0]), float(bit_range[1])
+        if not BIT_RANGE[0] <= b_min < b_max <= BIT_RANGE[1]:
+            raise ValueError(f"bit_range must lie within {BIT_RANGE}, got {bit_range}")
+        if learn_bits:
+            if not b_min <= bits <= b_max:
+                raise ValueError(f"initial bits {bits} outside the learnable range {bit_range}")
+        else:
+            check_bits(bits)
+            if bits == 1.58:
+                raise ValueError("NIPQ supports 2..8 bits, not ternary")
+        super().__init__(_round_half_up(bits), channel_axis=channel_axis, symmetric=False)
+        self.scale.requires_grad_(False)  # the hard step is derived from the clip range; see freeze()
+        self.learn_bits = learn_bits
+        self.bit_range = (b_min, b_max)
+        self.noise = True       # pseudo-quantization noise while training
+        self.frozen = False     # True after freeze(): plain hard quantizer with stored scale/zero point
+        self.two_sided = True   # False: lower clip fixed at 0 (non-negative activations)
+        self.log_hi = nn.Parameter(torch.zeros(1))
+        self.log_lo = nn.Parameter(torch.zeros(1))
+        if learn_bits:
+            p = min(max((bits - b_min) / (b_max - b_min), 0.02), 0.98)  # keep the sigmoid out of saturation
+            self.bit_logit = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
+        else:
+            self.bit_logit = None
+
+    # ----- bit-width --------------------------------------------------------------------
+    def bit_width(self) -> torch.Tensor:
+        """The current (continuous, differentiable) bit-width."""
+        if self.learn_bits and not self.frozen:
+            b_min, b_max = self.bit_range
+            return b_min + (b_max - b_min) * torch.sigmoid(self.bit_logit)
+        return torch.tensor(float(self.bits))
+
+    def int_bits(self) -> int:
+        if self.learn_bits and not self.frozen:
+            return _round_half_up(float(self.bit_width()))
+        return int(self.bits)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return 0, 2 ** self.int_bits() - 1
+
+    # ----- clip range -------------------------------------------------------------------
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Base init (range search) result -> clip range ``[lo, hi]`` of the current integer grid."""
+        super().set_params(scale, zero_point)
+        qmin, qmax = self.qrange
+        s = self.scale.detach()
+        lo, hi = (qmin - self.zero_point) * s, (qmax - self.zero_point) * s
+        self.two_sided = bool((lo < 0).any())
+        dev = self.scale.device
+        self.log_hi = nn.Parameter(torch.log(hi.clamp_min(_EPS)).to(dev))
+        self.log_lo = nn.Parameter(torch.log((-lo).clamp_min(_EPS)).to(dev), requires_grad=self.two_sided)
+
+    @torch.no_grad()
+    def init_range(self, x: torch.Tensor, method: str = "mse", **kwargs) -> None:
+        self.bits = float(self.int_bits())
+        super().init_range(x, method=method, **kwargs)
+
+    def clip_range(self, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        hi = self.log_hi.exp().view(shape)
+        lo = -self.log_lo.exp().view(shape) if self.two_sided else torch.zeros_like(hi)
+        return lo, hi
+
+    def grid(self, shape: list[int], hard: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(step, zero_point, n)`` with ``n = 2^b - 1`` levels above the lowest; ``hard`` uses round(b)."""
+        b = torch.tensor(float(self.int_bits())) if hard else self.bit_width()
+        n = 2.0 ** b - 1
+        lo, hi = self.clip_range(shape)
+        step = ((hi - lo) / n).clamp_min(_EPS)
+        z = round_ste(-lo / step)
+        return step, z, n
+
+    # ----- forward ----------------------------------------------------------------------
+    def pseudo_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Clip to the grid ends and add uniform noise of one step to the values inside."""
+        step, z, n = self.grid(self._shape(x))
+        lower, upper = -z * step, (n - z) * step
+        inside = ((x > lower) & (x < upper)).to(x.dtype)
+        clipped = torch.maximum(torch.minimum(x, upper), lower)
+        return clipped + step * (torch.rand_like(x) - 0.5) * inside
+
+    def hard_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Round to the grid of ``round(b)`` bits defined by the current clip range (LSQ-style STE)."""
+        step, z, _ = self.grid(self._shape(x), hard=True)
+        return self.quantize(x, step, z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self.initialized:
+            self.init_range(x, method=self.init_method)
+        if self.frozen:
+            return super().forward(x)
+        if self.training and self.noise:
+            return self.pseudo_quantize(x)
+        return self.hard_quantize(x)
+
+    @torch.no_grad()
+    def freeze(self, bits: int | None = None) -> None:
+        """Fix the bit-width (default ``round(b)``) and store the hard grid as the base ``scale``/``zero_point``."""
+        bits = self.int_bits() if bits is None else int(bits)
+        check_bits(bits)
+        self.frozen = True
+        self.bits = float(bits)
+        shape = [1] * (1 if self.channel_axis is None else self.channel_axis + 1)
+        if self.channel_axis is not None:
+            shape[self.channel_axis] = -1
+        step, z, _ = self.grid(shape, hard=True)
+        UniformQuantizer.set_params(self, step.flatten(), z.flatten())
+        for p in (self.log_hi, self.log_lo, self.bit_logit):
+            if p is not None:
+                p.requires_grad_(False)
+
+    def to_uniform(self) -> UniformQuantizer:
+        """A plain base-class quantizer with the same (frozen) grid."""
+        if not self.frozen:
+            self.freeze()
+        q = UniformQuantizer(self.bits, channel_axis=self.channel_axis, symmetric=False,
+                             learn_scale=self.channel_axis is None)
+        q.enabled, q.init_method, q.signed = self.enabled, self.init_method, self.signed
+        q.set_params(self.scale.detach(), self.zero_point)
+        return q.to(self.scale.device)
+
+    def extra_repr(self) -> str:
+        b = f"{float(self.bit_width()):.2f} (learned)" if self.learn_bits and not self.frozen else f"{self.bits:g}"
+        axis = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        return f"bits={b}, {axis}, two_sided={self.two_sided}, {'frozen' if self.frozen else 'pseudo-quant'}"
+
+
+# ----- model preparation -----------------------------------------------------------------
+def nipq_quantizers(qmodel: nn.Module) -> list[NIPQQuantizer]:
+    return [m for m in qmodel.modules() if isinstance(m, NIPQQuantizer)]
+
+
+def weight_quantizers(qmodel: nn.Module) -> dict[str, tuple[NIPQQuantizer, int]]:
+    """``layer name -> (weight quantizer, weight count)`` for every NIPQ-quantized layer."""
+    return {n: (m.wq, m.layer.weight.numel()) for n, m in qmodel.named_modules()
+            if isinstance(m, QuantLayer) and isinstance(m.wq, NIPQQuantizer)}
+
+
+def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool = False, init_bits: float | None = None,
+                 first_last_bits: int = 8, bit_range: tuple[float, float] = BIT_RANGE, preset: str = "genie-m",
+                 calib: torch.Tensor | None = None, init_images: int = 256) -> nn.Module:
+    """Wrap ``model`` (a copy) for NIPQ training, on :func:`~dfquant.quant.transform.quantize_model`'s conventions.
+
+    Every weight and activation quantizer the transform creates becomes a :class:`NIPQQuantizer`
+    initialized by the preset's range search. First/last layer weights (and the last layer's
+    input) stay at ``first_last_bits`` with fixed bits; with ``learn_bits`` the other weight
+    quantizers learn their bit-width, starting at ``init_bits`` (default ``wbits``). Activation bits
+    are fixed. ``calib`` initializes the activation ranges now (else on the first forward pass).
+    """
+    from dfquant.quant.transform import PRESETS, quantize_model
+
+    if any(type(m).__name__ in {"Attention", "WindowAttention"} for m in model.modules()):
+        raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with `dfq quantize --algo repq-vit`")
+    for b, what in ((wbits, "--wbits"), (abits, "--abits")):
+        if not (float(b).is_integer() and 2 <= b <= 8):
+            raise DfqError(f"{what} {b:g} is not supported by NIPQ; use an integer from 2 to 8")
+    start = float(wbits if init_bits is None else init_bits)
+    if learn_bits and not bit_range[0] <= start <= bit_range[1]:
+        raise DfqError(f"initial bit-width {start:g} lies outside the learnable range {bit_range[0]:g}..{bit_range[1]:g}")
+    cfg = QuantConfig(wbits=_round_half_up(start) if learn_bits else wbits, abits=abits,
+                      first_last_bits=first_last_bits, **PRESETS[preset])
+    qmodel = quantize_model(model, cfg)
+    modules = list(qmodel.named_modules())
+    layers = [n for n, m in modules if isinstance(m, QuantLayer)]
+    ends = {layers[0], layers[-1]}
+    for name, m in modules:
+        if isinstance(m, QuantLayer):
+            old = m.wq
+            learn = learn_bits and name not in ends
+            nq = NIPQQuantizer(start if learn else old.bits, channel_axis=0, learn_bits=learn, bit_range=bit_range)
+            nq.bits = old.bits  # the grid the preset's range search was run on
+            nq.set_params(old.scale.detach(), old.zero_point)
+            m.wq = nq
+        if isinstance(m, (QuantLayer, QuantBlock)) and isinstance(m.aq, UniformQuantizer):
+            nq = NIPQQuantizer(m.aq.bits)
+            nq.init_method = cfg.act_init
+            m.aq = nq
+    qmodel.nipq_config = cfg  # the conventions, for saving
+    if calib is not None:
+        init_activation_ranges(qmodel, calib, init_images)
+    return qmodel
+
+
+@torch.no_grad()
+def init_activation_ranges(qmodel: nn.Module, calib: torch.Tensor, n: int = 256, batch_size: int = 256) -> None:
+    """Initialize every uninitialized activation quantizer on its own input (hard grid upstream), in forward order."""
+    if all(q.initialized for q in act_quantizers(qmodel)):
+        return
+    was = qmodel.training
+    qmodel.eval()
+    x = calib[:n]
+    # lazy init happens on the first batch a quantizer sees, so one pass over `n` images is enough
+    qmodel(x if len(x) <= batch_size else x[:batch_size])
+    qmodel.train(was)
+
+
+# ----- budget ------------------------------------------------------------------------------
+def average_weight_bits(qmodel: nn.Module, learned_only: bool = True) -> torch.Tensor:
+    """Weight-count-weighted mean bit-width (differentiable) over the learned-bit layers (or all)."""
+    pairs = [(q, n) for q, n in weight_quantizers(qmodel).values() if q.learn_bits or not learned_only]
+    if not pairs:
+        return torch.tensor(0.0)
+    total = sum(n for _, n in pairs)
+    return sum(q.bit_width() * n for q, n in pairs) / total
+
+
+def _avg_bits(qmodel: nn.Module) -> float:
+    """Mean weight bits over the learned-bit layers, or over all layers when none is learned."""
+    learned = any(q.learn_bits for q, _ in weight_quantizers(qmodel).values())
+    return float(average_weight_bits(qmodel, learned_only=learned))
+
+
+def budget_penalty(qmodel: nn.Module, budget: float | None, strength: float = 1.0) -> torch.Tensor:
+    """``strength · max(0, avg_bits - budget)`` over the learned-bit layers (0 when nothing is learned)."""
+    if budget is None or not any(q.learn_bits and not q.frozen for q, _ in weight_quantizers(qmodel).values()):
+        return torch.tensor(0.0)
+    return strength * F.relu(average_weight_bits(qmodel) - budget)
+
+
+def round_bits(qmodel: nn.Module, budget: float | None = None) -> dict[str, int]:
+    """Integer bit-width per learned-bit layer: round to nearest, then while the weighted mean exceeds
+    ``budget`` lower by one bit the layer that was rounded up the most (ties: the larger layer)."""
+    learned = {n: (q, c) for n, (q, c) in weight_quantizers(qmodel).items() if q.learn_bits and not q.frozen}
+    cont = {n: float(q.bit_width()) for n, (q, _) in learned.items()}
+    out = {n: _round_half_up(b) for n, b in cont.items()}
+    if budget is not None and learned:
+        total = sum(c for _, c in learned.values())
+        b_min = min(q.bit_range[0] for q, _ in learned.values())
+        if budget < b_min:
+            raise DfqError(f"bit budget {budget:g} is below the smallest bit-width {b_min:g}")
+        while sum(out[n] * c for n, (_, c) in learned.items()) / total > budget + 1e-9:
+            cands = [n for n in out if out[n] - 1 >= learned[n][0].bit_range[0]]
+            n = max(cands, key=lambda k: (out[k] - cont[k], learned[k][1]))
+            out[n] -= 1
+    return out
+
+
+# ----- training ------------------------------------------------------------------------------
+def _augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tensor:
+    """Random horizontal flip and translation by up to ``shift`` pixels (zero padding, normalized space)."""
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    h, w = x.shape[-2:]
+    dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=gen).tolist()
+    return F.pad(x, (shift,) * 4)[..., dy : dy + h, dx : dx + w]
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="batchmean") * t * t
+
+
+@torch.no_grad()
+def eval_distill_loss(qmodel: nn.Module, fp_model: nn.Module, x: torch.Tensor, temperature: float = 1.0) -> float:
+    """KL(FP || quantized) on ``x`` with the hard grid (eval mode)."""
+    was = qmodel.training
+    qmodel.eval()
+    loss = distill_kl(qmodel(x), fp_model.eval()(x), temperature).item()
+    qmodel.train(was)
+    return loss
+
+
+def _param_groups(qmodel: nn.Module, lr: float, lr_clip: float, lr_bits: float) -> list[dict]:
+    quant = {id(p) for q in nipq_quantizers(qmodel) for p in q.parameters()}
+    weights = [p.requires_grad_(True) for p in qmodel.parameters() if id(p) not in quant]
+    clips = [p for q in nipq_quantizers(qmodel) for p in (q.log_hi, q.log_lo) if p.requires_grad and not q.frozen]
+    bits = [q.bit_logit for q in nipq_quantizers(qmodel) if q.learn_bits and not q.frozen]
+    groups = [{"params": weights, "lr": lr, "name": "weights"}, {"params": clips, "lr": lr_clip, "name": "clip"}]
+    if bits:
+        groups.append({"params": bits, "lr": lr_bits, "name": "bits"})
+    return [g for g in groups if g["params"]]
+
+
+def _set_train(qmodel: nn.Module) -> None:
+    """Noise in the quantizers, but BatchNorm keeps its (real-data) running statistics."""
+    qmodel.train()
+    for m in qmodel.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int, lr: float = 1e-4,
+                budget: float | None = None, batch_size: int = 32, lr_clip: float | None = None, lr_bits: float = 1e-2,
+                penalty: float = 1.0, temperature: float = 1.0, augment: bool = True, seed: int = 0,
+                resume: Path | None = None, save_every: int = 200, max_steps: int | None = None,
+                trace: list | None = None, progress: bool = True) -> list[float]:
+    """Fine-tune ``qmodel`` (from :func:`prepare_nipq`) by distillation from ``fp_model`` on ``calib``.
+
+    Loss per step: ``KL(softmax(fp/T) || softmax(q/T))·T² + penalty·max(0, avg_bits - budget)`` on a
+    random (augmented) batch; no labels. Adam with cosine decay; weights, biases and BN affine
+    parameters at ``lr``, clip ranges at ``lr_clip`` (default ``10·lr``, in log space), bit logits at
+    ``lr_bits``. BatchNorm running statistics stay frozen during training. Returns the KL of every
+    step (this call's and, when resumed, the earlier ones). ``resume`` checkpoints every
+    ``save_every`` steps; ``max_steps`` stops this call early (a time-boxed slice).
+    """
+    if len(calib) < batch_size:
+        raise DfqError(f"calibration set has {len(calib)} images, fewer than the batch size {batch_size}; "
+                       "add images or lower --batch-size")
+    if not nipq_quantizers(qmodel):
+        raise DfqError("qat_distill needs a model from prepare_nipq (no NIPQ quantizers found)")
+    init_activation_ranges(qmodel, calib)
+    fp_model = fp_model.eval()
+    lr_clip = 10 * lr if lr_clip is None else lr_clip
+    groups = _param_groups(qmodel, lr, lr_clip, lr_bits)
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iters))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the noise
+    start, losses = 0, []
+    key = {"iters": iters, "lr": lr, "lr_clip": lr_clip, "lr_bits": lr_bits, "budget": budget, "batch_size": batch_size,
+           "penalty": penalty, "temperature": temperature, "augment": augment, "seed": seed, "n_calib": len(calib)}
+    if resume is not None and Path(resume).exists():
+        state = torch.load(resume, weights_only=False)
+        if state.get("key") != key:
+            raise DfqError(f"{resume} belongs to a QAT run with other settings ({state.get('key')}); "
+                           "delete it or choose another output folder")
+        qmodel.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"]); torch.set_rng_state(state["rng"]); start, losses = state["step"], state["losses"]
+    _set_train(qmodel)
+    try:
+        stop = iters if max_steps is None else min(iters, start + max_steps)
+        bar = tqdm(range(start, stop), desc="NIPQ QAT", disable=not progress, initial=start, total=iters, mininterval=1.0)
+        for step in bar:
+            x = calib[torch.randint(0, len(calib), (batch_size,), generator=gen)]
+            if augment:
+                x = _augment(x, gen)
+            with torch.no_grad():
+                t_logits = fp_model(x)
+            kl = distill_kl(qmodel(x), t_logits, temperature)
+            pen = budget_penalty(qmodel, budget, penalty)
+            loss = kl + pen
+            if not torch.isfinite(loss):
+                raise DfqError(f"QAT loss became {loss.item()} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step(); sched.step()
+            losses.append(kl.item())
+            if trace is not None:
+                trace.append({"step": step, "kl": kl.item(), "penalty": float(pen), "avg_bits": _avg_bits(qmodel)})
+            if step % 20 == 0:
+                bar.set_postfix(kl=f"{kl.item():.4f}", bits=f"{_avg_bits(qmodel):.2f}")
+            if resume is not None and ((step + 1) % save_every == 0 or step + 1 == stop):
+                from dfquant.io import atomic_path
+
+                with atomic_path(resume) as tmp:
+                    torch.save({"model": qmodel.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                "gen": gen.get_state(), "rng": torch.get_rng_state(), "step": step + 1,
+                                "losses": losses, "key": key}, tmp)
+    finally:
+        qmodel.eval()
+    return losses
+
+
+# ----- finalization -----------------------------------------------------------------------------
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, calib: torch.Tensor, batch_size: int = 64, n: int | None = None) -> int:
+    """Recompute every BatchNorm's running mean/var on ``calib`` (cumulative average) with the model
+    otherwise in eval mode; return the number of BN layers."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    model.eval()
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    x = calib if n is None else calib[:n]
+    try:
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size])
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.eval()
+    return len(bns)
+
+
+def _replace_quantizers(qmodel: nn.Module) -> None:
+    for m in list(qmodel.modules()):
+        if isinstance(m, (QuantLayer, QuantBlock)):
+            if isinstance(m, QuantLayer) and isinstance(m.wq, NIPQQuantizer):
+                m.wq = m.wq.to_uniform()
+            if isinstance(m.aq, NIPQQuantizer):
+                m.aq = m.aq.to_uniform()
+
+
+def layer_bits(qmodel: nn.Module) -> dict[str, float]:
+    """Weight bit-width of every quantized layer."""
+    return {n: (float(m.wq.bit_width()) if isinstance(m.wq, NIPQQuantizer) else float(m.wq.bits))
+            for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+
+
+def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None, bn_reestimate: bool = True,
+             act_reinit: bool = True, act_init: str = "mse", n: int = 1024, init_images: int = 256,
+             batch_size: int = 64) -> dict:
+    """Hard quantization + short recalibration, in place; return a summary.
+
+    1. round the learned bit-widths (:func:`round_bits`, honouring ``budget``) and freeze every grid;
+    2. replace the pseudo-quantizers by plain :class:`UniformQuantizer` s with the same grids;
+    3. re-estimate BatchNorm running statistics of the hard-quantized model on up to ``n`` calibration images;
+    4. re-initialize the activation ranges (range search ``act_init`` on ``init_images`` images, in forward order,
+       each quantizer on its own input in the hard-quantized model).
+    """
+    if not nipq_quantizers(qmodel):
+        raise DfqError("finalize needs a model from prepare_nipq (no NIPQ quantizers found)")
+    init_activation_ranges(qmodel, calib)
+    bits = round_bits(qmodel, budget)
+    for name, (q, _) in weight_quantizers(qmodel).items():
+        q.freeze(bits.get(name))
+    for q in nipq_quantizers(qmodel):
+        if not q.frozen:
+            q.freeze()
+    _replace_quantizers(qmodel)
+    qmodel.eval()
+    n_bn = reestimate_bn(qmodel, calib, batch_size, n) if bn_reestimate else 0
+    n_act = 0
+    if act_reinit:
+        qs = act_quantizers(qmodel)
+        for q in qs:
+            if isinstance(q, UniformQuantizer):
+                q.initialized, q.init_method = False, act_init
+                n_act += 1
+        with torch.no_grad():
+            qmodel(calib[:init_images])
+    lb = layer_bits(qmodel)
+    counts = {n_: m.layer.weight.numel() for n_, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+    return {"layer_bits": lb, "avg_weight_bits_all": sum(lb[k] * counts[k] for k in lb) / sum(counts.values()),
+            "avg_weight_bits_learned": (sum(bits[k] * counts[k] for k in bits) / sum(counts[k] for k in bits)) if bits else None,
+            "bn_layers_reestimated": n_bn, "act_quantizers_reinitialized": n_act}
+
+
+# ----- CLI-level job -------------------------------------------------------------------------------
+def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits: bool, avg_bits: float | None,
+                   n: int, batch_size: int) -> None:
+    """Validate ``dfq qat`` options before any slow work (DfqError naming the fix)."""
+    for b, what in ((wbits, "--wbits"), (abits, "--abits")):
+        if not (float(b).is_integer() and 2 <= b <= 8):
+            raise DfqError(f"{what} {b:g} is not supported by NIPQ QAT; use an integer from 2 to 8")
+    if iters < 0:
+        raise DfqError(f"--iters {iters} must be >= 0")
+    if not lr > 0:
+        raise DfqError(f"--lr {lr:g} must be positive")
+    if batch_size < 1 or n < batch_size:
+        raise DfqError(f"--n {n} must be at least the batch size {batch_size}")
+    if avg_bits is not None:
+        if not learn_bits:
+            raise DfqError("--avg-bits is the budget of learned bit-widths; add --learn-bits (or drop --avg-bits)")
+        if not BIT_RANGE[0] <= avg_bits <= BIT_RANGE[1]:
+            raise DfqError(f"--avg-bits {avg_bits:g} must lie in {BIT_RANGE[0]:g}..{BIT_RANGE[1]:g}")
+    if learn_bits and (avg_bits if avg_bits is not None else wbits) <= BIT_RANGE[0]:
+        raise DfqError(f"--learn-bits with an average of {BIT_RANGE[0]:g} bits leaves nothing to distribute; "
+                       "pass --avg-bits above 2 (e.g. --avg-bits 3)")
+
+
+def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out: Path, iters: int = 2000,
+            lr: float = 1e-4, learn_bits: bool = False, avg_bits: float | None = None, n: int = 1024,
+            batch_size: int = 32, seed: int = 0, val=None, eval_limit: int | None = None, bn_reestimate: bool = True,
+            act_reinit: bool = True, progress: bool = True, calib: torch.Tensor | None = None,
+            fp_top1: float | None = None, save: bool = True) -> dict:
+    """``dfq qat``: NIPQ data-free QAT, finalize, evaluate FP / init / QAT top-1, write checkpoint + results.json."""
+    from dfquant.data.calib import load_calibration
+    from dfquant.evaluate import evaluate
+    from dfquant.io import versions, write_json
+    from dfquant.models.registry import get_model
+
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size)
+    budget = (avg_bits if avg_bits is not None else float(wbits)) if learn_bits else None
+    spec = get_model(model_name)
+    if spec.is_vit:
+        raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with `dfq quantize --algo repq-vit`")
+    calib = load_calibration(calib_source, spec, n, seed) if calib is None else calib
+    if len(calib) < batch_size:
+        raise DfqError(f"calibration source {calib_source} gave {len(calib)} images, fewer than the batch size {batch_size}")
+    if fp_top1 is None:
+        fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
+    t0 = time.time()
+    torch.manual_seed(seed)
+    qmodel = prepare_nipq(spec.model, wbits, abits, learn_bits=learn_bits, init_bits=budget, calib=calib)
+    init_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
+    out = Path(out)
+    trace: list = []
+    losses = qat_distill(qmodel, spec.model, calib, iters, lr, budget, batch_size=batch_size, seed=seed,
+                         resume=(out / "qat_resume.pt") if save else None, trace=trace, progress=progress)
+    info = finalize(qmodel, calib, budget, bn_reestimate=bn_reestimate, act_reinit=act_reinit)
+    seconds = round(time.time() - t0, 1)
+    q_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
+    k = max(1, min(50, len(losses) // 10))
+    meta = {"algo": "nipq-qat", "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
+            "iters": iters, "lr": lr, "learn_bits": learn_bits, "avg_bits_budget": budget, "batch_size": batch_size,
+            "seed": seed, "bn_reestimate": bn_reestimate, "act_reinit": act_reinit, "fp_top1": fp_top1,
+            "init_top1": init_top1, "q_top1": q_top1, "seconds": seconds,
+            "kl_first": sum(losses[:k]) / k if losses else None, "kl_last": sum(losses[-k:]) / k if losses else None,
+            **info, "versions": versions()}
+    if save:
+        from dfquant.quant.checkpoint import save_quantized
+
+        qcfg = copy.copy(qmodel.nipq_config)
+        qcfg.act_symmetric = False  # NIPQ activation grids are affine (zero point 0 for non-negative inputs)
+        save_quantized(out, spec, qmodel, qcfg, meta)
+        write_json(out / "results.json", {k_: meta[k_] for k_ in (
+            "algo", "wbits", "abits", "calib", "n_calib", "iters", "lr", "learn_bits", "avg_bits_budget", "seed",
+            "fp_top1", "init_top1", "q_top1", "avg_weight_bits_all", "avg_weight_bits_learned", "kl_first", "kl_last",
+            "seconds")})
+    meta["qmodel"] = qmodel
+    return meta
