@@ -44,7 +44,7 @@ def load_quantized(ckpt_dir: Path) -> tuple[ModelSpec, nn.Module]:
     if not cfg_path.exists():
         raise DfqError(f"{ckpt_dir} is not a quantized checkpoint (no quant_config.json); create one with `dfq quantize`")
     meta = read_json(cfg_path)
-    spec = get_model(meta["model"], pretrained=meta["model"].startswith("fmnist/"))
+    spec = get_model(meta["model"], pretrained=False)  # every tensor comes from the checkpoint
     qcfg = QuantConfig(**meta["quant"])
     from dfquant.quant.api import build_quantized
 

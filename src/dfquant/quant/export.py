@@ -750,7 +750,7 @@ def verification_error(report: dict[str, Any]) -> DfqError | None:
 
 
 def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True,
-               n: int = 256, opset: int = DEFAULT_OPSET, val: str | Path | None = None,
+               n: int = 1000, opset: int = DEFAULT_OPSET, val: str | Path | None = None,
                fuse_bias: bool = False, raise_on_failure: bool = True) -> dict[str, Any]:
     """``dfq export``: load a quantized checkpoint, write ``fmt`` to ``out`` (default inside the
     checkpoint folder), verify an ONNX export with onnxruntime on ``n`` test images, and

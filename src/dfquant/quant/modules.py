@@ -70,8 +70,7 @@ class QuantLayer(nn.Module):
             x = self.aq(x)
         w = self.qweight() if self.wq.enabled else self.layer.weight
         if isinstance(self.layer, nn.Conv2d):
-            c = self.layer
-            return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+            return self.layer._conv_forward(x, w, self.layer.bias)  # honours padding_mode
         return F.linear(x, w, self.layer.bias)
 
 
