@@ -114,10 +114,9 @@ def _offline_hint(name: str, exc: Exception) -> DfqError:
 def _torchvision(arch: str, pretrained: bool) -> ModelSpec:
     import torchvision
 
-    try:
-        weights = torchvision.models.get_model_weights(arch).DEFAULT if pretrained else None
-    except ValueError:
-        raise DfqError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models()") from None
+    if arch not in torchvision.models.list_models():
+        raise DfqError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models()")
+    weights = torchvision.models.get_model_weights(arch).DEFAULT if pretrained else None
     try:
         model = torchvision.models.get_model(arch, weights=weights)
     except Exception as exc:  # noqa: BLE001 - hub/network failures all mean "not cached"

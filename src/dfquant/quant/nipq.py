@@ -103,7 +103,7 @@ class NIPQQuantizer(UniformQuantizer):
 
     def int_bits(self) -> int:
         if self.learn_bits and not self.frozen:
-            return _round_half_up(float(self.bit_width()))
+            return _round_half_up(float(self.bit_width().detach()))
         return int(self.bits)
 
     @property
@@ -193,7 +193,7 @@ class NIPQQuantizer(UniformQuantizer):
         return q.to(self.scale.device)
 
     def extra_repr(self) -> str:
-        b = f"{float(self.bit_width()):.2f} (learned)" if self.learn_bits and not self.frozen else f"{self.bits:g}"
+        b = f"{float(self.bit_width().detach()):.2f} (learned)" if self.learn_bits and not self.frozen else f"{self.bits:g}"
         axis = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
         return f"bits={b}, {axis}, two_sided={self.two_sided}, {'frozen' if self.frozen else 'pseudo-quant'}"
 
@@ -280,7 +280,7 @@ def average_weight_bits(qmodel: nn.Module, learned_only: bool = True) -> torch.T
 def _avg_bits(qmodel: nn.Module) -> float:
     """Mean weight bits over the learned-bit layers, or over all layers when none is learned."""
     learned = any(q.learn_bits for q, _ in weight_quantizers(qmodel).values())
-    return float(average_weight_bits(qmodel, learned_only=learned))
+    return float(average_weight_bits(qmodel, learned_only=learned).detach())
 
 
 def budget_penalty(qmodel: nn.Module, budget: float | None, strength: float = 1.0) -> torch.Tensor:
@@ -294,7 +294,7 @@ def round_bits(qmodel: nn.Module, budget: float | None = None) -> dict[str, int]
     """Integer bit-width per learned-bit layer: round to nearest, then while the weighted mean exceeds
     ``budget`` lower by one bit the layer that was rounded up the most (ties: the larger layer)."""
     learned = {n: (q, c) for n, (q, c) in weight_quantizers(qmodel).items() if q.learn_bits and not q.frozen}
-    cont = {n: float(q.bit_width()) for n, (q, _) in learned.items()}
+    cont = {n: float(q.bit_width().detach()) for n, (q, _) in learned.items()}
     out = {n: _round_half_up(b) for n, b in cont.items()}
     if budget is not None and learned:
         total = sum(c for _, c in learned.values())
@@ -409,7 +409,7 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
             opt.step(); sched.step()
             losses.append(kl.item())
             if trace is not None:
-                trace.append({"step": step, "kl": kl.item(), "penalty": float(pen), "avg_bits": _avg_bits(qmodel)})
+                trace.append({"step": step, "kl": kl.item(), "penalty": float(pen.detach()), "avg_bits": _avg_bits(qmodel)})
             if step % 20 == 0:
                 bar.set_postfix(kl=f"{kl.item():.4f}", bits=f"{_avg_bits(qmodel):.2f}")
             if resume is not None and ((step + 1) % save_every == 0 or step + 1 == stop):
@@ -460,7 +460,7 @@ def _replace_quantizers(qmodel: nn.Module) -> None:
 
 def layer_bits(qmodel: nn.Module) -> dict[str, float]:
     """Weight bit-width of every quantized layer."""
-    return {n: (float(m.wq.bit_width()) if isinstance(m.wq, NIPQQuantizer) else float(m.wq.bits))
+    return {n: (float(m.wq.bit_width().detach()) if isinstance(m.wq, NIPQQuantizer) else float(m.wq.bits))
             for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
 
 
