@@ -162,7 +162,7 @@ def main() -> None:
     write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommand: `{cmd}`\n\nCPU ({torch.get_num_threads()} threads), "
                f"{args.n} calibration images, batch 32; synthetic set: {synthetic}; Genie-M: {args.ptq_iters} iterations "
                f"per block; NIPQ QAT: {args.qat_iters} steps, Adam lr {args.qat_lr:g} (clip 10x), KL distillation from the "
-               f"FP model, BN re-estimation + activation range re-init after hardening; first/last layer 8 bit; test set "
+               f"FP model, relative BN re-estimation + activation range re-init after hardening; first/last layer 8 bit; test set "
                f"{'first ' + str(args.eval_limit) if args.eval_limit else 'full 10k'} images; seed {args.seed}.\n\n"
                + _tables(rows) + f"\n![results]({out.with_suffix('.png').name})\n")
     print(f"wrote {csv_path}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
@@ -231,7 +231,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(groups)), groups)
         ax.set_ylabel("top-1 (%)")
         ax.set_title("PTQ vs NIPQ data-free QAT")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(arms))
     if rob:
         ax = axes.pop(0)
         bits = list(dict.fromkeys(r["bits"] for r in rob))

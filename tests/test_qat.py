@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dfquant.errors import DfqError
-from dfquant.quant.modules import QuantLayer, act_quantizers
+from dfquant.quant.modules import act_quantizers
 from dfquant.quant.nipq import (NIPQQuantizer, average_weight_bits, budget_penalty, check_qat_args, eval_distill_loss,
                                 finalize, prepare_nipq, qat_distill, round_bits, weight_quantizers)
 from dfquant.quant.quantizers import UniformQuantizer
@@ -117,11 +117,22 @@ def test_qat_lowers_distillation_loss_and_checkpoint_round_trip(resnet20, tmp_pa
     after = eval_distill_loss(q, resnet20.model, x)
     assert len(losses) == 15 and all(math.isfinite(v) for v in losses)
     assert after < 0.7 * before, (before, after)
-    info = finalize(q, calib, n=64, init_images=64)
-    assert info["bn_layers_reestimated"] == 21 and info["act_quantizers_reinitialized"] > 10
+    absolute = copy.deepcopy(q)
+    info = finalize(q, calib, fp_model=resnet20.model, n=64, init_images=64)
+    assert info["bn_stats"] == "relative" and info["bn_layers_reestimated"] == 21 and info["act_quantizers_reinitialized"] > 10
     assert not any(isinstance(m, NIPQQuantizer) for m in q.modules())
     assert all(type(a) is UniformQuantizer for a in act_quantizers(q))
     assert eval_distill_loss(q, resnet20.model, x) < before
+    # absolute re-estimation replaces the statistics by the calibration set's; on the FP model itself the
+    # relative one reproduces the FP statistics exactly (no quantization shift to apply)
+    assert finalize(absolute, calib, n=64, init_images=64, act_reinit=False)["bn_stats"] == "absolute"
+    fp = copy.deepcopy(resnet20.model)
+    from dfquant.quant.nipq import reestimate_bn
+
+    reestimate_bn(fp, calib, n=64, reference=resnet20.model)
+    for a, b in zip(fp.modules(), resnet20.model.modules()):
+        if isinstance(a, nn.BatchNorm2d):
+            assert torch.allclose(a.running_mean, b.running_mean, atol=1e-5) and torch.allclose(a.running_var, b.running_var, rtol=1e-4)
     # mixed bit-widths survive the checkpoint (load restores each quantizer's bits)
     conv = q.get_submodule("layer3.2.block.conv2")
     conv.wq.bits = 3.0
@@ -172,7 +183,8 @@ def test_qat_argument_checks():
     check_qat_args(2, 4, 10, 1e-4, True, 3.0, 64, 32)
     for args, msg in [((9, 4, 10, 1e-4, False, None, 64, 32), "--wbits 9"), ((2, 1.58, 10, 1e-4, False, None, 64, 32), "--abits"),
                       ((2, 4, 10, 0.0, False, None, 64, 32), "--lr"), ((2, 4, 10, 1e-4, False, 3.0, 64, 32), "--learn-bits"),
-                      ((2, 4, 10, 1e-4, True, None, 64, 32), "--avg-bits above 2"), ((2, 4, 10, 1e-4, False, None, 16, 32), "--n 16")]:
+                      ((2, 4, 10, 1e-4, True, None, 64, 32), "--avg-bits above 2"), ((2, 4, 10, 1e-4, False, None, 16, 32), "--n 16"),
+                      ((2, 4, 10, 1e-4, False, None, 64, 32, "batch"), "--bn-stats")]:
         with pytest.raises(DfqError, match=msg):
             check_qat_args(*args)
 
@@ -186,3 +198,17 @@ def test_cli_qat_rejects_bad_input(tmp_path, args, msg):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(msg), proc.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_train_classifier_robust_option(monkeypatch, tmp_path):
+    """The --symreg/--satnl training path on a few images (the real run is benchmarks/qat.py's prerequisite)."""
+    from dfquant.data import fmnist
+    from dfquant.models import train
+    from dfquant.models.registry import get_model
+
+    x, y = fmnist.load_split("test", limit=128)
+    monkeypatch.setattr(train.fmnist, "load_split", lambda split, **kw: (x, y))
+    card = train.train_classifier("resnet20", tmp_path, epochs=1, batch_size=64, symreg=1e-3, satnl=True)
+    assert card["symreg"] == 1e-3 and card["satnl"] == {"bound": 4.0, "mode": "tanh"}
+    spec = get_model(f"fmnist/resnet20@{tmp_path}")
+    assert any(isinstance(m, SatNL) for m in spec.model.modules()) and not any(isinstance(m, nn.ReLU) for m in spec.model.modules())

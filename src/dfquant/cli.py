@@ -435,7 +435,7 @@ def _classes_of(source: str, n: int, seed: int) -> Optional[list[list[int]]]:
 def qat_cmd(
     model: str = typer.Argument(..., help="CNN model name, e.g. fmnist/resnet20"),
     calib: str = typer.Option(..., help="training images: a folder of synthetic images, a distill .safetensors, or real:A"),
-    wbits: float = typer.Option(2, help="weight bits (2..8; the initial bits with --learn-bits)"),
+    wbits: float = typer.Option(2, help="weight bits (2..8; with --learn-bits the default --avg-bits)"),
     abits: float = typer.Option(4, help="activation bits (2..8)"),
     iters: int = typer.Option(2000, help="QAT steps"),
     lr: float = typer.Option(1e-4, help="Adam LR of the weights (clip ranges 10x, bit logits 1e-2)"),
@@ -444,7 +444,8 @@ def qat_cmd(
     n: int = typer.Option(1024, help="calibration images"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
-    bn_reestimate: bool = typer.Option(True, "--bn-reestimate/--no-bn-reestimate", help="re-estimate BN statistics after hardening"),
+    bn_stats: str = typer.Option("relative", help="BN re-estimation after hardening: relative (shift measured on CALIB, "
+                                                  "applied to the FP statistics), absolute (CALIB statistics) or none"),
     act_reinit: bool = typer.Option(True, "--act-reinit/--no-act-reinit", help="re-initialize activation ranges after hardening"),
     out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/qat/<model>-w<W>a<A>-nipq)"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
@@ -458,10 +459,10 @@ def qat_cmd(
     from dfquant.quant.nipq import check_qat_args, run_qat
 
     _threads(threads)
-    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size)
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats)
     out = out or Path("runs/qat") / f"{model.replace('/', '_').replace('@', '_')}-w{wbits:g}a{abits:g}-nipq"
     res = run_qat(model, calib, wbits, abits, out, iters, lr, learn_bits, avg_bits, n, batch_size, seed, val, eval_limit,
-                  bn_reestimate, act_reinit)
+                  bn_stats, act_reinit)
     bits = f", mean weight bits {res['avg_weight_bits_learned']:.2f}" if learn_bits else ""
     typer.echo(f"{model} W{wbits:g}A{abits:g} NIPQ QAT: FP top-1 {res['fp_top1']:.2f}%  before QAT {res['init_top1']:.2f}%  "
                f"after QAT {res['q_top1']:.2f}%{bits} ({res['seconds']:.0f}s) -> {out}")

@@ -10,7 +10,8 @@ Pseudo-quantization (training mode) — for a grid with clip range ``[lo, hi]`` 
   (exactly the ends of the hard grid at integer ``b``);
 * ``y = clamp(x, lower, upper) + Δ·u·[lower < x < upper]``, ``u ~ U(-1/2, 1/2)`` drawn anew every call:
   values inside the range get noise with the statistics of the rounding error of the hard grid
-  (mean 0, variance Δ²/12), clipped values sit on the grid ends, exactly as after hard rounding.
+  (mean 0, variance Δ²/12), clipped values sit on the grid ends, exactly as after hard rounding
+  (an inside value within Δ/2 of an end may leave the range by less than Δ/2; its error is still U(±Δ/2)).
 
 There is no rounding in the forward pass, so the gradient reaches the clip range (through the
 clamp and through Δ) and the bit-width (through Δ: more bits, less noise) without a
@@ -25,6 +26,10 @@ Bit budget (mixed precision): ``penalty = strength · max(0, avg_b - budget)`` w
 and last layer stay at 8 bit and do not count). After training, :func:`finalize` rounds the bits
 (to nearest, then lowers the most rounded-up layers until the budget holds), freezes every grid,
 re-estimates BatchNorm statistics on the calibration set and re-initializes the activation ranges.
+BatchNorm keeps the FP model's running statistics during training; the re-estimation after hardening
+is *relative* by default: the shift that quantization causes is measured on the calibration set
+(quantized vs FP model) and applied to the FP model's real-data statistics, so synthetic images
+whose own statistics differ from the real data do not replace them (see :func:`reestimate_bn`).
 The result is a plain :class:`~dfquant.quant.quantizers.UniformQuantizer` model that
 :func:`~dfquant.quant.checkpoint.save_quantized`, ``dfq eval`` and ``dfq export`` handle.
 """
@@ -425,20 +430,90 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
 
 
 # ----- finalization -----------------------------------------------------------------------------
+BN_MODES = ("relative", "absolute", "none")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, calib: torch.Tensor, batch_size: int = 64, n: int | None = None) -> int:
-    """Recompute every BatchNorm's running mean/var on ``calib`` (cumulative average) with the model
-    otherwise in eval mode; return the number of BN layers."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def _bn_input_stats(model: nn.Module, bns: list[nn.Module], x: torch.Tensor, batch_size: int,
+                    stop: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and (unbiased) variance of each BN's input over ``x``, the model in eval mode.
+    ``stop`` ends each forward pass at the (single) BN, which is all a sequential update needs."""
+    acc = [[0, 0.0, 0.0] for _ in bns]
+
+    def hook(i):
+        def fn(mod, inp):
+            t = inp[0].detach().transpose(0, 1).reshape(mod.num_features, -1).double()
+            acc[i][0] += t.shape[1]; acc[i][1] = acc[i][1] + t.sum(1); acc[i][2] = acc[i][2] + (t * t).sum(1)
+            if stop:
+                raise _Stop
+        return fn
+
+    handles = [bn.register_forward_pre_hook(hook(i)) for i, bn in enumerate(bns)]
+    model.eval()
+    try:
+        for i in range(0, len(x), batch_size):
+            try:
+                model(x[i : i + batch_size])
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for n, s, ss in acc:
+        mean = s / n
+        var = (ss / n - mean * mean) * n / max(n - 1, 1)
+        out.append((mean.float(), var.clamp_min(0).float()))
+    return out
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, calib: torch.Tensor, batch_size: int = 64, n: int | None = None,
+                  reference: nn.Module | None = None) -> int:
+    """Re-estimate every BatchNorm's running statistics of ``model`` on ``calib``; return the number of BN layers.
+
+    Without ``reference`` (*absolute*): the statistics are replaced by those of ``calib`` (standard BN
+    re-estimation: BN in train mode, cumulative average over the batches).
+
+    With ``reference`` (*relative*, the full-precision model whose BN layers correspond one to one):
+    only the shift that quantization causes is measured on ``calib`` and applied to the reference's
+    (real-data) statistics, so a synthetic set whose statistics differ from the real data does not
+    replace them::
+
+        mean = mean_ref + (mean_q(calib) - mean_ref(calib))
+        var  = var_ref * var_q(calib) / var_ref(calib)
+
+    measured on each BN's input in eval mode, layer after layer (each measurement sees the already
+    corrected BNs upstream).
+    """
+    bns = _batchnorms(model)
     if not bns:
         return 0
+    x = calib if n is None else calib[:n]
     model.eval()
+    if reference is not None:
+        ref_bns = _batchnorms(reference)
+        if len(ref_bns) != len(bns) or any(a.num_features != b.num_features for a, b in zip(bns, ref_bns)):
+            raise DfqError("the reference model's BatchNorm layers do not match the quantized model's; use absolute BN re-estimation")
+        ref_stats = _bn_input_stats(reference, ref_bns, x, batch_size)
+        for bn, rb, (m_ref, v_ref) in zip(bns, ref_bns, ref_stats):
+            (m_q, v_q), = _bn_input_stats(model, [bn], x, batch_size, stop=True)
+            bn.running_mean.copy_(rb.running_mean + (m_q - m_ref))
+            bn.running_var.copy_(rb.running_var * (v_q + bn.eps) / (v_ref + bn.eps))
+        return len(bns)
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    x = calib if n is None else calib[:n]
     try:
         for i in range(0, len(x), batch_size):
             model(x[i : i + batch_size])
@@ -464,19 +539,26 @@ def layer_bits(qmodel: nn.Module) -> dict[str, float]:
             for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
 
 
-def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None, bn_reestimate: bool = True,
-             act_reinit: bool = True, act_init: str = "mse", n: int = 1024, init_images: int = 256,
-             batch_size: int = 64) -> dict:
+def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None, fp_model: nn.Module | None = None,
+             bn_stats: str | None = None, act_reinit: bool = True, act_init: str = "mse", n: int = 1024,
+             init_images: int = 256, batch_size: int = 64) -> dict:
     """Hard quantization + short recalibration, in place; return a summary.
 
     1. round the learned bit-widths (:func:`round_bits`, honouring ``budget``) and freeze every grid;
     2. replace the pseudo-quantizers by plain :class:`UniformQuantizer` s with the same grids;
-    3. re-estimate BatchNorm running statistics of the hard-quantized model on up to ``n`` calibration images;
+    3. re-estimate BatchNorm running statistics of the hard-quantized model on up to ``n`` calibration images
+       (:func:`reestimate_bn`; ``bn_stats``: ``relative`` to the FP model's statistics — the default when
+       ``fp_model`` is given —, ``absolute``, or ``none``);
     4. re-initialize the activation ranges (range search ``act_init`` on ``init_images`` images, in forward order,
        each quantizer on its own input in the hard-quantized model).
     """
     if not nipq_quantizers(qmodel):
         raise DfqError("finalize needs a model from prepare_nipq (no NIPQ quantizers found)")
+    bn_stats = bn_stats or ("relative" if fp_model is not None else "absolute")
+    if bn_stats not in BN_MODES:
+        raise DfqError(f"BN statistics mode {bn_stats!r} is not one of {', '.join(BN_MODES)}")
+    if bn_stats == "relative" and fp_model is None:
+        raise DfqError("relative BN re-estimation needs the full-precision model (fp_model)")
     init_activation_ranges(qmodel, calib)
     bits = round_bits(qmodel, budget)
     for name, (q, _) in weight_quantizers(qmodel).items():
@@ -486,7 +568,8 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
             q.freeze()
     _replace_quantizers(qmodel)
     qmodel.eval()
-    n_bn = reestimate_bn(qmodel, calib, batch_size, n) if bn_reestimate else 0
+    n_bn = 0 if bn_stats == "none" else reestimate_bn(qmodel, calib, batch_size, n,
+                                                      fp_model if bn_stats == "relative" else None)
     n_act = 0
     if act_reinit:
         qs = act_quantizers(qmodel)
@@ -500,13 +583,15 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     counts = {n_: m.layer.weight.numel() for n_, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
     return {"layer_bits": lb, "avg_weight_bits_all": sum(lb[k] * counts[k] for k in lb) / sum(counts.values()),
             "avg_weight_bits_learned": (sum(bits[k] * counts[k] for k in bits) / sum(counts[k] for k in bits)) if bits else None,
-            "bn_layers_reestimated": n_bn, "act_quantizers_reinitialized": n_act}
+            "bn_stats": bn_stats, "bn_layers_reestimated": n_bn, "act_quantizers_reinitialized": n_act}
 
 
 # ----- CLI-level job -------------------------------------------------------------------------------
 def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits: bool, avg_bits: float | None,
-                   n: int, batch_size: int) -> None:
+                   n: int, batch_size: int, bn_stats: str = "relative") -> None:
     """Validate ``dfq qat`` options before any slow work (DfqError naming the fix)."""
+    if bn_stats not in BN_MODES:
+        raise DfqError(f"--bn-stats {bn_stats!r} is not one of {', '.join(BN_MODES)}")
     for b, what in ((wbits, "--wbits"), (abits, "--abits")):
         if not (float(b).is_integer() and 2 <= b <= 8):
             raise DfqError(f"{what} {b:g} is not supported by NIPQ QAT; use an integer from 2 to 8")
@@ -528,7 +613,7 @@ def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits
 
 def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out: Path, iters: int = 2000,
             lr: float = 1e-4, learn_bits: bool = False, avg_bits: float | None = None, n: int = 1024,
-            batch_size: int = 32, seed: int = 0, val=None, eval_limit: int | None = None, bn_reestimate: bool = True,
+            batch_size: int = 32, seed: int = 0, val=None, eval_limit: int | None = None, bn_stats: str = "relative",
             act_reinit: bool = True, progress: bool = True, calib: torch.Tensor | None = None,
             fp_top1: float | None = None, save: bool = True) -> dict:
     """``dfq qat``: NIPQ data-free QAT, finalize, evaluate FP / init / QAT top-1, write checkpoint + results.json."""
@@ -537,7 +622,7 @@ def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out:
     from dfquant.io import versions, write_json
     from dfquant.models.registry import get_model
 
-    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size)
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats)
     budget = (avg_bits if avg_bits is not None else float(wbits)) if learn_bits else None
     spec = get_model(model_name)
     if spec.is_vit:
@@ -550,18 +635,19 @@ def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out:
     t0 = time.time()
     torch.manual_seed(seed)
     qmodel = prepare_nipq(spec.model, wbits, abits, learn_bits=learn_bits, init_bits=budget, calib=calib)
+    t_eval = time.time()
     init_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
+    t0 += time.time() - t_eval  # "seconds" counts preparation, training and finalization only
     out = Path(out)
-    trace: list = []
     losses = qat_distill(qmodel, spec.model, calib, iters, lr, budget, batch_size=batch_size, seed=seed,
-                         resume=(out / "qat_resume.pt") if save else None, trace=trace, progress=progress)
-    info = finalize(qmodel, calib, budget, bn_reestimate=bn_reestimate, act_reinit=act_reinit)
+                         resume=(out / "qat_resume.pt") if save else None, progress=progress)
+    info = finalize(qmodel, calib, budget, fp_model=spec.model, bn_stats=bn_stats, act_reinit=act_reinit)
     seconds = round(time.time() - t0, 1)
     q_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
     k = max(1, min(50, len(losses) // 10))
     meta = {"algo": "nipq-qat", "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
             "iters": iters, "lr": lr, "learn_bits": learn_bits, "avg_bits_budget": budget, "batch_size": batch_size,
-            "seed": seed, "bn_reestimate": bn_reestimate, "act_reinit": act_reinit, "fp_top1": fp_top1,
+            "seed": seed, "act_reinit": act_reinit, "fp_top1": fp_top1,
             "init_top1": init_top1, "q_top1": q_top1, "seconds": seconds,
             "kl_first": sum(losses[:k]) / k if losses else None, "kl_last": sum(losses[-k:]) / k if losses else None,
             **info, "versions": versions()}
@@ -573,7 +659,7 @@ def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out:
         save_quantized(out, spec, qmodel, qcfg, meta)
         write_json(out / "results.json", {k_: meta[k_] for k_ in (
             "algo", "wbits", "abits", "calib", "n_calib", "iters", "lr", "learn_bits", "avg_bits_budget", "seed",
-            "fp_top1", "init_top1", "q_top1", "avg_weight_bits_all", "avg_weight_bits_learned", "kl_first", "kl_last",
-            "seconds")})
+            "bn_stats", "act_reinit", "fp_top1", "init_top1", "q_top1", "avg_weight_bits_all", "avg_weight_bits_learned",
+            "kl_first", "kl_last", "seconds")})
     meta["qmodel"] = qmodel
     return meta
