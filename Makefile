@@ -19,4 +19,4 @@ demo: setup
 	OMP_NUM_THREADS=2 $(VENV)/bin/dfq run configs/demo.yaml
 
 test: setup
-	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q -p no:cacheprovider --durations=10
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -p no:cacheprovider --durations=10

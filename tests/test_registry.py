@@ -38,11 +38,18 @@ def test_offline_hub_weights_give_clear_error(monkeypatch, tmp_path):
         get_model("timm/resnet18.a1_in1k", pretrained=True)
 
 
-def test_committed_checkpoint_matches_model_card(resnet20):
-    card = resnet20.card
-    assert card["test_top1"] >= 91.0
-    acc = evaluate(resnet20, progress=False)
+ZOO = ["fmnist/resnet20", "fmnist/mobilenetv2", "fmnist/vit"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_committed_checkpoint_matches_model_card(name):
+    spec = get_model(name)
+    card = spec.card
+    assert card["model"] == name and card["data"].startswith("Fashion-MNIST split A") and card["command"]
+    acc = evaluate(spec, progress=False)
     assert abs(acc - card["test_top1"]) <= 0.5
+    if name == "fmnist/resnet20":
+        assert card["test_top1"] >= 91.0
 
 
 def test_cli_bad_model_exits_2():

@@ -14,6 +14,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Data-free post-training quantization of image classifiers.")
 
 
+def _require_safetensors(out: Path) -> None:
+    if out.suffix != ".safetensors":
+        raise DfqError(f"--out {out} must end in .safetensors")
+
+
 def _threads(n: Optional[int]) -> None:
     import torch
 
@@ -272,8 +277,7 @@ def distill_cmd(
     from dfquant.quant.distill import distill
 
     _threads(threads)
-    if out.suffix != ".safetensors":
-        raise DfqError(f"--out {out} must end in .safetensors")
+    _require_safetensors(out)
     spec = get_model(model)
     images = distill(spec.model, n, spec.input_size, method, iters, batch_size, seed=seed)
     save_tensors(out, {"images": images}, metadata={"model": model, "method": method, "iters": str(iters), "seed": str(seed)})
@@ -484,8 +488,7 @@ def learn_prompts_cmd(
     from dfquant.models.registry import get_model
 
     _threads(threads)
-    if out.suffix != ".safetensors":
-        raise DfqError(f"--out {out} must end in .safetensors")
+    _require_safetensors(out)
     spec = get_model(model)
     pipe = load_pipeline(generator)
     embeds = learn_prompts(pipe, spec, modes, iters, steps, guidance, lr, seed=seed)
