@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/grid")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite <out>.md/.png from the CSV")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +64,7 @@ def main() -> None:
     else:
         with open(csv_path, "w", newline="") as fh:
             csv.DictWriter(fh, FIELDS).writeheader()
-    for model in args.models:
+    for model in [] if args.report_only else args.models:
         spec = get_model(model)
         fp_top1 = evaluate(spec, limit=args.eval_limit)
         for source in args.sources:
@@ -97,9 +98,14 @@ def main() -> None:
         rows = [{**r, "q_top1": float(r["q_top1"]), "fp_top1": float(r["fp_top1"])} for r in csv.DictReader(fh)]
     agg = aggregate(rows)
     accuracy_vs_bits(agg, out.with_suffix(".png"))
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommand: `{cmd}`\n\nCPU (2 cores), {args.iters} reconstruction "
-               f"iterations per block (paper: 20000), {args.n} calibration images, batch 32; test set "
+    cmd_log = out.with_suffix(".commands.txt")
+    if not args.report_only:  # every invocation that produced rows, in order
+        with open(cmd_log, "a") as fh:
+            fh.write("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
+    cmds = "".join(f"- `{c}`\n" for c in cmd_log.read_text().splitlines()) if cmd_log.exists() else ""
+    write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommands that produced the rows (CPU, 2 cores shared; "
+               "each row of the CSV records its iterations per block, calibration size and seed; paper: 20000 "
+               "iterations per block, 1024 images, batch 32):\n\n" + cmds + "\nTest set: "
                f"{'first ' + str(args.eval_limit) if args.eval_limit else 'full 10k'} images.\n\n"
                + aggregate_table(agg) + f"\n![accuracy vs bits]({out.with_suffix('.png').name})\n")
 

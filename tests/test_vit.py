@@ -62,3 +62,16 @@ def test_repq_vit_quantizes_everything_and_reports_fp_parts():
     assert "LayerNorm" in info["full_precision_layers"]
     assert all(ql.wq.initialized for ql in q8.modules() if isinstance(ql, QuantLayer))
     assert q8.patch_embed.proj.aq.bits == 8 and q8.head.wq.bits == 8
+
+
+def test_zoo_vit_w8a8_within_one_point():
+    from dfquant.data import fmnist
+    from dfquant.evaluate import evaluate
+    from dfquant.models.registry import get_model
+
+    spec = get_model("fmnist/vit")
+    x, _ = fmnist.load_split("A", limit=32, seed=0)
+    q, info = repq_vit(spec.model, spec.normalize(x), 8, 8, progress=False)
+    fp = evaluate(spec, limit=2000, progress=False)
+    assert abs(fp - evaluate(spec, q, limit=2000, progress=False)) <= 1.0
+    assert len(info["reparameterized"]) == 12  # qkv and fc1 of all 6 blocks
