@@ -382,6 +382,7 @@ def analyze_cmd(
     wbits: float = typer.Option(2), abits: float = typer.Option(4),
     iters: int = typer.Option(200, help="reconstruction iterations per block for the gradient-norm study"),
     n: int = typer.Option(1024), seed: int = typer.Option(0),
+    studies: str = typer.Option("gradnorm,gap,tsne", help="comma-separated subset of gradnorm, gap, tsne"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """The paper's analyses: gradient-norm traces, generalization gap, t-SNE of features."""
@@ -402,14 +403,22 @@ def analyze_cmd(
         if not sep:
             raise DfqError(f"--calib {item!r} must be LABEL=SOURCE")
         sets[label] = load_calibration(src, spec, n, seed)
-    gradnorm_study(spec.model, sets, out, wbits, abits, iters, seed=seed)
+    chosen = {x.strip() for x in studies.split(",")}
+    if not chosen <= {"gradnorm", "gap", "tsne"}:
+        raise DfqError(f"--studies {studies!r}: choose from gradnorm, gap, tsne")
+    if "gradnorm" in chosen:
+        gradnorm_study(spec.model, sets, out, wbits, abits, iters, seed=seed)
     xt, yt = fmnist.load_split("test")
-    heldout = spec.normalize(xt[:512])
-    gaps = {}
-    for label, images in sets.items():
-        q, _ = quantize(spec.model, images, "genie-m", wbits, abits, iters=iters, seed=seed, progress=False)
-        gaps[label] = generalization_gap(q, images[:512], heldout)
-    write_json(out / "generalization_gap.json", gaps)
+    if "gap" in chosen:
+        heldout = spec.normalize(xt[:512])
+        gaps = {}
+        for label, images in sets.items():
+            q, _ = quantize(spec.model, images, "genie-m", wbits, abits, iters=iters, seed=seed, progress=False)
+            gaps[label] = generalization_gap(q, images[:512], heldout)
+        write_json(out / "generalization_gap.json", gaps)
+    if "tsne" not in chosen:
+        typer.echo(f"wrote {', '.join(sorted(chosen))} results to {out}")
+        return
     synthetic = {}
     for item in calib:
         label, _, src = item.partition("=")
@@ -417,7 +426,7 @@ def analyze_cmd(
         if classes is not None:
             synthetic[label] = (sets[label], classes)
     tsne_study(spec.model, spec.normalize(xt), yt, synthetic, spec.class_names, out, seed)
-    typer.echo(f"wrote gradnorm.png, generalization_gap.json, tsne.png to {out}")
+    typer.echo(f"wrote {', '.join(sorted(chosen))} results to {out}")
 
 
 def _classes_of(source: str, n: int, seed: int) -> Optional[list[list[int]]]:

@@ -88,7 +88,8 @@ def tsne_study(model, real: torch.Tensor, real_labels: torch.Tensor, synthetic: 
     ridx = rng.choice(len(real), size=min(per_set, len(real)), replace=False)
     f_real = penultimate(model, real[ridx]).numpy()
     y_real = real_labels[ridx].numpy()
-    blocks, owners = [f_real], ["real"] * len(f_real)
+    test_label = "test set (real)"
+    blocks, owners = [f_real], [test_label] * len(f_real)
     stats: dict = {}
     centroids = {c: f_real[y_real == c].mean(0) for c in range(len(class_names))}
     scale = float(np.linalg.norm(f_real - f_real.mean(0), axis=1).mean())
@@ -106,7 +107,7 @@ def tsne_study(model, real: torch.Tensor, real_labels: torch.Tensor, synthetic: 
     emb = TSNE(n_components=2, random_state=seed, init="pca", perplexity=30).fit_transform(np.concatenate(blocks))
     fig, ax = plt.subplots(figsize=(7, 6))
     owners_arr = np.array(owners)
-    for i, label in enumerate(["real", *synthetic]):
+    for i, label in enumerate([test_label, *synthetic]):
         m = owners_arr == label
         ax.scatter(emb[m, 0], emb[m, 1], s=4, alpha=0.6, label=label, c=f"C{i}")
     ax.legend(markerscale=4, fontsize=8)
