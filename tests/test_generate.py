@@ -26,15 +26,6 @@ SMALL = dict(steps=2, guidance=3.5, height=32, width=32, generator_id="tiny")
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tests share a small machine; one torch thread here, restored for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     from dfquant.generate.mini import build_pipeline

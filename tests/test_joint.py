@@ -1,4 +1,3 @@
-import torch
 
 from dfquant.data import fmnist
 from dfquant.quant.api import quantize

@@ -10,7 +10,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from dfquant.cli import app
@@ -19,15 +18,6 @@ from dfquant.errors import DfqError
 from dfquant.prompts import ADJECTIVES, make_manifest, read_manifest, write_manifest
 
 NAMES = list(CLASS_NAMES)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tests share a small machine; one torch thread here, restored for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_manifest_count_and_indices():

@@ -5,7 +5,6 @@ from dfquant.errors import DfqError
 from dfquant.evaluate import evaluate
 from dfquant.quant.api import make_quant_config, quantize
 from dfquant.quant.modules import QuantBlock, QuantLayer, set_quant_state
-from dfquant.quant.reconstruct import ReconConfig, reconstruct
 from dfquant.quant.transform import fold_bn, quantize_model, recon_units
 
 

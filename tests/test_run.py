@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from dfquant.errors import DfqError
 from dfquant.run import RunConfig, parse_bits, run

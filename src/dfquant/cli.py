@@ -62,7 +62,7 @@ def train_classifier_cmd(
     _threads(threads)
     source, _, arch = model.partition("/")
     if source != "fmnist" or arch not in zoo.ARCHS:
-        raise DfqError(f"train-classifier trains the zoo only; choose one of: " + ", ".join(f"fmnist/{a}" for a in zoo.ARCHS))
+        raise DfqError("train-classifier trains the zoo only; choose one of: " + ", ".join(f"fmnist/{a}" for a in zoo.ARCHS))
     if symreg < 0:
         raise DfqError(f"--symreg {symreg:g} must be >= 0 (e.g. 1e-3)")
     if satnl and (satnl_mode not in SATNL_MODES or not satnl_bound > 0):
