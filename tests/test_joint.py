@@ -1,4 +1,3 @@
-
 from dfquant.data import fmnist
 from dfquant.quant.api import quantize
 from dfquant.quant.joint import joint_finetune
