@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,7 +50,6 @@ class ReconConfig:
     cache_ram_gb: float = DEFAULT_BUDGET_GB
     device: str = "cpu"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def preset(cls, algo: str, **overrides) -> "ReconConfig":
