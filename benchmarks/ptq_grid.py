@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dfquant.data.calib import load_calibration
+from resumable_csv import open_results
 from dfquant.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
@@ -57,13 +58,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = out.with_suffix(".csv")
-    done = set()
-    if csv_path.exists():
-        with open(csv_path) as fh:
-            done = {(r["model"], r["strategy"], r["algo"], r["bits"], r["seed"]) for r in csv.DictReader(fh)}
-    else:
-        with open(csv_path, "w", newline="") as fh:
-            csv.DictWriter(fh, FIELDS).writeheader()
+    done = open_results(csv_path, FIELDS, lambda r: (r["model"], r["strategy"], r["algo"], r["bits"], r["seed"]))
     for model in [] if args.report_only else args.models:
         spec = get_model(model)
         fp_top1 = evaluate(spec, limit=args.eval_limit)

@@ -39,6 +39,7 @@ from dfquant.models.registry import get_model, zoo_dir  # noqa: E402
 from dfquant.quant.api import quantize_any  # noqa: E402
 from dfquant.quant.nipq import run_qat  # noqa: E402
 from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits  # noqa: E402
+from resumable_csv import open_results  # noqa: E402
 
 FIELDS = ["part", "model", "variant", "method", "calib", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "seconds"]
 ARMS = ("ptq:synthetic", "qat:synthetic", "qat:real", "ptq:real")
@@ -68,13 +69,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = out.with_suffix(".csv")
-    done = set()
-    if csv_path.exists():
-        with open(csv_path) as fh:
-            done = {_key(r) for r in csv.DictReader(fh)}
-    else:
-        with open(csv_path, "w", newline="") as fh:
-            csv.DictWriter(fh, FIELDS).writeheader()
+    done = open_results(csv_path, FIELDS, _key)
 
     def record(row: dict) -> None:
         print(row, flush=True)

@@ -73,6 +73,7 @@ def learn_prompts(pipe, spec: ModelSpec, modes: int = 4, iters: int = 100, steps
     opt = torch.optim.Adam([delta], lr=lr)
     size = pipe.unet.config.sample_size
     lat_shape = (pipe.unet.config.in_channels, size, size)
+    last = [m for m in spec.model.modules() if isinstance(m, torch.nn.Linear)][-1]  # penultimate features feed it
     bar = tqdm(range(iters), desc="learn prompts", disable=not progress)
     for _ in bar:
         cls = torch.randperm(C, generator=gen)[:batch_classes]
@@ -80,7 +81,6 @@ def learn_prompts(pipe, spec: ModelSpec, modes: int = 4, iters: int = 100, steps
         latents = torch.randn((len(cond), *lat_shape), generator=gen)
         imgs = sample_differentiable(pipe, cond, uncond, latents, steps, guidance)
         x = _to_classifier(imgs, spec)
-        last = [m for m in spec.model.modules() if isinstance(m, torch.nn.Linear)][-1]
         store: list = []
         h = last.register_forward_pre_hook(lambda m, a: store.append(a[0]))
         logits = spec.model(x)
