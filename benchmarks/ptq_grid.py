@@ -1,7 +1,8 @@
 """Accuracy grid: models x calibration sources x algorithms x bit-widths x seeds.
 
-Each calibration set is produced once per (model, source, seed) through the same stage
-code as ``dfq run`` (cached under runs/bench/), then every algorithm and bit setting is
+Each calibration set is produced once per (source, seed) through the same stage code as
+``dfq run`` (cached by ``calib_cache.calib_run_dir``: generated sets are shared by models with
+the same labels, BN-inversion sets are per model), then every algorithm and bit setting is
 quantized from it. Rows are appended to ``<out>.csv`` as they finish, so an interrupted
 grid resumes; ``<out>.md`` (mean ± std over seeds) and ``<out>.png`` (accuracy vs bits)
 are rewritten at the end. The command line is recorded in the Markdown file.
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dfquant.data.calib import load_calibration
+from calib_cache import calib_run_dir
 from resumable_csv import open_results
 from dfquant.evaluate import evaluate
 from dfquant.io import write_text
@@ -65,7 +67,7 @@ def main() -> None:
         for source in args.sources:
             for seed in args.seeds:
                 cfg = RunConfig(model=model, n=args.n, seed=seed, distill_iters=args.distill_iters,
-                                out=f"runs/bench/{model.replace('/', '_')}/{source}-s{seed}", **SOURCES[source])
+                                out=calib_run_dir(spec, source, seed), **SOURCES[source])
                 pending = [(a, b) for a in args.algos for b in args.bits
                            if (model, source, _algo(a, spec), b, str(seed)) not in done]
                 if not pending:

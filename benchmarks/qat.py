@@ -10,8 +10,8 @@ Part 2 (``--robust DIR``, weights from ``dfq train-classifier fmnist/resnet20 --
   calibrated on the plain ResNet-20's synthetic set.
 
 The synthetic set (``--synthetic``): ``generated`` = mixup prompts rendered by the mini generator through
-the same stage code as ``dfq run`` (cached under runs/bench/<model>/mixup-s<seed>, shared with
-ptq_grid.py), ``distill`` = Genie BN inversion, or any folder / .safetensors calibration source.
+the same stage code as ``dfq run`` (cached by ``calib_cache.calib_run_dir``, shared
+with ptq_grid.py), ``distill`` = Genie BN inversion, or any folder / .safetensors calibration source.
 Rows are appended to ``<out>.csv`` as they finish, so an interrupted run resumes; ``<out>.md`` (tables +
 the exact command) and ``<out>.png`` are rewritten at the end.
 """
@@ -39,6 +39,7 @@ from dfquant.models.registry import get_model, zoo_dir  # noqa: E402
 from dfquant.quant.api import quantize_any  # noqa: E402
 from dfquant.quant.nipq import run_qat  # noqa: E402
 from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits  # noqa: E402
+from calib_cache import calib_run_dir  # noqa: E402
 from resumable_csv import open_results  # noqa: E402
 
 FIELDS = ["part", "model", "variant", "method", "calib", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "seconds"]
@@ -172,7 +173,7 @@ def _synthetic_source(spec, args) -> str:
         return args.synthetic
     name = "mixup" if args.synthetic == "generated" else "distill"
     cfg = RunConfig(model=spec.name, n=args.n, seed=args.seed, distill_iters=args.distill_iters,
-                    out=f"runs/bench/{spec.name.replace('/', '_')}/{name}-s{args.seed}",
+                    out=calib_run_dir(spec, name, args.seed),
                     **({"strategy": "mixup"} if name == "mixup" else {"source": "distill"}))
     _, src = _calibration_stage(Run(cfg), spec, progress=True)
     return src

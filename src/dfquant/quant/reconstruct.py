@@ -180,11 +180,13 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     t0 = time.time()
     bar = tqdm(units, desc=f"{cfg.algo}", disable=not progress)
     for name in bar:
+        t_unit = time.time()
         unit = qmodel.get_submodule(name)
         x_q, _ = capture(qmodel, unit, calib, 64, outputs=False, device=dev, budget_gb=cfg.cache_ram_gb)
         x_fp, y_fp = fp_caches.pop(name)
         s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace)
         del x_q, x_fp, y_fp
+        s["seconds"] = round(time.time() - t_unit, 2)  # capture of the unit's input + its optimization
         summary.append(s)
         bar.set_postfix(unit=name, loss=f"{s['loss_after']:.4g}")
     for s in summary:
