@@ -7,7 +7,10 @@ quantized from it. Rows are appended to ``<out>.csv`` as they finish, so an inte
 grid resumes; ``<out>.md`` (mean ± std over seeds) and ``<out>.png`` (accuracy vs bits)
 are rewritten at the end. The command line is recorded in the Markdown file.
 
-Sources: real | distill | single | template | mixup | mixup-similar | mixup-dissimilar | mixup-k3
+Sources: real | distill | single | template | mixup | mixup-similar | mixup-dissimilar | mixup-k3 | learned
+(learned: multi-mode prompt embeddings learned against the model, rendered in 4 steps as learned).
+``--joint-iters N`` adds joint end-to-end PTQ of all quantization parameters after the block-wise
+step; such rows carry the algorithm label ``<algo>+jointN``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dfquant.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
 from dfquant.quant.api import quantize_any
+from dfquant.quant.joint import joint_finetune
 from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table
 from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits
 
@@ -36,6 +40,7 @@ SOURCES = {
     "single": dict(strategy="single"), "template": dict(strategy="template"),
     "mixup": dict(strategy="mixup"), "mixup-similar": dict(strategy="mixup", pairing="similar"),
     "mixup-dissimilar": dict(strategy="mixup", pairing="dissimilar"), "mixup-k3": dict(strategy="mixup", k=3),
+    "learned": dict(strategy="learned", steps=4),
 }
 FIELDS = ["model", "strategy", "algo", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "quant_seconds"]
 
@@ -50,6 +55,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--distill-iters", type=int, default=200)
+    ap.add_argument("--joint-iters", type=int, default=0, help="joint end-to-end PTQ steps after block-wise PTQ")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/grid")
@@ -69,7 +75,7 @@ def main() -> None:
                 cfg = RunConfig(model=model, n=args.n, seed=seed, distill_iters=args.distill_iters,
                                 out=calib_run_dir(spec, source, seed), **SOURCES[source])
                 pending = [(a, b) for a in args.algos for b in args.bits
-                           if (model, source, _algo(a, spec), b, str(seed)) not in done]
+                           if (model, source, _label(a, spec, args.joint_iters), b, str(seed)) not in done]
                 if not pending:
                     continue
                 _, src = _calibration_stage(Run(cfg), spec, progress=True)
@@ -84,7 +90,10 @@ def main() -> None:
                         vit = default_vit_options(spec.model)
                     t0 = time.time()
                     qmodel, _ = quantize_any(spec.model, calib, algo, wbits, abits, args.iters, 32, seed, "cpu", vit)
-                    row = {"model": model, "strategy": source, "algo": algo, "bits": bits, "seed": seed,
+                    if args.joint_iters > 0:
+                        joint_finetune(qmodel, calib, args.joint_iters, 32, seed=seed)
+                    row = {"model": model, "strategy": source, "algo": _label(algo, spec, args.joint_iters),
+                           "bits": bits, "seed": seed,
                            "n_calib": len(calib), "iters": args.iters, "fp_top1": round(fp_top1, 2),
                            "q_top1": round(evaluate(spec, qmodel, limit=args.eval_limit), 2),
                            "quant_seconds": round(time.time() - t0, 1)}
@@ -102,13 +111,19 @@ def main() -> None:
     cmds = "".join(f"- `{c}`\n" for c in cmd_log.read_text().splitlines()) if cmd_log.exists() else ""
     write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommands that produced the rows (CPU, 2 cores shared; "
                "each row of the CSV records its iterations per block, calibration size and seed; paper: 20000 "
-               "iterations per block, 1024 images, batch 32):\n\n" + cmds + "\nTest set: "
+               "iterations per block, 1024 images, batch 32):\n\n" + cmds + "\ntime (s): wall time of one row on one "
+               "CPU thread (quantization, joint steps if any, and the test-set evaluation), mean over seeds; the calibration "
+               "set's generation or distillation is not included.\n\nTest set: "
                f"{'first ' + str(args.eval_limit) if args.eval_limit else 'full 10k'} images.\n\n"
                + aggregate_table(agg) + f"\n![accuracy vs bits]({out.with_suffix('.png').name})\n")
 
 
 def _algo(algo: str, spec) -> str:
     return ("repq-vit" if spec.is_vit else "genie-m") if algo == "auto" else algo
+
+
+def _label(algo: str, spec, joint_iters: int) -> str:
+    return _algo(algo, spec) + (f"+joint{joint_iters}" if joint_iters > 0 else "")
 
 
 if __name__ == "__main__":

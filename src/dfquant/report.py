@@ -28,22 +28,29 @@ def _rows(run_dirs: list[Path]) -> list[dict]:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds of quantized top-1, per (model, calibration, algo, bits)."""
+    """Mean and std over seeds of quantized top-1 (and mean wall time), per (model, calibration, algo, bits)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["model"], r["strategy"], r["algo"], r["bits"])].append(r)
     out = []
     for (model, strat, algo, bits), rs in groups.items():
         acc = np.array([r["q_top1"] for r in rs])
+        secs = [float(r["quant_seconds"]) for r in rs if r.get("quant_seconds") not in (None, "")]
         out.append({"model": model, "calibration": strat, "algo": algo, "bits": bits, "fp_top1": rs[0]["fp_top1"],
-                    "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "seeds": len(acc)})
+                    "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "seeds": len(acc),
+                    "seconds": sum(secs) / len(secs) if secs else None})
     return sorted(out, key=lambda r: (r["model"], r["bits"], -r["mean"]))
 
 
 def aggregate_table(agg: list[dict]) -> str:
-    head = "| model | calibration | algo | bits | FP top-1 | quantized top-1 (mean ± std) | seeds |\n|---|---|---|---|---|---|---|\n"
+    head = ("| model | calibration | algo | bits | FP top-1 | quantized top-1 (mean ± std) | seeds | time (s) |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+
+    def secs(a: dict) -> str:
+        return "–" if a.get("seconds") is None else f"{a['seconds']:.0f}"
+
     return head + "".join(f"| {a['model']} | {a['calibration']} | {a['algo']} | {a['bits']} | {a['fp_top1']:.2f} | "
-                          f"{a['mean']:.2f} ± {a['std']:.2f} | {a['seeds']} |\n" for a in agg)
+                          f"{a['mean']:.2f} ± {a['std']:.2f} | {a['seeds']} | {secs(a)} |\n" for a in agg)
 
 
 def accuracy_vs_bits(agg: list[dict], path: Path) -> None:
@@ -52,11 +59,13 @@ def accuracy_vs_bits(agg: list[dict], path: Path) -> None:
     for ax, model in zip(axes[0], models):
         sub = [a for a in agg if a["model"] == model]
         bits = sorted({a["bits"] for a in sub}, key=lambda b: -sum(float(x) for x in b[1:].split("A")))
-        for i, cal in enumerate(sorted({a["calibration"] for a in sub})):
-            pts = {a["bits"]: a for a in sub if a["calibration"] == cal}
+        several_algos = len({a["algo"] for a in sub}) > 1
+        for i, (cal, algo) in enumerate(sorted({(a["calibration"], a["algo"]) for a in sub})):
+            pts = {a["bits"]: a for a in sub if (a["calibration"], a["algo"]) == (cal, algo)}
             xs = [j for j, b in enumerate(bits) if b in pts]
-            ax.errorbar(xs, [pts[bits[j]]["mean"] for j in xs], yerr=[pts[bits[j]]["std"] for j in xs],
-                        marker="o", capsize=3, label=cal, color=f"C{i}")
+            ax.errorbar(xs, [pts[bits[j]]["mean"] for j in xs], yerr=[pts[bits[j]]["std"] for j in xs], marker="o",
+                        capsize=3, label=f"{cal} / {algo}" if several_algos else cal, color=f"C{i % 10}",
+                        ls="-" if i < 10 else "--")
         ax.axhline(sub[0]["fp_top1"], color="k", ls="--", lw=1, label="full precision")
         ax.set_xticks(range(len(bits)), bits)
         ax.set_ylabel("top-1 (%)")
