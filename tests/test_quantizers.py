@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer, check_bits
+from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer, check_bits, round_ste
 from dfquant.quant.reconstruct import _Beta
 
 
@@ -113,3 +113,35 @@ def test_log_sqrt2_levels():
     k = -2 * torch.log2(nz)
     assert torch.allclose(k, k.round(), atol=1e-4) and k.max() <= 15
     assert (y[x < s * 2 ** (-8)] == 0).all()  # below the smallest level -> 0
+
+
+def test_no_grad_rounding_is_bit_identical_to_straight_through():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100_000, generator=g) * s for s in (1e-3, 0.7, 3.0, 1e3, 1e7)]
+                  + [torch.arange(-8, 8) + 0.5, torch.tensor([0.49999997, -0.49999997, 2.0**23 + 1])])
+    with torch.no_grad():
+        fast = round_ste(x)
+    slow = round_ste(x.clone().requires_grad_(True)).detach()
+    assert torch.equal(fast, slow)
+
+
+def test_mse_range_search_matches_reference():
+    """The in-place search picks exactly the clip ratio the textbook formula picks."""
+    x = torch.randn(8, 16, 6, 6, generator=torch.Generator().manual_seed(1)) * 2 + 0.3
+    for axis in (None, 1):
+        q = UniformQuantizer(4, channel_axis=axis)
+        q.init_range(x, method="mse")
+        ref = UniformQuantizer(4, channel_axis=axis)
+        ref.signed = bool(x.min() < 0)
+        lo, hi = ref._minmax(x)
+        shape = ref._shape(x)
+        best, best_s = None, None
+        for i in range(100):
+            s_, z_ = ref._params_for(lo * (1 - i / 100), hi * (1 - i / 100))
+            xq = (torch.clamp(torch.round(x / s_.view(shape)) + z_.view(shape), *ref.qrange) - z_.view(shape)) * s_.view(shape)
+            err = (xq - x).abs().pow(2.4)
+            err = err.sum().view(1) if axis is None else err.transpose(0, axis).reshape(len(lo), -1).sum(1)
+            better = err < best if best is not None else torch.ones_like(err, dtype=torch.bool)
+            best = err if best is None else torch.where(better, err, best)
+            best_s = s_ if best_s is None else torch.where(better, s_, best_s)
+        assert torch.equal(q.scale.data, best_s.float().flatten())

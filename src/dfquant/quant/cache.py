@@ -2,7 +2,10 @@
 
 Block inputs/outputs for 1024 images are needed at every unit. Small ones stay in RAM;
 once a tensor would pass the budget it is written to a memory-mapped file in a temp
-folder and streamed back per batch, so ResNet-50 at 224px does not need tens of GB.
+folder and streamed back per batch. The full-precision targets are captured for as many
+upcoming units as fit half the budget at a time (:func:`plan_chunks`), so neither RAM nor
+disk ever holds every block's activations: ResNet-50 at 224px with 1024 images would need
+about 49 GB for all of them.
 """
 
 from __future__ import annotations
@@ -94,15 +97,25 @@ def capture(model: torch.nn.Module, module: torch.nn.Module, images: torch.Tenso
 def capture_all(model: torch.nn.Module, modules: dict[str, torch.nn.Module], images: torch.Tensor, batch_size: int,
                 device: torch.device | str = "cpu", budget_gb: float = DEFAULT_BUDGET_GB
                 ) -> dict[str, tuple[ActivationCache, ActivationCache]]:
-    """One full forward pass over ``images`` caching the input and output of every module in ``modules``
-    (used for the full-precision targets, which do not change during reconstruction)."""
+    """One forward pass over ``images`` caching the input and output of every module in ``modules``
+    (used for the full-precision targets, which do not change during reconstruction). Each pass
+    stops as soon as every one of ``modules`` has run."""
     store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = [m.register_forward_hook(lambda _m, a, out, k=k: store.__setitem__(k, (a[0], out)))
-               for k, m in modules.items()]
+
+    def hook(key: str, args, out) -> None:
+        store[key] = (args[0], out)
+        if len(store) == len(modules):
+            raise _Stop
+
+    handles = [m.register_forward_hook(lambda _m, a, out, k=k: hook(k, a, out)) for k, m in modules.items()]
     caches: dict[str, tuple[ActivationCache, ActivationCache]] = {}
     try:
         for i in range(0, len(images), batch_size):
-            model(images[i : i + batch_size].to(device))
+            store.clear()
+            try:
+                model(images[i : i + batch_size].to(device))
+            except _Stop:
+                pass
             for k, (a, out) in store.items():
                 if k not in caches:
                     caches[k] = (ActivationCache(len(images), tuple(a.shape[1:]), budget_gb),
@@ -113,3 +126,32 @@ def capture_all(model: torch.nn.Module, modules: dict[str, torch.nn.Module], ima
         for h in handles:
             h.remove()
     return caches
+
+
+@torch.no_grad()
+def io_bytes_per_image(model: torch.nn.Module, modules: dict[str, torch.nn.Module], image: torch.Tensor) -> dict[str, int]:
+    """float32 bytes of each module's input + output for one image (one probe forward pass)."""
+    sizes: dict[str, int] = {}
+    handles = [m.register_forward_hook(lambda _m, a, out, k=k: sizes.__setitem__(k, 4 * (a[0][0].numel() + out[0].numel())))
+               for k, m in modules.items()]
+    try:
+        model(image[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
+def plan_chunks(names: list[str], bytes_per_unit: dict[str, int], budget_bytes: float) -> list[list[str]]:
+    """Split ``names`` (forward order) into consecutive runs whose caches fit ``budget_bytes``
+    together (a unit larger than the budget is a run of its own and spills to disk)."""
+    chunks: list[list[str]] = []
+    used = 0
+    for name in names:
+        size = bytes_per_unit.get(name, 0)
+        if not chunks or used + size > budget_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return chunks

@@ -21,7 +21,14 @@ TERNARY = 1.58
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through gradient."""
+    """Round with a straight-through gradient.
+
+    Where no gradient is recorded (range search, evaluation) this is a plain ``round``: the
+    value is bit-identical, since ``round(x) - x`` is exact in floating point (Sterbenz) and
+    adding ``x`` back is then exact too, and it skips two full-size tensor operations.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.round()
     return (x.round() - x).detach() + x
 
 
@@ -142,7 +149,7 @@ class UniformQuantizer(nn.Module):
             for i in range(grid):
                 r = 1.0 - i / grid
                 s, z = self._params_for(lo * r, hi * r)
-                err = (self.quantize(x, s.view(shape), z.view(shape)) - x).abs().pow(p)
+                err = self.quantize(x, s.view(shape), z.view(shape)).sub_(x).abs_().pow_(p)
                 err = err.sum().view(1) if self.channel_axis is None else err.transpose(0, self.channel_axis).reshape(len(lo), -1).sum(1)
                 better = err < best
                 best = torch.where(better, err, best)

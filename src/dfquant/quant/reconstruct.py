@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
-from dfquant.quant.cache import DEFAULT_BUDGET_GB, capture, capture_all
+from dfquant.quant.cache import DEFAULT_BUDGET_GB, capture, capture_all, io_bytes_per_image, plan_chunks
 from dfquant.quant.modules import act_quantizers, quant_layers, set_quant_state
 from dfquant.quant.transform import recon_units
 
@@ -175,12 +175,19 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     set_quant_state(fp_model, weights=False, acts=False)
     set_quant_state(qmodel, weights=True, acts=True)
     units = recon_units(qmodel, cfg.granularity)
-    fp_caches = capture_all(fp_model, {u: fp_model.get_submodule(u) for u in units}, calib, 64, dev, cfg.cache_ram_gb)
+    fp_units = {u: fp_model.get_submodule(u) for u in units}
+    # FP targets for as many upcoming units as fit half the RAM budget, one (early-stopped) pass per chunk
+    chunks = plan_chunks(units, {k: v * len(calib) for k, v in io_bytes_per_image(fp_model, fp_units, calib[:1].to(dev)).items()},
+                         cfg.cache_ram_gb * 2**30 / 2)
+    fp_caches: dict = {}
     summary = []
     t0 = time.time()
     bar = tqdm(units, desc=f"{cfg.algo}", disable=not progress)
     for name in bar:
         t_unit = time.time()
+        if name not in fp_caches:
+            chunk = next(c for c in chunks if name in c)
+            fp_caches = capture_all(fp_model, {u: fp_units[u] for u in chunk}, calib, 64, dev, cfg.cache_ram_gb)
         unit = qmodel.get_submodule(name)
         x_q, _ = capture(qmodel, unit, calib, 64, outputs=False, device=dev, budget_gb=cfg.cache_ram_gb)
         x_fp, y_fp = fp_caches.pop(name)
