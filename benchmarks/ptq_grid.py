@@ -10,7 +10,7 @@ are rewritten at the end. The command line is recorded in the Markdown file.
 Sources: real | distill | single | template | mixup | mixup-similar | mixup-dissimilar | mixup-k3 | learned
 (learned: multi-mode prompt embeddings learned against the model, rendered in 4 steps as learned).
 ``--joint-iters N`` adds joint end-to-end PTQ of all quantization parameters after the block-wise
-step; such rows carry the algorithm label ``<algo>+jointN``.
+step: each run then records the block-wise row and, from the same model, the ``<algo>+jointN`` row.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--distill-iters", type=int, default=200)
     ap.add_argument("--joint-iters", type=int, default=0, help="joint end-to-end PTQ steps after block-wise PTQ")
+    ap.add_argument("--joint-lr", type=float, default=1e-5, help="Adam learning rate of the joint steps")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/grid")
@@ -74,8 +75,9 @@ def main() -> None:
             for seed in args.seeds:
                 cfg = RunConfig(model=model, n=args.n, seed=seed, distill_iters=args.distill_iters,
                                 out=calib_run_dir(spec, source, seed), **SOURCES[source])
+                labels = lambda a: [_algo(a, spec)] + ([_label(a, spec, args.joint_iters)] if args.joint_iters else [])  # noqa: E731
                 pending = [(a, b) for a in args.algos for b in args.bits
-                           if (model, source, _label(a, spec, args.joint_iters), b, str(seed)) not in done]
+                           if any((model, source, lab, b, str(seed)) not in done for lab in labels(a))]
                 if not pending:
                     continue
                 _, src = _calibration_stage(Run(cfg), spec, progress=True)
@@ -88,18 +90,28 @@ def main() -> None:
                         from dfquant.quant.vit import default_vit_options
 
                         vit = default_vit_options(spec.model)
+                    base = {"model": model, "strategy": source, "bits": bits, "seed": seed, "n_calib": len(calib),
+                            "iters": args.iters, "fp_top1": round(fp_top1, 2)}
+
+                    def record(label: str, seconds: float) -> None:
+                        """Evaluate the current ``qmodel``; ``seconds`` counts its quantization (+ joint) steps."""
+                        t_eval = time.time()
+                        row = {**base, "algo": label, "q_top1": round(evaluate(spec, qmodel, limit=args.eval_limit), 2)}
+                        row["quant_seconds"] = round(seconds + time.time() - t_eval, 1)
+                        print(row, flush=True)
+                        with open(csv_path, "a", newline="") as fh:
+                            csv.DictWriter(fh, FIELDS).writerow(row)
+                        done.add((model, source, label, bits, str(seed)))
+
                     t0 = time.time()
                     qmodel, _ = quantize_any(spec.model, calib, algo, wbits, abits, args.iters, 32, seed, "cpu", vit)
+                    t_block = time.time() - t0
+                    if (model, source, algo, bits, str(seed)) not in done:  # the block-wise row comes for free
+                        record(algo, t_block)
                     if args.joint_iters > 0:
-                        joint_finetune(qmodel, calib, args.joint_iters, 32, seed=seed)
-                    row = {"model": model, "strategy": source, "algo": _label(algo, spec, args.joint_iters),
-                           "bits": bits, "seed": seed,
-                           "n_calib": len(calib), "iters": args.iters, "fp_top1": round(fp_top1, 2),
-                           "q_top1": round(evaluate(spec, qmodel, limit=args.eval_limit), 2),
-                           "quant_seconds": round(time.time() - t0, 1)}
-                    print(row, flush=True)
-                    with open(csv_path, "a", newline="") as fh:
-                        csv.DictWriter(fh, FIELDS).writerow(row)
+                        t0 = time.time()
+                        joint_finetune(qmodel, calib, args.joint_iters, 32, lr=args.joint_lr, seed=seed)
+                        record(_label(algo, spec, args.joint_iters), t_block + time.time() - t0)
     with open(csv_path) as fh:
         rows = [{**r, "q_top1": float(r["q_top1"]), "fp_top1": float(r["fp_top1"])} for r in csv.DictReader(fh)]
     agg = aggregate(rows)
