@@ -145,3 +145,21 @@ def test_mse_range_search_matches_reference():
             best = err if best is None else torch.where(better, err, best)
             best_s = s_ if best_s is None else torch.where(better, s_, best_s)
         assert torch.equal(q.scale.data, best_s.float().flatten())
+
+
+def test_mse_search_on_huge_tensors_uses_a_fixed_subset(monkeypatch):
+    from dfquant.quant import quantizers
+
+    x = torch.randn(64, 1000, generator=torch.Generator().manual_seed(2)).relu()
+    full = UniformQuantizer(4)
+    full.init_range(x)
+    monkeypatch.setattr(quantizers, "MSE_SAMPLE", 4000)  # x has 64000 elements
+    a, b = UniformQuantizer(4), UniformQuantizer(4)
+    a.init_range(x)
+    b.init_range(x)
+    assert torch.equal(a.scale.data, b.scale.data)                         # deterministic
+    assert torch.allclose(a.scale.data, full.scale.data, rtol=0.1)         # close to the full search
+    monkeypatch.setattr(quantizers, "MSE_SAMPLE", 10**6)
+    c = UniformQuantizer(4)
+    c.init_range(x)
+    assert torch.equal(c.scale.data, full.scale.data)                      # below the limit: every element

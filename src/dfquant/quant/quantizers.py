@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
+MSE_SAMPLE = 2**23  # per-tensor MSE search looks at most this many elements (every mini-world tensor is smaller)
 TERNARY = 1.58
 
 
@@ -143,6 +144,11 @@ class UniformQuantizer(nn.Module):
         elif method == "minmax":
             scale, zp = self._params_for(lo, hi)
         elif method == "mse":
+            if self.channel_axis is None and x.numel() > MSE_SAMPLE:
+                # ImageNet-size activations: estimate the Lp error on a fixed random subset of the
+                # elements (the range itself, lo/hi above, still comes from every element)
+                idx = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:MSE_SAMPLE]
+                x = x.flatten()[idx.to(x.device)]
             shape = self._shape(x)
             best = torch.full_like(lo, float("inf"))
             scale, zp = self._params_for(lo, hi)
