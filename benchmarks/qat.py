@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/qat")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite <out>.md/.png from the CSV")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,6 +72,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = out.with_suffix(".csv")
     done = open_results(csv_path, FIELDS, _key)
+    cmd_log = out.with_suffix(".commands.txt")
+    if not args.report_only:  # every invocation, logged before it starts so an interrupted one is listed too
+        with open(cmd_log, "a") as fh:
+            fh.write("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
 
     def record(row: dict) -> None:
         print(row, flush=True)
@@ -94,7 +99,7 @@ def main() -> None:
         return calib_cache[(spec.name, which)]
 
     # ----- part 1: PTQ vs NIPQ QAT ---------------------------------------------------------------
-    for model in args.models:
+    for model in [] if args.report_only else args.models:
         arch = model.partition("/")[2]
         if model.startswith("fmnist/") and not (zoo_dir() / f"fmnist_{arch}.safetensors").exists():
             print(f"skipping {model}: no committed weights (dfq train-classifier {model})", flush=True)
@@ -125,7 +130,7 @@ def main() -> None:
                         "seconds": round(time.time() - t0, 1)})
 
     # ----- part 2: SymReg/SatNL-trained ResNet-20 vs the plain one under PTQ ---------------------
-    if args.robust:
+    if args.robust and not args.report_only:
         plain = get_model("fmnist/resnet20")
         robust = get_model(f"fmnist/resnet20@{args.robust}")
         label = "+".join(k for k in ("symreg", "satnl") if robust.card.get(k)) or "robust"
@@ -142,7 +147,7 @@ def main() -> None:
                 record({**row, "n_calib": len(calib), "iters": args.ptq_iters, "fp_top1": fp_top1(spec),
                         "q_top1": round(evaluate(spec, qmodel, limit=args.eval_limit), 2),
                         "seconds": round(time.time() - t0, 1)})
-    else:
+    elif not args.report_only:
         print("part 2 skipped: pass --robust DIR after `dfq train-classifier fmnist/resnet20 --symreg 1e-3 --satnl "
               "--out DIR`", flush=True)
 
@@ -151,11 +156,11 @@ def main() -> None:
     if not rows:
         raise DfqError(f"no results in {csv_path}; check --models")
     _plot(rows, out.with_suffix(".png"))
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    cmds = "".join(f"- `{c}`\n" for c in cmd_log.read_text().splitlines()) if cmd_log.exists() else ""
     synthetic = args.synthetic if args.synthetic not in ("generated", "distill") else (
         "mixup prompts (k=2, random pairing) rendered by the mini generator" if args.synthetic == "generated"
         else f"Genie BN inversion ({args.distill_iters} iterations)")
-    write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommand: `{cmd}`\n\nCPU ({torch.get_num_threads()} threads), "
+    write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommands that produced the rows:\n\n{cmds}\nCPU (1 thread per run), "
                f"{args.n} calibration images, batch 32; synthetic set: {synthetic}; Genie-M: {args.ptq_iters} iterations "
                f"per block; NIPQ QAT: {args.qat_iters} steps, Adam lr {args.qat_lr:g} (clip 10x), KL distillation from the "
                f"FP model, relative BN re-estimation + activation range re-init after hardening; first/last layer 8 bit; test set "
