@@ -117,3 +117,18 @@ def test_fp_targets_in_budgeted_chunks_give_the_same_model(resnet20, calib, monk
     assert peak["ram"] <= budget_gb * 2**30
     a, b = one_pass.state_dict(), chunked.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reconstruction_and_joint_keep_batchnorm_statistics(resnet20, calib):
+    """Genie-M keeps BatchNorm unfolded: its running statistics must survive reconstruction and
+    joint PTQ (training mode is for the quantizers only)."""
+    from dfquant.quant.joint import joint_finetune
+
+    q, _ = quantize(resnet20.model, calib[:64], "genie-m", 4, 4, iters=2, progress=False)
+    bns = [m for m in q.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    ref = [m for m in resnet20.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == len(ref) > 0
+    assert all(torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+               for a, b in zip(bns, ref))
+    joint_finetune(q, calib[:64], iters=2, progress=False)
+    assert all(torch.equal(a.running_mean, b.running_mean) for a, b in zip(bns, ref))

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
-from dfquant.quant.modules import QuantLayer, act_quantizers, set_quant_state
+from dfquant.quant.modules import QuantLayer, act_quantizers, set_quant_state, train_keep_bn
 from dfquant.quant.transform import recon_units
 
 
@@ -67,7 +67,7 @@ def joint_finetune(qmodel: nn.Module, calib: torch.Tensor, iters: int, batch_siz
         state = torch.load(resume, weights_only=False)
         qmodel.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"]); start, losses = state["step"], state["losses"]
-    qmodel.train()
+    train_keep_bn(qmodel)
     try:
         stop = iters if max_steps is None else min(iters, start + max_steps)
         for step in tqdm(range(start, stop), desc="joint PTQ", disable=not progress, initial=start, total=iters):

@@ -103,3 +103,15 @@ def set_quant_state(module: nn.Module, weights: bool, acts: bool) -> None:
             m.wq.enabled = weights
     for q in act_quantizers(module):
         q.enabled = acts
+
+
+def train_keep_bn(module: nn.Module) -> None:
+    """Training mode for the quantizers (QDrop, noise), but BatchNorm keeps its running statistics:
+    in training mode it would normalize with calibration-batch statistics and overwrite the
+    statistics the model was trained with, so the quantized model would no longer match its
+    full-precision target."""
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+

@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
-from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, act_quantizers
+from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, act_quantizers, train_keep_bn
 from dfquant.quant.quantizers import UniformQuantizer, check_bits, round_ste
 
 BIT_RANGE = (2.0, 8.0)
@@ -349,14 +349,6 @@ def _param_groups(qmodel: nn.Module, lr: float, lr_clip: float, lr_bits: float) 
     return [g for g in groups if g["params"]]
 
 
-def _set_train(qmodel: nn.Module) -> None:
-    """Noise in the quantizers, but BatchNorm keeps its (real-data) running statistics."""
-    qmodel.train()
-    for m in qmodel.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
 def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int, lr: float = 1e-4,
                 budget: float | None = None, batch_size: int = 32, lr_clip: float | None = None, lr_bits: float = 1e-2,
                 penalty: float = 1.0, temperature: float = 1.0, augment: bool = True, seed: int = 0,
@@ -394,7 +386,7 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
                            "delete it or choose another output folder")
         qmodel.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"]); torch.set_rng_state(state["rng"]); start, losses = state["step"], state["losses"]
-    _set_train(qmodel)
+    train_keep_bn(qmodel)
     try:
         stop = iters if max_steps is None else min(iters, start + max_steps)
         bar = tqdm(range(start, stop), desc="NIPQ QAT", disable=not progress, initial=start, total=iters, mininterval=1.0)

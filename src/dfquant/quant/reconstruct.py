@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
 from dfquant.quant.cache import DEFAULT_BUDGET_GB, capture, capture_all, io_bytes_per_image, plan_chunks
-from dfquant.quant.modules import act_quantizers, quant_layers, set_quant_state
+from dfquant.quant.modules import act_quantizers, quant_layers, set_quant_state, train_keep_bn
 from dfquant.quant.transform import recon_units
 
 ALGOS = ("minmax", "mse", "adaround", "brecq", "qdrop", "genie-m")
@@ -115,7 +115,7 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
     beta = _Beta(cfg.iters, cfg.warmup, *cfg.beta)
     for q in aqs:
         q.drop_prob = cfg.drop_prob
-    unit.train()
+    train_keep_bn(unit)
     bar = tqdm(range(cfg.iters), desc=f"recon {name}", leave=False, mininterval=1.0)
     try:
         for it in bar:
