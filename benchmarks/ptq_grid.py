@@ -75,9 +75,9 @@ def main() -> None:
             for seed in args.seeds:
                 cfg = RunConfig(model=model, n=args.n, seed=seed, distill_iters=args.distill_iters,
                                 out=calib_run_dir(spec, source, seed), **SOURCES[source])
-                labels = lambda a: [_algo(a, spec)] + ([_label(a, spec, args.joint_iters)] if args.joint_iters else [])  # noqa: E731
-                pending = [(a, b) for a in args.algos for b in args.bits
-                           if any((model, source, lab, b, str(seed)) not in done for lab in labels(a))]
+                pending = [(a, b) for a in args.algos for b in args.bits  # the block-wise row (+ the joint row)
+                           if any((model, source, _label(a, spec, j), b, str(seed)) not in done
+                                  for j in {0, args.joint_iters})]
                 if not pending:
                     continue
                 _, src = _calibration_stage(Run(cfg), spec, progress=True)
