@@ -32,7 +32,7 @@ from dfquant.io import write_text
 from dfquant.models.registry import get_model
 from dfquant.quant.api import quantize_any
 from dfquant.quant.joint import joint_finetune
-from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table
+from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table, paired_comparison
 from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits
 
 SOURCES = {
@@ -68,11 +68,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = out.with_suffix(".csv")
     done = open_results(csv_path, FIELDS, lambda r: (r["model"], r["strategy"], r["algo"], r["bits"], r["seed"]))
-    for model in [] if args.report_only else args.models:
-        spec = get_model(model)
-        fp_top1 = evaluate(spec, limit=args.eval_limit)
-        for source in args.sources:
-            for seed in args.seeds:
+    specs = {m: get_model(m) for m in ([] if args.report_only else args.models)}
+    fp_top1s: dict[str, float] = {}
+    for source in args.sources:  # source-major: a generated set is rendered once and serves every model
+        for seed in args.seeds:
+            for model, spec in specs.items():
+                if source == "distill" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in spec.model.modules()):
+                    print(f"skip {model} / distill: no BatchNorm statistics to invert", flush=True)
+                    continue
                 cfg = RunConfig(model=model, n=args.n, seed=seed, distill_iters=args.distill_iters,
                                 out=calib_run_dir(spec, source, seed), **SOURCES[source])
                 pending = [(a, b) for a in args.algos for b in args.bits  # the block-wise row (+ the joint row)
@@ -80,6 +83,9 @@ def main() -> None:
                                   for j in {0, args.joint_iters})]
                 if not pending:
                     continue
+                if model not in fp_top1s:
+                    fp_top1s[model] = evaluate(spec, limit=args.eval_limit)
+                fp_top1 = fp_top1s[model]
                 _, src = _calibration_stage(Run(cfg), spec, progress=True)
                 calib = load_calibration(src, spec, args.n, seed)
                 for algo, bits in pending:
@@ -99,7 +105,7 @@ def main() -> None:
                         row = {**base, "algo": label, "q_top1": round(evaluate(spec, qmodel, limit=args.eval_limit), 2)}
                         row["quant_seconds"] = round(seconds + time.time() - t_eval, 1)
                         print(row, flush=True)
-                        with open(csv_path, "a", newline="") as fh:
+                        with open(csv_path, "a", newline="") as fh:  # one short append: lanes may share the file
                             csv.DictWriter(fh, FIELDS).writerow(row)
                         done.add((model, source, label, bits, str(seed)))
 
@@ -127,7 +133,16 @@ def main() -> None:
                "CPU thread (quantization, joint steps if any, and the test-set evaluation), mean over seeds; the calibration "
                "set's generation or distillation is not included.\n\nTest set: "
                f"{'first ' + str(args.eval_limit) if args.eval_limit else 'full 10k'} images.\n\n"
-               + aggregate_table(agg) + f"\n![accuracy vs bits]({out.with_suffix('.png').name})\n")
+               + aggregate_table(agg) + f"\n![accuracy vs bits]({out.with_suffix('.png').name})\n" + _paired(rows))
+
+
+def _paired(rows: list[dict]) -> str:
+    """Seed-paired differences of each calibration source against single-class prompts (and mixup)."""
+    present = {r["strategy"] for r in rows}
+    pairs = [(a, "single") for a in SOURCES if a != "single" and a in present and "single" in present]
+    pairs += [(a, "mixup") for a in ("mixup-similar", "mixup-dissimilar", "mixup-k3") if {a, "mixup"} <= present]
+    tables = [f"\n### {a} vs {b}\n\n" + t for a, b in pairs if (t := paired_comparison(rows, a, b))]
+    return "\n## Paired by seed\n" + "".join(tables) if tables else ""
 
 
 def _algo(algo: str, spec) -> str:

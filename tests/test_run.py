@@ -68,3 +68,14 @@ def test_shipped_configs_are_valid():
     for path in configs:
         cfg = RunConfig.load(path)
         assert all(parse_bits(b) for b in cfg.bits) and cfg.n == 1024 and cfg.batch_size == 32
+
+
+def test_paired_comparison_pairs_seeds_and_counts_wins():
+    from dfquant.report import paired_comparison
+
+    rows = [dict(model="m", algo="genie-m", bits="W2A4", strategy=s, seed=seed, q_top1=acc)
+            for s, seed, acc in [("mixup", 0, 80.0), ("single", 0, 78.0), ("mixup", 1, 70.0), ("single", 1, 71.0),
+                                 ("mixup", 2, 75.0)]]  # seed 2 has no single row: left out, not paired
+    table = paired_comparison(rows, "mixup", "single")
+    assert "| m | genie-m | W2A4 | +0.50 ± 2.12 | 1/2 |" in table
+    assert paired_comparison(rows, "mixup", "real") == ""

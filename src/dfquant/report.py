@@ -53,6 +53,28 @@ def aggregate_table(agg: list[dict]) -> str:
                           f"{a['mean']:.2f} ± {a['std']:.2f} | {a['seeds']} | {secs(a)} |\n" for a in agg)
 
 
+def paired_comparison(rows: list[dict], a: str, b: str) -> str:
+    """Markdown table of calibration ``a`` minus ``b``, paired by seed, per (model, algo, bits).
+
+    Seeds pair the two sets' prompt sampling and the quantizer's randomness, so the per-seed
+    difference removes the seed-to-seed spread both share; "wins" counts seeds where ``a`` is higher.
+    Empty when no (model, algo, bits) has both.
+    """
+    acc = {(r["model"], r["algo"], r["bits"], r["strategy"], str(r["seed"])): float(r["q_top1"]) for r in rows}
+    lines = []
+    for model, algo, bits in sorted({k[:3] for k in acc}):
+        seeds = sorted({k[4] for k in acc if k[:3] == (model, algo, bits)})
+        diff = np.array([acc[(model, algo, bits, a, s)] - acc[(model, algo, bits, b, s)] for s in seeds
+                         if (model, algo, bits, a, s) in acc and (model, algo, bits, b, s) in acc])
+        if len(diff):
+            std = f"{diff.std(ddof=1):.2f}" if len(diff) > 1 else "–"
+            lines.append(f"| {model} | {algo} | {bits} | {diff.mean():+.2f} ± {std} | {int((diff > 0).sum())}/{len(diff)} |\n")
+    if not lines:
+        return ""
+    return (f"| model | algo | bits | {a} − {b} (points, mean ± std over seeds) | seeds {a} wins |\n"
+            "|---|---|---|---|---|\n" + "".join(lines))
+
+
 def accuracy_vs_bits(agg: list[dict], path: Path) -> None:
     models = sorted({a["model"] for a in agg})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
