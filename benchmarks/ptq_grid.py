@@ -9,6 +9,8 @@ are rewritten at the end. The command line is recorded in the Markdown file.
 
 Sources: real | distill | single | template | mixup | mixup-similar | mixup-dissimilar | mixup-k3 | learned
 (learned: multi-mode prompt embeddings learned against the model, rendered in 4 steps as learned).
+``--bn-recalib relative`` also records ``<algo>+bnrel``: the same block-wise model after relative
+BatchNorm re-estimation on the calibration set (:mod:`dfquant.quant.bn`; costs one evaluation).
 ``--joint-iters N`` adds joint end-to-end PTQ of all quantization parameters after the block-wise
 step: each run then records the block-wise row and, from the same model, the ``<algo>+jointN`` row.
 """
@@ -16,6 +18,7 @@ step: each run then records the block-wise row and, from the same model, the ``<
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import shlex
 import sys
@@ -31,6 +34,7 @@ from dfquant.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
 from dfquant.quant.api import quantize_any
+from dfquant.quant.bn import recalibrate_bn
 from dfquant.quant.joint import joint_finetune
 from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table, paired_comparison
 from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits
@@ -57,6 +61,8 @@ def main() -> None:
     ap.add_argument("--distill-iters", type=int, default=200)
     ap.add_argument("--joint-iters", type=int, default=0, help="joint end-to-end PTQ steps after block-wise PTQ")
     ap.add_argument("--joint-lr", type=float, default=1e-5, help="Adam learning rate of the joint steps")
+    ap.add_argument("--bn-recalib", default="none", choices=["none", "relative", "absolute"],
+                    help="also record <algo>+bn<mode>: the block-wise model after BN re-estimation on the calibration set")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/grid")
@@ -78,9 +84,8 @@ def main() -> None:
                     continue
                 cfg = RunConfig(model=model, n=args.n, seed=seed, distill_iters=args.distill_iters,
                                 out=calib_run_dir(spec, source, seed), **SOURCES[source])
-                pending = [(a, b) for a in args.algos for b in args.bits  # the block-wise row (+ the joint row)
-                           if any((model, source, _label(a, spec, j), b, str(seed)) not in done
-                                  for j in {0, args.joint_iters})]
+                pending = [(a, b) for a in args.algos for b in args.bits  # the block-wise row (+ the extra rows)
+                           if any((model, source, label, b, str(seed)) not in done for label in _labels(a, spec, args))]
                 if not pending:
                     continue
                 if model not in fp_top1s:
@@ -114,10 +119,17 @@ def main() -> None:
                     t_block = time.time() - t0
                     if (model, source, algo, bits, str(seed)) not in done:  # the block-wise row comes for free
                         record(algo, t_block)
+                    bn_label = next((lab for lab in _labels(algo, spec, args) if "+bn" in lab), None)
+                    if bn_label and (model, source, bn_label, bits, str(seed)) not in done:
+                        block_model, qmodel = qmodel, copy.deepcopy(qmodel)
+                        t0 = time.time()
+                        recalibrate_bn(qmodel, calib, args.bn_recalib, spec.model)
+                        record(bn_label, t_block + time.time() - t0)
+                        qmodel = block_model
                     if args.joint_iters > 0:
                         t0 = time.time()
                         joint_finetune(qmodel, calib, args.joint_iters, 32, lr=args.joint_lr, seed=seed)
-                        record(_label(algo, spec, args.joint_iters), t_block + time.time() - t0)
+                        record(_labels(algo, spec, args)[-1], t_block + time.time() - t0)
     with open(csv_path) as fh:
         rows = [{**r, "q_top1": float(r["q_top1"]), "fp_top1": float(r["fp_top1"])} for r in csv.DictReader(fh)]
     agg = aggregate(rows)
@@ -149,8 +161,12 @@ def _algo(algo: str, spec) -> str:
     return ("repq-vit" if spec.is_vit else "genie-m") if algo == "auto" else algo
 
 
-def _label(algo: str, spec, joint_iters: int) -> str:
-    return _algo(algo, spec) + (f"+joint{joint_iters}" if joint_iters > 0 else "")
+def _labels(algo: str, spec, args) -> list[str]:
+    """Row labels one quantization yields: block-wise, then +bn<mode> and +joint<N> when asked."""
+    a = _algo(algo, spec)
+    has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in spec.model.modules())
+    return ([a] + ([f"{a}+bn{args.bn_recalib[:3]}"] if args.bn_recalib != "none" and has_bn else [])
+            + ([f"{a}+joint{args.joint_iters}"] if args.joint_iters > 0 else []))
 
 
 if __name__ == "__main__":

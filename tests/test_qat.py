@@ -127,7 +127,7 @@ def test_qat_lowers_distillation_loss_and_checkpoint_round_trip(resnet20, tmp_pa
     # relative one reproduces the FP statistics exactly (no quantization shift to apply)
     assert finalize(absolute, calib, n=64, init_images=64, act_reinit=False)["bn_stats"] == "absolute"
     fp = copy.deepcopy(resnet20.model)
-    from dfquant.quant.nipq import reestimate_bn
+    from dfquant.quant.bn import reestimate_bn
 
     reestimate_bn(fp, calib, n=64, reference=resnet20.model)
     for a, b in zip(fp.modules(), resnet20.model.modules()):

@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 
 from dfquant.errors import DfqError
 from dfquant.evaluate import evaluate
 from dfquant.quant.api import make_quant_config, quantize
+from dfquant.quant.bn import batchnorms
 from dfquant.quant.modules import QuantBlock, QuantLayer, set_quant_state
 from dfquant.quant.transform import fold_bn, quantize_model, recon_units
 
@@ -132,3 +135,28 @@ def test_reconstruction_and_joint_keep_batchnorm_statistics(resnet20, calib):
                for a, b in zip(bns, ref))
     joint_finetune(q, calib[:64], iters=2, progress=False)
     assert all(torch.equal(a.running_mean, b.running_mean) for a, b in zip(bns, ref))
+
+
+def test_relative_bn_recalibration_matches_fp_statistics_after_quantization(resnet20, calib):
+    """After relative re-estimation, the first BN (whose only quantized upstream op is the stem conv)
+    normalizes the quantized model's features to the FP model's output statistics on the same images."""
+    x = calib[:64]
+    q, info = quantize(resnet20.model, x, "genie-m", 2, 4, iters=1, progress=False, bn_recalib="relative")
+    assert info["bn_layers_reestimated"] == 21
+    plain = copy.deepcopy(q)  # the same model with the FP statistics back (re-estimation changes nothing else)
+    for a, b in zip(batchnorms(plain), batchnorms(resnet20.model), strict=True):
+        a.running_mean.copy_(b.running_mean)
+        a.running_var.copy_(b.running_var)
+
+    def bn1_out(model):
+        out = []
+        h = model.get_submodule("bn1").register_forward_hook(lambda m, i, o: out.append(o.detach()))
+        with torch.no_grad():
+            model(x)
+        h.remove()
+        return out[0].mean((0, 2, 3))
+
+    fp, recal, before = bn1_out(resnet20.model), bn1_out(q), bn1_out(plain)
+    assert (recal - fp).abs().max() < 1e-3 < (before - fp).abs().max()
+    with pytest.raises(DfqError, match="not one of relative, absolute, none"):
+        quantize(resnet20.model, x, "genie-m", 4, 4, iters=1, progress=False, bn_recalib="yes")

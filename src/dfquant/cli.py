@@ -240,6 +240,8 @@ def quantize_cmd(
     algo: str = typer.Option("genie-m", help="minmax | mse | adaround | brecq | qdrop | genie-m | repq-vit"),
     iters: int = typer.Option(20000, help="reconstruction iterations per block (paper: 20000)"),
     joint_iters: int = typer.Option(0, help="then optimize all quantization parameters jointly (logit + feature distillation)"),
+    bn_recalib: str = typer.Option("none", help="relative | absolute | none: re-estimate BatchNorm statistics after "
+                                   "reconstruction (Genie-M keeps BN; relative suits synthetic data)"),
     n: int = typer.Option(1024, help="calibration images"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
@@ -255,7 +257,7 @@ def quantize_cmd(
     _threads(threads)
     out = out or Path("runs/quantize") / f"{model.replace('/', '_')}-w{wbits:g}a{abits:g}-{algo}"
     res = run_quantize(model, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device,
-                       joint_iters=joint_iters)
+                       joint_iters=joint_iters, bn_recalib=bn_recalib)
     typer.echo(f"{model} W{wbits:g}A{abits:g} {algo}: FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}%  "
                f"({res['seconds']:.0f}s) -> {out}")
 
@@ -298,6 +300,7 @@ def run_cmd(
     wbits: Optional[float] = typer.Option(None, help="with --abits: a single bit setting (else the config's list)"),
     abits: Optional[float] = typer.Option(None),
     iters: Optional[int] = typer.Option(None, help="reconstruction iterations per block"),
+    bn_recalib: Optional[str] = typer.Option(None, help="relative | absolute | none: BatchNorm re-estimation after reconstruction"),
     seed: Optional[int] = typer.Option(None),
     out: Optional[str] = typer.Option(None, help="run folder"),
     val: Optional[str] = typer.Option(None, help="ImageNet-style val folder"),
@@ -315,7 +318,7 @@ def run_cmd(
     if wbits is not None:
         bits = [f"W{wbits:g}A{abits:g}"]
     cfg = RunConfig.load(config, model=model, source=source, strategy=strategy, k=k, pairing=pairing, n=n,
-                         generator=generator, algo=algo, bits=bits, iters=iters, seed=seed, out=out, val=val,
+                         generator=generator, algo=algo, bits=bits, iters=iters, bn_recalib=bn_recalib, seed=seed, out=out, val=val,
                          eval_limit=eval_limit, device=device)
     rows = run(cfg)
     typer.echo("\n" + results_table(rows))

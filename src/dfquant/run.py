@@ -46,6 +46,7 @@ class RunConfig:
     algo: str = "auto"               # auto: genie-m for CNNs, repq-vit for ViTs (as the paper)
     bits: list[str] = field(default_factory=lambda: ["W4A4"])
     iters: int = 20000
+    bn_recalib: str = "none"         # relative | absolute | none: BN re-estimation after reconstruction (not in the papers)
     batch_size: int = 32
     eval_limit: int | None = None
     val: str | None = None
@@ -116,7 +117,11 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     from dfquant.data.calib import load_calibration
     from dfquant.models.registry import get_model
 
+    from dfquant.quant.bn import BN_MODES
+
     bit_settings = [parse_bits(b) for b in cfg.bits]
+    if cfg.bn_recalib not in BN_MODES:
+        raise DfqError(f"bn_recalib {cfg.bn_recalib!r} is not one of {', '.join(BN_MODES)}")
     r = Run(cfg)
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())
@@ -143,7 +148,8 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     rows = []
     for (wbits, abits), tag in zip(bit_settings, cfg.bits):
         qdir = r.dir / "quant" / tag.upper()
-        key = _key("quant", calib_key, algo, wbits, abits, cfg.iters, cfg.batch_size, cfg.seed, cfg.eval_limit, cfg.val)
+        key = _key("quant", calib_key, algo, wbits, abits, cfg.iters, cfg.batch_size, cfg.seed, cfg.eval_limit, cfg.val,
+                   *([cfg.bn_recalib] if cfg.bn_recalib != "none" else []))  # old runs' keys stay valid
         if r.cached(f"quant_{tag.upper()}", key, qdir / "results.json"):
             res = read_json(qdir / "results.json")
             r.log(f"{tag}: cached, top-1 {res['q_top1']:.2f}%")
@@ -152,7 +158,8 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
 
             r.log(f"{tag}: quantizing with {algo}, {cfg.iters} iterations per block")
             res = run_quantize(cfg.model, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
-                               qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1)
+                               qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1,
+                               bn_recalib=cfg.bn_recalib)
             r.done(f"quant_{tag.upper()}", key)
             r.log(f"{tag}: top-1 {res['q_top1']:.2f}% ({res['seconds']:.0f}s)")
         rows.append({"model": cfg.model, "source": cfg.source, "strategy": _strategy_label(cfg), "algo": algo,

@@ -39,22 +39,32 @@ def build_quantized(model: nn.Module, qcfg: QuantConfig, init: bool = True, vit:
 
 def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abits: float,
              iters: int = 20000, batch_size: int = 32, seed: int = 0, device: str = "cpu",
-             trace: list | None = None, progress: bool = True, vit: dict | None = None,
+             trace: list | None = None, progress: bool = True, vit: dict | None = None, bn_recalib: str = "none",
              **recon_overrides) -> tuple[nn.Module, dict]:
-    """Quantize ``model`` with ``algo`` at W``wbits``A``abits`` on pre-normalized ``calib`` images."""
+    """Quantize ``model`` with ``algo`` at W``wbits``A``abits`` on pre-normalized ``calib`` images.
+
+    ``bn_recalib`` (relative | absolute | none): re-estimate the BatchNorm statistics of the reconstructed
+    model on ``calib`` (:mod:`dfquant.quant.bn`); only presets that keep BN unfolded (Genie-M) have any.
+    """
+    from dfquant.quant.bn import check_bn_mode, recalibrate_bn
+
+    check_bn_mode(bn_recalib, model)
     qcfg = make_quant_config(algo, wbits, abits)
     rcfg = ReconConfig.preset(algo, iters=iters, batch_size=batch_size, seed=seed, device=device, **recon_overrides)
     t0 = time.time()
     torch.manual_seed(seed)
     qmodel = build_quantized(model, qcfg, vit=vit)
     units = reconstruct(qmodel, calib, rcfg, trace=trace, progress=progress)
-    return qmodel.cpu().eval(), {"quant": qcfg, "recon": rcfg, "units": units, "seconds": round(time.time() - t0, 1)}
+    qmodel = qmodel.cpu().eval()
+    n_bn = recalibrate_bn(qmodel, calib, bn_recalib, model)
+    return qmodel, {"quant": qcfg, "recon": rcfg, "units": units, "bn_recalib": bn_recalib, "bn_layers_reestimated": n_bn,
+                    "seconds": round(time.time() - t0, 1)}
 
 
 def run_quantize(model_name: str, calib_source: str, wbits: float, abits: float, algo: str, iters: int, n: int,
                  batch_size: int, seed: int, out, val=None, eval_limit: int | None = None, device: str = "cpu",
                  progress: bool = True, calib: torch.Tensor | None = None, fp_top1: float | None = None,
-                 joint_iters: int = 0) -> dict:
+                 joint_iters: int = 0, bn_recalib: str = "none") -> dict:
     """CLI-level job: resolve model and calibration, quantize, evaluate, write checkpoint + results."""
     from pathlib import Path
 
@@ -74,7 +84,8 @@ def run_quantize(model_name: str, calib_source: str, wbits: float, abits: float,
         from dfquant.quant.vit import default_vit_options
 
         vit = default_vit_options(spec.model)
-    qmodel, info = quantize_any(spec.model, calib, algo, wbits, abits, iters, batch_size, seed, device, vit, progress)
+    qmodel, info = quantize_any(spec.model, calib, algo, wbits, abits, iters, batch_size, seed, device, vit, progress,
+                                bn_recalib)
     if joint_iters > 0:
         from dfquant.quant.joint import joint_finetune
 
@@ -83,7 +94,7 @@ def run_quantize(model_name: str, calib_source: str, wbits: float, abits: float,
                        progress=progress)
     q_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
     meta = {"algo": algo, "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
-            "iters": iters, "joint_iters": joint_iters, "batch_size": batch_size, "seed": seed, "fp_top1": fp_top1, "q_top1": q_top1,
+            "iters": iters, "joint_iters": joint_iters, "bn_recalib": bn_recalib, "batch_size": batch_size, "seed": seed, "fp_top1": fp_top1, "q_top1": q_top1,
             "seconds": info["seconds"], "units": info["units"], "vit": vit, "versions": versions(),
             "recon": {k: v for k, v in vars(info["recon"]).items()} if info.get("recon") else None,
             "full_precision_layers": info.get("full_precision_layers", [])}
@@ -94,11 +105,13 @@ def run_quantize(model_name: str, calib_source: str, wbits: float, abits: float,
 
 
 def quantize_any(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abits: float, iters: int,
-                 batch_size: int, seed: int, device: str, vit: dict | None, progress: bool = True) -> tuple[nn.Module, dict]:
+                 batch_size: int, seed: int, device: str, vit: dict | None, progress: bool = True,
+                 bn_recalib: str = "none") -> tuple[nn.Module, dict]:
     """Dispatch: RepQ-ViT for ``repq-vit``, block reconstruction otherwise."""
     if algo == "repq-vit":
         from dfquant.quant.vit import repq_vit
 
         return repq_vit(model, calib, wbits, abits, vit, iters=iters, batch_size=batch_size, seed=seed,
                         device=device, progress=progress)
-    return quantize(model, calib, algo, wbits, abits, iters, batch_size, seed, device, progress=progress, vit=vit)
+    return quantize(model, calib, algo, wbits, abits, iters, batch_size, seed, device, progress=progress, vit=vit,
+                    bn_recalib=bn_recalib)

@@ -55,8 +55,8 @@ class ActivationCache:
         self.data[idx] = value.detach().float().cpu()
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a forward hook to end a forward pass once the wanted tensor is captured."""
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def capture(model: torch.nn.Module, module: torch.nn.Module, images: torch.Tenso
         store["in"] = args[0]
         if out is not None:
             store["out"] = out
-        raise _Stop
+        raise StopForward
 
     handle = module.register_forward_hook(hook) if outputs else module.register_forward_pre_hook(hook)
     cin = cout = None
@@ -79,7 +79,7 @@ def capture(model: torch.nn.Module, module: torch.nn.Module, images: torch.Tenso
         for i in range(0, len(images), batch_size):
             try:
                 model(images[i : i + batch_size].to(device))
-            except _Stop:
+            except StopForward:
                 pass
             if cin is None:
                 cin = ActivationCache(len(images), tuple(store["in"].shape[1:]), budget_gb)
@@ -105,7 +105,7 @@ def capture_all(model: torch.nn.Module, modules: dict[str, torch.nn.Module], ima
     def hook(key: str, args, out) -> None:
         store[key] = (args[0], out)
         if len(store) == len(modules):
-            raise _Stop
+            raise StopForward
 
     handles = [m.register_forward_hook(lambda _m, a, out, k=k: hook(k, a, out)) for k, m in modules.items()]
     caches: dict[str, tuple[ActivationCache, ActivationCache]] = {}
@@ -114,7 +114,7 @@ def capture_all(model: torch.nn.Module, modules: dict[str, torch.nn.Module], ima
             store.clear()
             try:
                 model(images[i : i + batch_size].to(device))
-            except _Stop:
+            except StopForward:
                 pass
             for k, (a, out) in store.items():
                 if k not in caches:

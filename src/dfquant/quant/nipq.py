@@ -29,7 +29,7 @@ re-estimates BatchNorm statistics on the calibration set and re-initializes the 
 BatchNorm keeps the FP model's running statistics during training; the re-estimation after hardening
 is *relative* by default: the shift that quantization causes is measured on the calibration set
 (quantized vs FP model) and applied to the FP model's real-data statistics, so synthetic images
-whose own statistics differ from the real data do not replace them (see :func:`reestimate_bn`).
+whose own statistics differ from the real data do not replace them (see :func:`~dfquant.quant.bn.reestimate_bn`).
 The result is a plain :class:`~dfquant.quant.quantizers.UniformQuantizer` model that
 :func:`~dfquant.quant.checkpoint.save_quantized`, ``dfq eval`` and ``dfq export`` handle.
 """
@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
+from dfquant.quant.bn import BN_MODES, check_bn_mode, recalibrate_bn
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, act_quantizers, train_keep_bn
 from dfquant.quant.quantizers import UniformQuantizer, check_bits, round_ste
 
@@ -422,100 +423,6 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
 
 
 # ----- finalization -----------------------------------------------------------------------------
-BN_MODES = ("relative", "absolute", "none")
-
-
-class _Stop(Exception):
-    pass
-
-
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def _bn_input_stats(model: nn.Module, bns: list[nn.Module], x: torch.Tensor, batch_size: int,
-                    stop: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and (unbiased) variance of each BN's input over ``x``, the model in eval mode.
-    ``stop`` ends each forward pass at the (single) BN, which is all a sequential update needs."""
-    acc = [[0, 0.0, 0.0] for _ in bns]
-
-    def hook(i):
-        def fn(mod, inp):
-            t = inp[0].detach().transpose(0, 1).reshape(mod.num_features, -1).double()
-            acc[i][0] += t.shape[1]; acc[i][1] = acc[i][1] + t.sum(1); acc[i][2] = acc[i][2] + (t * t).sum(1)
-            if stop:
-                raise _Stop
-        return fn
-
-    handles = [bn.register_forward_pre_hook(hook(i)) for i, bn in enumerate(bns)]
-    model.eval()
-    try:
-        for i in range(0, len(x), batch_size):
-            try:
-                model(x[i : i + batch_size])
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    out = []
-    for n, s, ss in acc:
-        mean = s / n
-        var = (ss / n - mean * mean) * n / max(n - 1, 1)
-        out.append((mean.float(), var.clamp_min(0).float()))
-    return out
-
-
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, calib: torch.Tensor, batch_size: int = 64, n: int | None = None,
-                  reference: nn.Module | None = None) -> int:
-    """Re-estimate every BatchNorm's running statistics of ``model`` on ``calib``; return the number of BN layers.
-
-    Without ``reference`` (*absolute*): the statistics are replaced by those of ``calib`` (standard BN
-    re-estimation: BN in train mode, cumulative average over the batches).
-
-    With ``reference`` (*relative*, the full-precision model whose BN layers correspond one to one):
-    only the shift that quantization causes is measured on ``calib`` and applied to the reference's
-    (real-data) statistics, so a synthetic set whose statistics differ from the real data does not
-    replace them::
-
-        mean = mean_ref + (mean_q(calib) - mean_ref(calib))
-        var  = var_ref * var_q(calib) / var_ref(calib)
-
-    measured on each BN's input in eval mode, layer after layer (each measurement sees the already
-    corrected BNs upstream).
-    """
-    bns = _batchnorms(model)
-    if not bns:
-        return 0
-    x = calib if n is None else calib[:n]
-    model.eval()
-    if reference is not None:
-        ref_bns = _batchnorms(reference)
-        if len(ref_bns) != len(bns) or any(a.num_features != b.num_features for a, b in zip(bns, ref_bns)):
-            raise DfqError("the reference model's BatchNorm layers do not match the quantized model's; use absolute BN re-estimation")
-        ref_stats = _bn_input_stats(reference, ref_bns, x, batch_size)
-        for bn, rb, (m_ref, v_ref) in zip(bns, ref_bns, ref_stats):
-            (m_q, v_q), = _bn_input_stats(model, [bn], x, batch_size, stop=True)
-            bn.running_mean.copy_(rb.running_mean + (m_q - m_ref))
-            bn.running_var.copy_(rb.running_var * (v_q + bn.eps) / (v_ref + bn.eps))
-        return len(bns)
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size])
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.eval()
-    return len(bns)
-
-
 def _replace_quantizers(qmodel: nn.Module) -> None:
     for m in list(qmodel.modules()):
         if isinstance(m, (QuantLayer, QuantBlock)):
@@ -539,7 +446,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     1. round the learned bit-widths (:func:`round_bits`, honouring ``budget``) and freeze every grid;
     2. replace the pseudo-quantizers by plain :class:`UniformQuantizer` s with the same grids;
     3. re-estimate BatchNorm running statistics of the hard-quantized model on up to ``n`` calibration images
-       (:func:`reestimate_bn`; ``bn_stats``: ``relative`` to the FP model's statistics — the default when
+       (:func:`~dfquant.quant.bn.reestimate_bn`; ``bn_stats``: ``relative`` to the FP model's statistics — the default when
        ``fp_model`` is given —, ``absolute``, or ``none``);
     4. re-initialize the activation ranges (range search ``act_init`` on ``init_images`` images, in forward order,
        each quantizer on its own input in the hard-quantized model).
@@ -547,10 +454,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     if not nipq_quantizers(qmodel):
         raise DfqError("finalize needs a model from prepare_nipq (no NIPQ quantizers found)")
     bn_stats = bn_stats or ("relative" if fp_model is not None else "absolute")
-    if bn_stats not in BN_MODES:
-        raise DfqError(f"BN statistics mode {bn_stats!r} is not one of {', '.join(BN_MODES)}")
-    if bn_stats == "relative" and fp_model is None:
-        raise DfqError("relative BN re-estimation needs the full-precision model (fp_model)")
+    check_bn_mode(bn_stats, fp_model)
     init_activation_ranges(qmodel, calib)
     bits = round_bits(qmodel, budget)
     for name, (q, _) in weight_quantizers(qmodel).items():
@@ -560,8 +464,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
             q.freeze()
     _replace_quantizers(qmodel)
     qmodel.eval()
-    n_bn = 0 if bn_stats == "none" else reestimate_bn(qmodel, calib, batch_size, n,
-                                                      fp_model if bn_stats == "relative" else None)
+    n_bn = recalibrate_bn(qmodel, calib, bn_stats, fp_model, batch_size, n)
     n_act = 0
     if act_reinit:
         qs = act_quantizers(qmodel)
