@@ -135,8 +135,8 @@ def main() -> None:
         robust = get_model(f"fmnist/resnet20@{args.robust}")
         label = "+".join(k for k in ("symreg", "satnl") if robust.card.get(k)) or "robust"
         src, calib = calibration(plain, "synthetic")
-        for spec, variant in ((plain, "plain"), (robust, label)):
-            for bits in args.robust_bits:
+        for bits in args.robust_bits:  # bits-major: an interrupted sweep still has both models at each finished setting
+            for spec, variant in ((plain, "plain"), (robust, label)):
                 wbits, abits = parse_bits(bits)
                 row = {"part": "robust", "model": "fmnist/resnet20", "variant": variant, "method": "ptq-genie-m",
                        "calib": "synthetic", "bits": bits, "seed": args.seed}
