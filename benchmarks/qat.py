@@ -4,7 +4,7 @@ Part 1 (``--arms``), per zoo model (ResNet-20; MobileNetV2 when its weights exis
   ptq:synthetic   Genie-M block reconstruction on the synthetic set (``--ptq-iters`` per block)
   qat:synthetic   NIPQ QAT, distillation from the FP model on the synthetic set (``--qat-iters`` steps)
   qat:real        NIPQ QAT on real split A (the real-data upper bound)
-  (ptq:real is accepted as well)
+  (ptq:real is accepted as well; ptq+bn:synthetic | ptq+bn:real add relative BN re-estimation after Genie-M)
 Part 2 (``--robust DIR``, weights from ``dfq train-classifier fmnist/resnet20 --symreg 1e-3 --satnl --out DIR``):
   the robust ResNet-20 vs the plain one under Genie-M PTQ at ``--robust-bits`` (W8A8 .. W2A4), both
   calibrated on the plain ResNet-20's synthetic set.
@@ -43,7 +43,8 @@ from calib_cache import calib_run_dir  # noqa: E402
 from resumable_csv import open_results  # noqa: E402
 
 FIELDS = ["part", "model", "variant", "method", "calib", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "seconds"]
-ARMS = ("ptq:synthetic", "qat:synthetic", "qat:real", "ptq:real")
+ARMS = ("ptq:synthetic", "qat:synthetic", "qat:real", "ptq:real", "ptq+bn:synthetic", "ptq+bn:real")
+METHODS = {"ptq": "ptq-genie-m", "ptq+bn": "ptq-genie-m+bnrel", "qat": "nipq-qat"}
 
 
 def main() -> None:
@@ -109,7 +110,7 @@ def main() -> None:
             wbits, abits = parse_bits(bits)
             for arm in args.arms:
                 method, _, which = arm.partition(":")
-                method = "ptq-genie-m" if method == "ptq" else "nipq-qat"
+                method = METHODS[method]
                 row = {"part": "qat", "model": model, "variant": "plain", "method": method, "calib": which, "bits": bits,
                        "seed": args.seed}
                 if _key(row) in done:
@@ -117,9 +118,9 @@ def main() -> None:
                 src, calib = calibration(spec, which)
                 fp = fp_top1(spec)
                 t0 = time.time()
-                if method == "ptq-genie-m":
+                if method.startswith("ptq"):
                     qmodel, _ = quantize_any(spec.model, calib, "genie-m", wbits, abits, args.ptq_iters, 32, args.seed,
-                                             "cpu", None)
+                                             "cpu", None, bn_recalib="relative" if method.endswith("bnrel") else "none")
                     q_top1, iters = evaluate(spec, qmodel, limit=args.eval_limit), args.ptq_iters
                 else:
                     res = run_qat(model, src, wbits, abits, Path("runs/bench_qat"), args.qat_iters, args.qat_lr,
