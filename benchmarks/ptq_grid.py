@@ -34,7 +34,7 @@ from dfquant.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
 from dfquant.quant.api import quantize_any
-from dfquant.quant.bn import recalibrate_bn
+from dfquant.quant.bn import batchnorms, recalibrate_bn
 from dfquant.quant.joint import joint_finetune
 from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table, paired_comparison
 from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits
@@ -79,7 +79,7 @@ def main() -> None:
     for source in args.sources:  # source-major: a generated set is rendered once and serves every model
         for seed in args.seeds:
             for model, spec in specs.items():
-                if source == "distill" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in spec.model.modules()):
+                if source == "distill" and not batchnorms(spec.model):
                     print(f"skip {model} / distill: no BatchNorm statistics to invert", flush=True)
                     continue
                 cfg = RunConfig(model=model, n=args.n, seed=seed, distill_iters=args.distill_iters,
@@ -104,10 +104,10 @@ def main() -> None:
                     base = {"model": model, "strategy": source, "bits": bits, "seed": seed, "n_calib": len(calib),
                             "iters": args.iters, "fp_top1": round(fp_top1, 2)}
 
-                    def record(label: str, seconds: float) -> None:
-                        """Evaluate the current ``qmodel``; ``seconds`` counts its quantization (+ joint) steps."""
+                    def record(label: str, qm: torch.nn.Module, seconds: float) -> None:
+                        """Evaluate ``qm``; ``seconds`` counts its quantization (+ BN re-estimation or joint) steps."""
                         t_eval = time.time()
-                        row = {**base, "algo": label, "q_top1": round(evaluate(spec, qmodel, limit=args.eval_limit), 2)}
+                        row = {**base, "algo": label, "q_top1": round(evaluate(spec, qm, limit=args.eval_limit), 2)}
                         row["quant_seconds"] = round(seconds + time.time() - t_eval, 1)
                         print(row, flush=True)
                         with open(csv_path, "a", newline="") as fh:  # one short append: lanes may share the file
@@ -118,18 +118,17 @@ def main() -> None:
                     qmodel, _ = quantize_any(spec.model, calib, algo, wbits, abits, args.iters, 32, seed, "cpu", vit)
                     t_block = time.time() - t0
                     if (model, source, algo, bits, str(seed)) not in done:  # the block-wise row comes for free
-                        record(algo, t_block)
+                        record(algo, qmodel, t_block)
                     bn_label = next((lab for lab in _labels(algo, spec, args) if "+bn" in lab), None)
                     if bn_label and (model, source, bn_label, bits, str(seed)) not in done:
-                        block_model, qmodel = qmodel, copy.deepcopy(qmodel)
                         t0 = time.time()
-                        recalibrate_bn(qmodel, calib, args.bn_recalib, spec.model)
-                        record(bn_label, t_block + time.time() - t0)
-                        qmodel = block_model
+                        recalibrated = copy.deepcopy(qmodel)  # the joint steps below start from the block-wise model
+                        recalibrate_bn(recalibrated, calib, args.bn_recalib, spec.model)
+                        record(bn_label, recalibrated, t_block + time.time() - t0)
                     if args.joint_iters > 0:
                         t0 = time.time()
                         joint_finetune(qmodel, calib, args.joint_iters, 32, lr=args.joint_lr, seed=seed)
-                        record(_labels(algo, spec, args)[-1], t_block + time.time() - t0)
+                        record(_labels(algo, spec, args)[-1], qmodel, t_block + time.time() - t0)
     with open(csv_path) as fh:
         rows = [{**r, "q_top1": float(r["q_top1"]), "fp_top1": float(r["fp_top1"])} for r in csv.DictReader(fh)]
     agg = aggregate(rows)
@@ -164,8 +163,7 @@ def _algo(algo: str, spec) -> str:
 def _labels(algo: str, spec, args) -> list[str]:
     """Row labels one quantization yields: block-wise, then +bn<mode> and +joint<N> when asked."""
     a = _algo(algo, spec)
-    has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in spec.model.modules())
-    return ([a] + ([f"{a}+bn{args.bn_recalib[:3]}"] if args.bn_recalib != "none" and has_bn else [])
+    return ([a] + ([f"{a}+bn{args.bn_recalib[:3]}"] if args.bn_recalib != "none" and batchnorms(spec.model) else [])
             + ([f"{a}+joint{args.joint_iters}"] if args.joint_iters > 0 else []))
 
 

@@ -117,11 +117,10 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     from dfquant.data.calib import load_calibration
     from dfquant.models.registry import get_model
 
-    from dfquant.quant.bn import BN_MODES
+    from dfquant.quant.bn import check_bn_mode
 
     bit_settings = [parse_bits(b) for b in cfg.bits]
-    if cfg.bn_recalib not in BN_MODES:
-        raise DfqError(f"bn_recalib {cfg.bn_recalib!r} is not one of {', '.join(BN_MODES)}")
+    check_bn_mode(cfg.bn_recalib, "bn_recalib")
     r = Run(cfg)
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())

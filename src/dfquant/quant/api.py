@@ -46,9 +46,9 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
     ``bn_recalib`` (relative | absolute | none): re-estimate the BatchNorm statistics of the reconstructed
     model on ``calib`` (:mod:`dfquant.quant.bn`); only presets that keep BN unfolded (Genie-M) have any.
     """
-    from dfquant.quant.bn import check_bn_mode, recalibrate_bn
+    from dfquant.quant.bn import check_bn_args, recalibrate_bn
 
-    check_bn_mode(bn_recalib, model)
+    check_bn_args(bn_recalib, model)
     qcfg = make_quant_config(algo, wbits, abits)
     rcfg = ReconConfig.preset(algo, iters=iters, batch_size=batch_size, seed=seed, device=device, **recon_overrides)
     t0 = time.time()

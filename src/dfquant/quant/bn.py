@@ -107,10 +107,15 @@ def reestimate_bn(model: nn.Module, calib: torch.Tensor, batch_size: int = 64, n
     return len(bns)
 
 
-def check_bn_mode(mode: str, fp_model: nn.Module | None = None) -> None:
-    """Validate a BN re-estimation mode before any slow work (DfqError naming the choices)."""
+def check_bn_mode(mode: str, what: str = "BN re-estimation mode") -> None:
+    """Validate a BN re-estimation mode before any slow work; ``what`` names the option in the error."""
     if mode not in BN_MODES:
-        raise DfqError(f"BN re-estimation mode {mode!r} is not one of {', '.join(BN_MODES)}")
+        raise DfqError(f"{what} {mode!r} is not one of {', '.join(BN_MODES)}")
+
+
+def check_bn_args(mode: str, fp_model: nn.Module | None) -> None:
+    """:func:`check_bn_mode`, and relative mode has the full-precision model it measures against."""
+    check_bn_mode(mode)
     if mode == "relative" and fp_model is None:
         raise DfqError("relative BN re-estimation needs the full-precision model")
 
@@ -118,7 +123,7 @@ def check_bn_mode(mode: str, fp_model: nn.Module | None = None) -> None:
 def recalibrate_bn(qmodel: nn.Module, calib: torch.Tensor, mode: str, fp_model: nn.Module | None = None,
                    batch_size: int = 64, n: int | None = None) -> int:
     """Re-estimate ``qmodel``'s BN statistics by ``mode`` (relative | absolute | none); return the BN count."""
-    check_bn_mode(mode, fp_model)
+    check_bn_args(mode, fp_model)
     if mode == "none":
         return 0
     return reestimate_bn(qmodel, calib, batch_size, n, fp_model if mode == "relative" else None)

@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
-from dfquant.quant.bn import BN_MODES, check_bn_mode, recalibrate_bn
+from dfquant.quant.bn import check_bn_args, check_bn_mode, recalibrate_bn
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, act_quantizers, train_keep_bn
 from dfquant.quant.quantizers import UniformQuantizer, check_bits, round_ste
 
@@ -454,7 +454,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     if not nipq_quantizers(qmodel):
         raise DfqError("finalize needs a model from prepare_nipq (no NIPQ quantizers found)")
     bn_stats = bn_stats or ("relative" if fp_model is not None else "absolute")
-    check_bn_mode(bn_stats, fp_model)
+    check_bn_args(bn_stats, fp_model)
     init_activation_ranges(qmodel, calib)
     bits = round_bits(qmodel, budget)
     for name, (q, _) in weight_quantizers(qmodel).items():
@@ -485,8 +485,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
 def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits: bool, avg_bits: float | None,
                    n: int, batch_size: int, bn_stats: str = "relative") -> None:
     """Validate ``dfq qat`` options before any slow work (DfqError naming the fix)."""
-    if bn_stats not in BN_MODES:
-        raise DfqError(f"--bn-stats {bn_stats!r} is not one of {', '.join(BN_MODES)}")
+    check_bn_mode(bn_stats, "--bn-stats")
     for b, what in ((wbits, "--wbits"), (abits, "--abits")):
         if not (float(b).is_integer() and 2 <= b <= 8):
             raise DfqError(f"{what} {b:g} is not supported by NIPQ QAT; use an integer from 2 to 8")
