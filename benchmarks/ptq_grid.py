@@ -36,7 +36,7 @@ from dfquant.models.registry import get_model
 from dfquant.quant.api import quantize_any
 from dfquant.quant.bn import batchnorms, recalibrate_bn
 from dfquant.quant.joint import joint_finetune
-from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table, paired_comparison
+from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table, paired_comparison, pivot_table
 from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits
 
 SOURCES = {
@@ -144,6 +144,8 @@ def main() -> None:
                "CPU thread (quantization, joint steps if any, and the test-set evaluation), mean over seeds; the calibration "
                "set's generation or distillation is not included.\n\nTest set: "
                f"{'first ' + str(args.eval_limit) if args.eval_limit else 'full 10k'} images.\n\n"
+               + "## By calibration source\n\nTop-1 %, mean ± std over seeds (number of seeds).\n\n"
+               + pivot_table(agg, list(SOURCES)) + "\n## All rows\n\n"
                + aggregate_table(agg) + f"\n![accuracy vs bits]({out.with_suffix('.png').name})\n" + _paired(rows))
 
 

@@ -82,3 +82,16 @@ def test_paired_comparison_pairs_seeds_and_counts_wins():
     table = paired_comparison(rows, "mixup", "single")
     assert "| m | genie-m | W2A4 | +0.50 ± 2.12 | 1/2 |" in table
     assert paired_comparison(rows, "mixup", "real") == ""
+
+
+def test_pivot_table_puts_sources_down_and_settings_across():
+    from dfquant.report import aggregate, pivot_table
+
+    rows = [dict(model="m", algo="genie-m", bits=b, strategy=s, seed=seed, q_top1=acc, fp_top1=90.0, quant_seconds=1)
+            for s, b, seed, acc in [("single", "W4A4", 0, 88.0), ("single", "W4A4", 1, 86.0), ("real", "W2A4", 0, 70.0)]]
+    table = pivot_table(aggregate(rows), ["real", "single"])
+    lines = table.splitlines()
+    assert lines[0] == "| calibration | m genie-m W4A4 | m genie-m W2A4 |"  # higher bits first
+    assert lines[2] == "| real | – | 70.00 (1) |"  # caller's order, missing cell marked
+    assert lines[3] == "| single | 87.00 ± 1.41 (2) | – |"
+    assert pivot_table([], None) == ""

@@ -53,6 +53,31 @@ def aggregate_table(agg: list[dict]) -> str:
                           f"{a['mean']:.2f} ± {a['std']:.2f} | {a['seeds']} | {secs(a)} |\n" for a in agg)
 
 
+def pivot_table(agg: list[dict], order: list[str] | None = None) -> str:
+    """Markdown table with one row per calibration source and one column per (model, algo, bits).
+
+    This is the paper-style layout (sources down, settings across) that a reader compares at a
+    glance; each cell is "mean ± std (seeds)", or "mean (1)" for a single seed, and "–" where the
+    grid has no row. ``order`` fixes the row order (sources not in it follow alphabetically).
+    """
+    if not agg:
+        return ""
+    cols = sorted({(a["model"], a["algo"], a["bits"]) for a in agg},
+                  key=lambda c: (c[0], c[1], -sum(float(x) for x in c[2][1:].split("A"))))
+    order = order or []
+    sources = sorted({a["calibration"] for a in agg}, key=lambda s: (order.index(s) if s in order else len(order), s))
+    cell = {(a["calibration"], a["model"], a["algo"], a["bits"]): a for a in agg}
+
+    def fmt(a: dict | None) -> str:
+        if a is None:
+            return "–"
+        return f"{a['mean']:.2f} ({a['seeds']})" if a["seeds"] == 1 else f"{a['mean']:.2f} ± {a['std']:.2f} ({a['seeds']})"
+
+    head = "| calibration | " + " | ".join(f"{m} {algo} {bits}" for m, algo, bits in cols) + " |\n"
+    head += "|---" * (len(cols) + 1) + "|\n"
+    return head + "".join(f"| {s} | " + " | ".join(fmt(cell.get((s, *c))) for c in cols) + " |\n" for s in sources)
+
+
 def paired_comparison(rows: list[dict], a: str, b: str) -> str:
     """Markdown table of calibration ``a`` minus ``b``, paired by seed, per (model, algo, bits).
 
