@@ -6,8 +6,9 @@ Part 1 (``--arms``), per zoo model (ResNet-20; MobileNetV2 when its weights exis
   qat:real        NIPQ QAT on real split A (the real-data upper bound)
   (ptq:real is accepted as well; ptq+bn:synthetic | ptq+bn:real add relative BN re-estimation after Genie-M)
 Part 2 (``--robust DIR``, weights from ``dfq train-classifier fmnist/resnet20 --symreg 1e-3 --satnl --out DIR``):
-  the robust ResNet-20 vs the plain one under Genie-M PTQ at ``--robust-bits`` (W8A8 .. W2A4), both
-  calibrated on the plain ResNet-20's synthetic set.
+  the robust ResNet-20 vs the plain one under PTQ at ``--robust-bits`` (W8A8 .. W2A4), both calibrated on the
+  plain ResNet-20's synthetic set; ``--robust-methods``: ``genie-m`` (block reconstruction) and/or ``rtn`` (no
+  reconstruction: MSE range init and round to nearest, where training-time robustness should matter most).
 
 The synthetic set (``--synthetic``): ``generated`` = mixup prompts rendered by the mini generator through
 the same stage code as ``dfq run`` (cached by ``calib_cache.calib_run_dir``, shared
@@ -45,6 +46,7 @@ from resumable_csv import open_results  # noqa: E402
 FIELDS = ["part", "model", "variant", "method", "calib", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "seconds"]
 ARMS = ("ptq:synthetic", "qat:synthetic", "qat:real", "ptq:real", "ptq+bn:synthetic", "ptq+bn:real")
 METHODS = {"ptq": "ptq-genie-m", "ptq+bn": "ptq-genie-m+bnrel", "qat": "nipq-qat"}
+ROBUST_METHODS = {"genie-m": "ptq-genie-m", "rtn": "ptq-rtn"}  # rtn = Genie-M's initialization with 0 iterations
 
 
 def main() -> None:
@@ -61,6 +63,9 @@ def main() -> None:
     ap.add_argument("--distill-iters", type=int, default=500, help="for --synthetic distill")
     ap.add_argument("--robust", default=None, help="folder with the SymReg/SatNL-trained fmnist_resnet20 weights")
     ap.add_argument("--robust-bits", nargs="+", default=["W8A8", "W6A6", "W4A4", "W3A4", "W2A4"])
+    ap.add_argument("--robust-methods", nargs="+", default=["genie-m"], choices=list(ROBUST_METHODS),
+                    help="genie-m: block reconstruction (--ptq-iters); rtn: no reconstruction (MSE range init, "
+                         "round to nearest), the setting the robust-quantization paper targets")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -136,16 +141,18 @@ def main() -> None:
         robust = get_model(f"fmnist/resnet20@{args.robust}")
         label = "+".join(k for k in ("symreg", "satnl") if robust.card.get(k)) or "robust"
         src, calib = calibration(plain, "synthetic")
-        for bits in args.robust_bits:  # bits-major: an interrupted sweep still has both models at each finished setting
+        # bits-major: an interrupted sweep still has both models at each finished setting
+        for method, bits in ((m, b) for m in args.robust_methods for b in args.robust_bits):
             for spec, variant in ((plain, "plain"), (robust, label)):
                 wbits, abits = parse_bits(bits)
-                row = {"part": "robust", "model": "fmnist/resnet20", "variant": variant, "method": "ptq-genie-m",
+                row = {"part": "robust", "model": "fmnist/resnet20", "variant": variant, "method": ROBUST_METHODS[method],
                        "calib": "synthetic", "bits": bits, "seed": args.seed}
                 if _key(row) in done:
                     continue
+                iters = args.ptq_iters if method == "genie-m" else 0
                 t0 = time.time()
-                qmodel, _ = quantize_any(spec.model, calib, "genie-m", wbits, abits, args.ptq_iters, 32, args.seed, "cpu", None)
-                record({**row, "n_calib": len(calib), "iters": args.ptq_iters, "fp_top1": fp_top1(spec),
+                qmodel, _ = quantize_any(spec.model, calib, "genie-m", wbits, abits, iters, 32, args.seed, "cpu", None)
+                record({**row, "n_calib": len(calib), "iters": iters, "fp_top1": fp_top1(spec),
                         "q_top1": round(evaluate(spec, qmodel, limit=args.eval_limit), 2),
                         "seconds": round(time.time() - t0, 1)})
     elif not args.report_only:
@@ -162,12 +169,18 @@ def main() -> None:
         "mixup prompts (k=2, random pairing) rendered by the mini generator" if args.synthetic == "generated"
         else f"Genie BN inversion ({args.distill_iters} iterations)")
     write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommands that produced the rows:\n\n{cmds}\nCPU (1 thread per run), "
-               f"{args.n} calibration images, batch 32; synthetic set: {synthetic}; Genie-M: {args.ptq_iters} iterations "
-               f"per block; NIPQ QAT: {args.qat_iters} steps, Adam lr {args.qat_lr:g} (clip 10x), KL distillation from the "
+               f"{args.n} calibration images, batch 32; synthetic set: {synthetic}; Genie-M: {_iters(rows, 'ptq-genie-m')} "
+               f"iterations per block; NIPQ QAT: {_iters(rows, 'nipq-qat')} steps, Adam lr {args.qat_lr:g} (clip 10x), KL distillation from the "
                f"FP model, relative BN re-estimation + activation range re-init after hardening; first/last layer 8 bit; test set "
                f"{'first ' + str(args.eval_limit) if args.eval_limit else 'full 10k'} images; seed {args.seed}.\n\n"
                + _tables(rows) + f"\n![results]({out.with_suffix('.png').name})\n")
     print(f"wrote {csv_path}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+
+
+def _iters(rows: list[dict], method: str) -> str:
+    """The iteration counts the CSV's ``method`` rows record (not this invocation's flags: --report-only has none)."""
+    its = sorted({int(r["iters"]) for r in rows if r["method"].startswith(method)})
+    return "/".join(map(str, its)) if its else "–"
 
 
 def _key(r: dict) -> tuple:
@@ -201,14 +214,15 @@ def _tables(rows: list[dict]) -> str:
     rob = [r for r in rows if r["part"] == "robust"]
     if rob:
         bits = list(dict.fromkeys(r["bits"] for r in rob))
-        head = "| variant | FP top-1 | " + " | ".join(bits) + " |\n|---|---|" + "---|" * len(bits) + "\n"
+        head = "| method | variant | FP top-1 | " + " | ".join(bits) + " |\n|---|---|---|" + "---|" * len(bits) + "\n"
         body = ""
-        for variant in dict.fromkeys(r["variant"] for r in rob):
-            cell = {r["bits"]: r for r in rob if r["variant"] == variant}
+        for method, variant in dict.fromkeys((r["method"], r["variant"]) for r in rob):
+            cell = {r["bits"]: r for r in rob if (r["method"], r["variant"]) == (method, variant)}
             fp = next(iter(cell.values()))["fp_top1"]
-            body += f"| {variant} | {float(fp):.2f} | " + " | ".join(
+            body += f"| {method} | {variant} | {float(fp):.2f} | " + " | ".join(
                 f"{float(cell[b]['q_top1']):.2f}" if b in cell else "–" for b in bits) + " |\n"
-        parts.append("## SymReg/SatNL-trained vs plain ResNet-20 under Genie-M PTQ on the synthetic set (top-1 %)\n\n"
+        parts.append("## SymReg/SatNL-trained vs plain ResNet-20 under PTQ on the synthetic set (top-1 %)\n\n"
+                     "ptq-genie-m: block reconstruction; ptq-rtn: no reconstruction (MSE range init, round to nearest).\n\n"
                      + head + body)
     return "\n".join(parts)
 
@@ -237,13 +251,16 @@ def _plot(rows: list[dict], path: Path) -> None:
     if rob:
         ax = axes.pop(0)
         bits = list(dict.fromkeys(r["bits"] for r in rob))
+        methods = list(dict.fromkeys(r["method"] for r in rob))
         for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rob)):
-            vals = {r["bits"]: float(r["q_top1"]) for r in rob if r["variant"] == variant}
-            xs = [j for j, b in enumerate(bits) if b in vals]
-            ax.plot(xs, [vals[bits[j]] for j in xs], marker="o", label=variant, color=f"C{i}")
+            for method in methods:
+                vals = {r["bits"]: float(r["q_top1"]) for r in rob if (r["variant"], r["method"]) == (variant, method)}
+                xs = [j for j, b in enumerate(bits) if b in vals]
+                ax.plot(xs, [vals[bits[j]] for j in xs], marker="o", label=f"{variant} / {method}", color=f"C{i}",
+                        ls="-" if method == methods[0] else "--")
         ax.set_xticks(range(len(bits)), bits)
         ax.set_ylabel("top-1 (%)")
-        ax.set_title("ResNet-20 under Genie-M PTQ (synthetic calibration)")
+        ax.set_title("ResNet-20 under PTQ (synthetic calibration)")
         ax.legend(fontsize=7)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
