@@ -53,6 +53,11 @@ def aggregate_table(agg: list[dict]) -> str:
                           f"{a['mean']:.2f} ± {a['std']:.2f} | {a['seeds']} | {secs(a)} |\n" for a in agg)
 
 
+def _wider_first(bits: str) -> float:
+    """Sort key putting wider settings first ("W8A8" before "W4A4" before "W2A4")."""
+    return -sum(float(x) for x in bits[1:].split("A"))
+
+
 def pivot_table(agg: list[dict], order: list[str] | None = None) -> str:
     """Markdown table with one row per calibration source and one column per (model, algo, bits).
 
@@ -63,7 +68,7 @@ def pivot_table(agg: list[dict], order: list[str] | None = None) -> str:
     if not agg:
         return ""
     cols = sorted({(a["model"], a["algo"], a["bits"]) for a in agg},
-                  key=lambda c: (c[0], c[1], -sum(float(x) for x in c[2][1:].split("A"))))
+                  key=lambda c: (c[0], c[1], _wider_first(c[2])))
     order = order or []
     sources = sorted({a["calibration"] for a in agg}, key=lambda s: (order.index(s) if s in order else len(order), s))
     cell = {(a["calibration"], a["model"], a["algo"], a["bits"]): a for a in agg}
@@ -105,7 +110,7 @@ def accuracy_vs_bits(agg: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         sub = [a for a in agg if a["model"] == model]
-        bits = sorted({a["bits"] for a in sub}, key=lambda b: -sum(float(x) for x in b[1:].split("A")))
+        bits = sorted({a["bits"] for a in sub}, key=_wider_first)
         several_algos = len({a["algo"] for a in sub}) > 1
         for i, (cal, algo) in enumerate(sorted({(a["calibration"], a["algo"]) for a in sub})):
             pts = {a["bits"]: a for a in sub if (a["calibration"], a["algo"]) == (cal, algo)}
