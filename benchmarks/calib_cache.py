@@ -13,7 +13,17 @@ import hashlib
 import os
 from pathlib import Path
 
+from dfquant.run import Run, RunConfig, _calibration_stage
+
 MODEL_SPECIFIC = ("distill", "learned")
+# benchmark source name -> the ``RunConfig`` fields that make it (``dfq run`` semantics)
+SOURCES = {
+    "real": dict(source="real"), "distill": dict(source="distill"),
+    "single": dict(strategy="single"), "template": dict(strategy="template"),
+    "mixup": dict(strategy="mixup"), "mixup-similar": dict(strategy="mixup", pairing="similar"),
+    "mixup-dissimilar": dict(strategy="mixup", pairing="dissimilar"), "mixup-k3": dict(strategy="mixup", k=3),
+    "learned": dict(strategy="learned", steps=4),
+}
 
 
 def calib_run_dir(spec, source: str, seed: int) -> str:
@@ -24,3 +34,14 @@ def calib_run_dir(spec, source: str, seed: int) -> str:
     else:
         group = "labels-" + hashlib.sha256("\n".join(spec.class_names).encode()).hexdigest()[:10]
     return str(root / group / f"{source}-s{seed}")
+
+
+def cached_source(spec, source: str, seed: int, n: int = 1024, distill_iters: int = 200, progress: bool = True) -> str:
+    """The calibration source string (for ``load_calibration``) of benchmark ``source``, rendered on first use.
+
+    Goes through ``dfq run``'s own calibration stage, which resumes a half-written set and reuses a finished one.
+    """
+    cfg = RunConfig(model=spec.name, n=n, seed=seed, distill_iters=distill_iters,
+                    out=calib_run_dir(spec, source, seed), **SOURCES[source])
+    _, src = _calibration_stage(Run(cfg), spec, progress=progress)
+    return src

@@ -1,8 +1,8 @@
 """Which step of NIPQ's finalization (hard quantization + recalibration) keeps or loses accuracy.
 
 After pseudo-quantization-noise training, :func:`dfquant.quant.nipq.finalize` hardens the grids and
-then (a) re-estimates BatchNorm statistics (``--bn-stats``) and (b) re-initializes the activation
-ranges by range search (``--act-reinit``). This script trains one NIPQ model per setting and
+then (a) re-estimates BatchNorm statistics (``--bn-stats``) and (b), only with ``--act-reinit`` (the default
+until this measurement), re-initializes the activation ranges by range search. This script trains one NIPQ model per setting and
 evaluates the same trained model under every combination of (a) and (b), so the effect of each
 step is measured on identical weights. It was written after MobileNetV2 W2A4 QAT ended at chance
 level in ``qat.py``.
@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from calib_cache import calib_run_dir
-from resumable_csv import open_results
+from calib_cache import cached_source
+from resumable_csv import log_command, open_results
 from dfquant.data.calib import load_calibration
 from dfquant.evaluate import evaluate
 from dfquant.io import write_text
@@ -50,12 +48,10 @@ def main() -> None:
     csv_path = out.with_suffix(".csv")
     key = lambda r: (r["model"], r["bits"], str(r["qat_steps"]), r["calib"], r["stage"], r["bn_stats"], str(r["act_reinit"]))
     done = open_results(csv_path, FIELDS, key)
-    cmd_log = out.with_suffix(".commands.txt")
-    with open(cmd_log, "a") as fh:
-        fh.write("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
+    cmds = log_command(out)
     for model in args.models:
         spec = get_model(model)
-        src = str(Path(calib_run_dir(spec, "mixup", 0)) / "images") if args.calib == "mixup" else args.calib
+        src = cached_source(spec, "mixup", 0) if args.calib == "mixup" else args.calib
         for bits in args.bits:
             base = dict(model=model, bits=bits, qat_steps=args.steps, calib=args.calib, eval_images=args.eval_limit)
             todo = [dict(base, stage="finalize", bn_stats=b, act_reinit=a) for b, a in FINALIZE]
@@ -87,7 +83,6 @@ def main() -> None:
     table = "| model | bits | QAT steps | stage | BN re-estimation | activation range re-init | top-1 |\n|---|---|---|---|---|---|---|\n"
     table += "".join(f"| {r['model']} | {r['bits']} | {r['qat_steps']} | {r['stage']} | {r['bn_stats']} | {r['act_reinit']} | "
                      f"{float(r['q_top1']):.1f} |\n" for r in rows)
-    cmds = "".join(f"- `{c}`\n" for c in cmd_log.read_text().splitlines())
     write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommands:\n\n{cmds}\nOne NIPQ-trained model per (model, bits); every "
                f"finalization variant starts from a copy of it. Calibration: the seed-0 mixup set (1024 images); test: first "
                f"{args.eval_limit} images; CPU, 1 thread.\n\n" + table)

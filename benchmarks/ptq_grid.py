@@ -1,7 +1,7 @@
 """Accuracy grid: models x calibration sources x algorithms x bit-widths x seeds.
 
 Each calibration set is produced once per (source, seed) through the same stage code as
-``dfq run`` (cached by ``calib_cache.calib_run_dir``: generated sets are shared by models with
+``dfq run`` (cached by ``calib_cache.cached_source``: generated sets are shared by models with
 the same labels, BN-inversion sets are per model), then every algorithm and bit setting is
 quantized from it. Rows are appended to ``<out>.csv`` as they finish, so an interrupted
 grid resumes; ``<out>.md`` (mean ± std over seeds) and ``<out>.png`` (accuracy vs bits)
@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from dfquant.data.calib import load_calibration
-from calib_cache import calib_run_dir
-from resumable_csv import open_results
+from calib_cache import SOURCES, cached_source
+from resumable_csv import log_command, open_results
 from dfquant.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
@@ -37,15 +35,8 @@ from dfquant.quant.api import quantize_any
 from dfquant.quant.bn import batchnorms, recalibrate_bn
 from dfquant.quant.joint import joint_finetune
 from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table, paired_comparison, pivot_table
-from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits
+from dfquant.run import parse_bits
 
-SOURCES = {
-    "real": dict(source="real"), "distill": dict(source="distill"),
-    "single": dict(strategy="single"), "template": dict(strategy="template"),
-    "mixup": dict(strategy="mixup"), "mixup-similar": dict(strategy="mixup", pairing="similar"),
-    "mixup-dissimilar": dict(strategy="mixup", pairing="dissimilar"), "mixup-k3": dict(strategy="mixup", k=3),
-    "learned": dict(strategy="learned", steps=4),
-}
 FIELDS = ["model", "strategy", "algo", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "quant_seconds"]
 
 
@@ -74,6 +65,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = out.with_suffix(".csv")
     done = open_results(csv_path, FIELDS, lambda r: (r["model"], r["strategy"], r["algo"], r["bits"], r["seed"]))
+    cmds = log_command(out, record=not args.report_only)
     specs = {m: get_model(m) for m in ([] if args.report_only else args.models)}
     fp_top1s: dict[str, float] = {}
     for source in args.sources:  # source-major: a generated set is rendered once and serves every model
@@ -82,8 +74,6 @@ def main() -> None:
                 if source == "distill" and not batchnorms(spec.model):
                     print(f"skip {model} / distill: no BatchNorm statistics to invert", flush=True)
                     continue
-                cfg = RunConfig(model=model, n=args.n, seed=seed, distill_iters=args.distill_iters,
-                                out=calib_run_dir(spec, source, seed), **SOURCES[source])
                 pending = [(a, b) for a in args.algos for b in args.bits  # the block-wise row (+ the extra rows)
                            if any((model, source, label, b, str(seed)) not in done for label in _labels(a, spec, args))]
                 if not pending:
@@ -91,7 +81,7 @@ def main() -> None:
                 if model not in fp_top1s:
                     fp_top1s[model] = evaluate(spec, limit=args.eval_limit)
                 fp_top1 = fp_top1s[model]
-                _, src = _calibration_stage(Run(cfg), spec, progress=True)
+                src = cached_source(spec, source, seed, args.n, args.distill_iters)
                 calib = load_calibration(src, spec, args.n, seed)
                 for algo, bits in pending:
                     wbits, abits = parse_bits(bits)
@@ -133,11 +123,6 @@ def main() -> None:
         rows = [{**r, "q_top1": float(r["q_top1"]), "fp_top1": float(r["fp_top1"])} for r in csv.DictReader(fh)]
     agg = aggregate(rows)
     accuracy_vs_bits(agg, out.with_suffix(".png"))
-    cmd_log = out.with_suffix(".commands.txt")
-    if not args.report_only:  # every invocation that produced rows, in order
-        with open(cmd_log, "a") as fh:
-            fh.write("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
-    cmds = "".join(f"- `{c}`\n" for c in cmd_log.read_text().splitlines()) if cmd_log.exists() else ""
     write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommands that produced the rows (CPU, 2 cores shared; "
                "each row of the CSV records its iterations per block, calibration size and seed; paper: 20000 "
                "iterations per block, 1024 images, batch 32):\n\n" + cmds + "\ntime (s): wall time of one row on one "

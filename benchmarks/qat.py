@@ -11,7 +11,7 @@ Part 2 (``--robust DIR``, weights from ``dfq train-classifier fmnist/resnet20 --
   reconstruction: MSE range init and round to nearest, where training-time robustness should matter most).
 
 The synthetic set (``--synthetic``): ``generated`` = mixup prompts rendered by the mini generator through
-the same stage code as ``dfq run`` (cached by ``calib_cache.calib_run_dir``, shared
+the same stage code as ``dfq run`` (cached by ``calib_cache.cached_source``, shared
 with ptq_grid.py), ``distill`` = Genie BN inversion, or any folder / .safetensors calibration source.
 Rows are appended to ``<out>.csv`` as they finish, so an interrupted run resumes; ``<out>.md`` (tables +
 the exact command) and ``<out>.png`` are rewritten at the end.
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -39,9 +37,9 @@ from dfquant.io import atomic_path, write_text  # noqa: E402
 from dfquant.models.registry import get_model, zoo_dir  # noqa: E402
 from dfquant.quant.api import quantize_any  # noqa: E402
 from dfquant.quant.nipq import run_qat  # noqa: E402
-from dfquant.run import Run, RunConfig, _calibration_stage, parse_bits  # noqa: E402
-from calib_cache import calib_run_dir  # noqa: E402
-from resumable_csv import open_results  # noqa: E402
+from dfquant.run import parse_bits  # noqa: E402
+from calib_cache import cached_source  # noqa: E402
+from resumable_csv import log_command, open_results  # noqa: E402
 
 FIELDS = ["part", "model", "variant", "method", "calib", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "seconds"]
 ARMS = ("ptq:synthetic", "qat:synthetic", "qat:real", "ptq:real", "ptq+bn:synthetic", "ptq+bn:real")
@@ -78,10 +76,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = out.with_suffix(".csv")
     done = open_results(csv_path, FIELDS, _key)
-    cmd_log = out.with_suffix(".commands.txt")
-    if not args.report_only:  # every invocation, logged before it starts so an interrupted one is listed too
-        with open(cmd_log, "a") as fh:
-            fh.write("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
+    cmds = log_command(out, record=not args.report_only)
 
     def record(row: dict) -> None:
         print(row, flush=True)
@@ -164,14 +159,13 @@ def main() -> None:
     if not rows:
         raise DfqError(f"no results in {csv_path}; check --models")
     _plot(rows, out.with_suffix(".png"))
-    cmds = "".join(f"- `{c}`\n" for c in cmd_log.read_text().splitlines()) if cmd_log.exists() else ""
     synthetic = args.synthetic if args.synthetic not in ("generated", "distill") else (
         "mixup prompts (k=2, random pairing) rendered by the mini generator" if args.synthetic == "generated"
         else f"Genie BN inversion ({args.distill_iters} iterations)")
     write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommands that produced the rows:\n\n{cmds}\nCPU (1 thread per run), "
                f"{args.n} calibration images, batch 32; synthetic set: {synthetic}; Genie-M: {_iters(rows, 'ptq-genie-m')} "
                f"iterations per block; NIPQ QAT: {_iters(rows, 'nipq-qat')} steps, Adam lr {args.qat_lr:g} (clip 10x), KL distillation from the "
-               f"FP model, relative BN re-estimation + activation range re-init after hardening; first/last layer 8 bit; test set "
+               f"FP model, relative BN re-estimation after hardening, learned clip ranges kept (rows made with the old activation range re-init: pre_no_act_reinit/qat_rows.csv); first/last layer 8 bit; test set "
                f"{'first ' + str(args.eval_limit) if args.eval_limit else 'full 10k'} images; seed {args.seed}.\n\n"
                + _tables(rows) + f"\n![results]({out.with_suffix('.png').name})\n")
     print(f"wrote {csv_path}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
@@ -190,12 +184,8 @@ def _key(r: dict) -> tuple:
 def _synthetic_source(spec, args) -> str:
     if args.synthetic not in ("generated", "distill"):
         return args.synthetic
-    name = "mixup" if args.synthetic == "generated" else "distill"
-    cfg = RunConfig(model=spec.name, n=args.n, seed=args.seed, distill_iters=args.distill_iters,
-                    out=calib_run_dir(spec, name, args.seed),
-                    **({"strategy": "mixup"} if name == "mixup" else {"source": "distill"}))
-    _, src = _calibration_stage(Run(cfg), spec, progress=True)
-    return src
+    return cached_source(spec, "mixup" if args.synthetic == "generated" else "distill", args.seed, args.n,
+                         args.distill_iters)
 
 
 def _tables(rows: list[dict]) -> str:

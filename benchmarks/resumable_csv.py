@@ -1,8 +1,10 @@
-"""Append-only result CSVs that let a long benchmark resume where it stopped."""
+"""Benchmark bookkeeping: append-only result CSVs that resume where a run stopped, and the log of commands."""
 
 from __future__ import annotations
 
 import csv
+import shlex
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -15,3 +17,15 @@ def open_results(csv_path: Path, fields: list[str], key: Callable[[dict], tuple]
         return set()
     with open(csv_path) as fh:
         return {key(r) for r in csv.DictReader(fh)}
+
+
+def log_command(out: Path, record: bool = True) -> str:
+    """Append this invocation to ``<out>.commands.txt`` (when ``record``); return the whole log as a Markdown list.
+
+    Logged before the work starts, so an interrupted invocation whose rows the CSV keeps is listed too.
+    """
+    log = Path(out).with_suffix(".commands.txt")
+    if record:
+        with open(log, "a") as fh:
+            fh.write("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
+    return "".join(f"- `{c}`\n" for c in log.read_text().splitlines()) if log.exists() else ""

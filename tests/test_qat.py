@@ -118,8 +118,13 @@ def test_qat_lowers_distillation_loss_and_checkpoint_round_trip(resnet20, tmp_pa
     assert len(losses) == 15 and all(math.isfinite(v) for v in losses)
     assert after < 0.7 * before, (before, after)
     absolute = copy.deepcopy(q)
+    reinit = copy.deepcopy(q)
+    learned = [float(a.grid([1], hard=True)[0].detach()) for a in act_quantizers(q)]  # hard step of each learned clip range
     info = finalize(q, calib, fp_model=resnet20.model, n=64, init_images=64)
-    assert info["bn_stats"] == "relative" and info["bn_layers_reestimated"] == 21 and info["act_quantizers_reinitialized"] > 10
+    assert info["bn_stats"] == "relative" and info["bn_layers_reestimated"] == 21 and info["act_quantizers_reinitialized"] == 0
+    # by default the hardened grids keep the clip ranges NIPQ learned
+    assert len(learned) > 10 and learned == pytest.approx([float(a.scale) for a in act_quantizers(q)], rel=1e-5)
+    assert finalize(reinit, calib, fp_model=resnet20.model, n=64, init_images=64, act_reinit=True)["act_quantizers_reinitialized"] > 10
     assert not any(isinstance(m, NIPQQuantizer) for m in q.modules())
     assert all(type(a) is UniformQuantizer for a in act_quantizers(q))
     assert eval_distill_loss(q, resnet20.model, x) < before

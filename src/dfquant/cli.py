@@ -462,7 +462,8 @@ def qat_cmd(
     seed: int = typer.Option(0),
     bn_stats: str = typer.Option("relative", help="BN re-estimation after hardening: relative (shift measured on CALIB, "
                                                   "applied to the FP statistics), absolute (CALIB statistics) or none"),
-    act_reinit: bool = typer.Option(True, "--act-reinit/--no-act-reinit", help="re-initialize activation ranges after hardening"),
+    act_reinit: bool = typer.Option(False, "--act-reinit/--no-act-reinit",
+                                    help="re-run the activation range search after hardening (replaces NIPQ's learned clip ranges)"),
     out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/qat/<model>-w<W>a<A>-nipq)"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
     eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),

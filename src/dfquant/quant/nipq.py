@@ -439,7 +439,7 @@ def layer_bits(qmodel: nn.Module) -> dict[str, float]:
 
 
 def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None, fp_model: nn.Module | None = None,
-             bn_stats: str | None = None, act_reinit: bool = True, act_init: str = "mse", n: int = 1024,
+             bn_stats: str | None = None, act_reinit: bool = False, act_init: str = "mse", n: int = 1024,
              init_images: int = 256, batch_size: int = 64) -> dict:
     """Hard quantization + short recalibration, in place; return a summary.
 
@@ -448,8 +448,10 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     3. re-estimate BatchNorm running statistics of the hard-quantized model on up to ``n`` calibration images
        (:func:`~dfquant.quant.bn.reestimate_bn`; ``bn_stats``: ``relative`` to the FP model's statistics — the default when
        ``fp_model`` is given —, ``absolute``, or ``none``);
-    4. re-initialize the activation ranges (range search ``act_init`` on ``init_images`` images, in forward order,
-       each quantizer on its own input in the hard-quantized model).
+    4. only with ``act_reinit``: re-initialize the activation ranges (range search ``act_init`` on ``init_images``
+       images, in forward order). Off by default: the clip ranges NIPQ learned are part of what the trained network
+       computes, and replacing them by a range search took MobileNetV2 W2A4 from 55.9 to 8.7 top-1
+       (``benchmarks/results/nipq_finalize.md``).
     """
     if not nipq_quantizers(qmodel):
         raise DfqError("finalize needs a model from prepare_nipq (no NIPQ quantizers found)")
@@ -508,7 +510,7 @@ def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits
 def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out: Path, iters: int = 2000,
             lr: float = 1e-4, learn_bits: bool = False, avg_bits: float | None = None, n: int = 1024,
             batch_size: int = 32, seed: int = 0, val=None, eval_limit: int | None = None, bn_stats: str = "relative",
-            act_reinit: bool = True, progress: bool = True, calib: torch.Tensor | None = None,
+            act_reinit: bool = False, progress: bool = True, calib: torch.Tensor | None = None,
             fp_top1: float | None = None, save: bool = True) -> dict:
     """``dfq qat``: NIPQ data-free QAT, finalize, evaluate FP / init / QAT top-1, write checkpoint + results.json."""
     from dfquant.data.calib import load_calibration
