@@ -24,8 +24,8 @@ weights; ``lo`` is fixed at 0 for non-negative activations) and, with ``learn_bi
 Bit budget (mixed precision): ``penalty = strength · max(0, avg_b - budget)`` where
 ``avg_b = Σ_l n_l b_l / Σ_l n_l`` over the layers with learned bits (``n_l`` = weight count; the first
 and last layer stay at 8 bit and do not count). After training, :func:`finalize` rounds the bits
-(to nearest, then lowers the most rounded-up layers until the budget holds), freezes every grid,
-re-estimates BatchNorm statistics on the calibration set and re-initializes the activation ranges.
+(to nearest, then lowers the most rounded-up layers until the budget holds), freezes every grid on its
+learned clip range and re-estimates BatchNorm statistics on the calibration set.
 BatchNorm keeps the FP model's running statistics during training; the re-estimation after hardening
 is *relative* by default: the shift that quantization causes is measured on the calibration set
 (quantized vs FP model) and applied to the FP model's real-data statistics, so synthetic images
