@@ -13,7 +13,7 @@ from torch import nn
 from dfquant.errors import DfqError
 from dfquant.quant.modules import act_quantizers
 from dfquant.quant.nipq import (NIPQQuantizer, average_weight_bits, budget_penalty, check_qat_args, eval_distill_loss,
-                                finalize, prepare_nipq, qat_distill, round_bits, weight_quantizers)
+                                finalize, layer_costs, prepare_nipq, qat_distill, round_bits, weight_quantizers)
 from dfquant.quant.quantizers import UniformQuantizer
 from dfquant.quant.robust import SatNL, apply_satnl, symreg_loss, symreg_term
 
@@ -82,6 +82,29 @@ def test_round_bits_respects_budget():
     assert sum(fixed[n] * c for n, c in ((n1, c1), (n2, c2))) / (c1 + c2) <= 3.0 and fixed[n1] == 3
 
 
+def test_bops_budget_weighs_layers_by_macs_times_input_bits(resnet20):
+    x = torch.randn(8, 3, 32, 32)
+    qm = prepare_nipq(resnet20.model, 2, 4, learn_bits=True, init_bits=3, calib=x, init_images=8, budget_by="bops")
+    cost = {n: c for n, (_, c) in weight_quantizers(qm).items()}
+    macs_3x3 = 32 * 32 * 16 * 16 * 9  # one 16->16 3x3 conv at 32x32; every stage of ResNet-20 has the same MACs
+    assert cost["layer1.0.block.conv1"] == macs_3x3 * 8  # the second layer's input is 8-bit (the block's quantizer)
+    assert cost["layer1.0.block.conv2"] == cost["layer3.2.block.conv2"] == macs_3x3 * 4
+    assert cost["layer2.0.block.downsample.0"] == 16 * 16 * 32 * 16 * 4  # 1x1 stride 2, input from the 4-bit block quantizer
+    assert cost["conv1"] == 32 * 32 * 16 * 27 * 32 and cost["fc"] == 64 * 10 * 8  # float image input; 8-bit last input
+    size = layer_costs(qm, x, "size")
+    assert size["layer3.2.block.conv2"] == 16 * size["layer1.0.block.conv2"]  # a size budget weighs them 16:1
+    learned = {n: q for n, (q, _) in weight_quantizers(qm).items() if q.learn_bits}
+    with torch.no_grad():  # deep layers at 4.4 bits, the rest at 3.4: both round to nearest over a 3.5 budget
+        for n, q in learned.items():
+            q.bit_logit.fill_(torch.logit(torch.tensor(((4.4 if n.startswith("layer3") else 3.4) - 2) / 6)).item())
+    bits = round_bits(qm, budget=3.5)
+    assert sum(bits[n] * cost[n] for n in bits) / sum(cost[n] for n in bits) <= 3.5
+    info = finalize(qm, x, 3.5, fp_model=resnet20.model, n=8, batch_size=8)
+    assert info["budget_by"] == "bops" and info["avg_weight_bits_learned"] <= 3.5
+    with pytest.raises(DfqError, match="pass calib"):
+        prepare_nipq(resnet20.model, 2, 4, learn_bits=True, budget_by="bops")
+
+
 def _tiny() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
@@ -123,7 +146,7 @@ def test_qat_lowers_distillation_loss_and_checkpoint_round_trip(resnet20, tmp_pa
     info = finalize(q, calib, fp_model=resnet20.model, n=64, init_images=64)
     assert info["bn_stats"] == "relative" and info["bn_layers_reestimated"] == 21 and info["act_quantizers_reinitialized"] == 0
     # by default the hardened grids keep the clip ranges NIPQ learned
-    assert len(learned) > 10 and learned == pytest.approx([float(a.scale) for a in act_quantizers(q)], rel=1e-5)
+    assert len(learned) > 10 and learned == pytest.approx([float(a.scale.detach()) for a in act_quantizers(q)], rel=1e-5)
     assert finalize(reinit, calib, fp_model=resnet20.model, n=64, init_images=64, act_reinit=True)["act_quantizers_reinitialized"] > 10
     assert not any(isinstance(m, NIPQQuantizer) for m in q.modules())
     assert all(type(a) is UniformQuantizer for a in act_quantizers(q))
@@ -189,7 +212,9 @@ def test_qat_argument_checks():
     for args, msg in [((9, 4, 10, 1e-4, False, None, 64, 32), "--wbits 9"), ((2, 1.58, 10, 1e-4, False, None, 64, 32), "--abits"),
                       ((2, 4, 10, 0.0, False, None, 64, 32), "--lr"), ((2, 4, 10, 1e-4, False, 3.0, 64, 32), "--learn-bits"),
                       ((2, 4, 10, 1e-4, True, None, 64, 32), "--avg-bits above 2"), ((2, 4, 10, 1e-4, False, None, 16, 32), "--n 16"),
-                      ((2, 4, 10, 1e-4, False, None, 64, 32, "batch"), "--bn-stats")]:
+                      ((2, 4, 10, 1e-4, False, None, 64, 32, "batch"), "--bn-stats"),
+                      ((2, 4, 10, 1e-4, False, None, 64, 32, "relative", "bops"), "add --learn-bits"),
+                      ((2, 4, 10, 1e-4, True, 3.0, 64, 32, "relative", "flops"), "--budget-by flops")]:
         with pytest.raises(DfqError, match=msg):
             check_qat_args(*args)
 

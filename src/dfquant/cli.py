@@ -457,6 +457,8 @@ def qat_cmd(
     lr: float = typer.Option(1e-4, help="Adam LR of the weights (clip ranges 10x, bit logits 1e-2)"),
     learn_bits: bool = typer.Option(False, "--learn-bits", help="learn per-layer weight bit-widths (mixed precision)"),
     avg_bits: Optional[float] = typer.Option(None, help="with --learn-bits: budget on the mean weight bits (default --wbits)"),
+    budget_by: str = typer.Option("size", help="with --learn-bits: weigh each layer's bits by its weight count (size: "
+                                               "model-size budget) or by its MACs x input bits (bops: BOPs budget)"),
     n: int = typer.Option(1024, help="calibration images"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
@@ -476,11 +478,12 @@ def qat_cmd(
     from dfquant.quant.nipq import check_qat_args, run_qat
 
     _threads(threads)
-    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats)
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)
     out = out or Path("runs/qat") / f"{model.replace('/', '_').replace('@', '_')}-w{wbits:g}a{abits:g}-nipq"
     res = run_qat(model, calib, wbits, abits, out, iters, lr, learn_bits, avg_bits, n, batch_size, seed, val, eval_limit,
-                  bn_stats, act_reinit)
-    bits = f", mean weight bits {res['avg_weight_bits_learned']:.2f}" if learn_bits else ""
+                  bn_stats, act_reinit, budget_by=budget_by)
+    bits = (f", mean weight bits {res['avg_weight_bits_learned']:.2f}" + (" (BOPs-weighted)" if budget_by == "bops" else "")
+            if learn_bits else "")
     typer.echo(f"{model} W{wbits:g}A{abits:g} NIPQ QAT: FP top-1 {res['fp_top1']:.2f}%  before QAT {res['init_top1']:.2f}%  "
                f"after QAT {res['q_top1']:.2f}%{bits} ({res['seconds']:.0f}s) -> {out}")
 

@@ -22,8 +22,11 @@ Learned parameters per quantizer: ``log_hi``/``log_lo`` (log of the clip ends, p
 weights; ``lo`` is fixed at 0 for non-negative activations) and, with ``learn_bits``,
 ``bit_logit`` with ``b = b_min + (b_max - b_min)·sigmoid(bit_logit)`` in ``[2, 8]``.
 Bit budget (mixed precision): ``penalty = strength · max(0, avg_b - budget)`` where
-``avg_b = Σ_l n_l b_l / Σ_l n_l`` over the layers with learned bits (``n_l`` = weight count; the first
-and last layer stay at 8 bit and do not count). After training, :func:`finalize` rounds the bits
+``avg_b = Σ_l n_l b_l / Σ_l n_l`` over the layers with learned bits (the first and last layer stay at
+8 bit and do not count). ``n_l`` is the layer's cost per weight bit: its weight count for a model-size
+budget (``budget_by="size"``), or its multiply-accumulates per image times its input's activation bits
+for a BOPs budget (``"bops"``: ``Σ_l n_l b_l`` is then the bit operations, so ``budget`` is the BOPs
+allowed, expressed as the average weight bit-width that spends them). After training, :func:`finalize` rounds the bits
 (to nearest, then lowers the most rounded-up layers until the budget holds), freezes every grid on its
 learned clip range and re-estimates BatchNorm statistics on the calibration set.
 BatchNorm keeps the FP model's running statistics during training; the re-estimation after hardening
@@ -52,6 +55,7 @@ from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, act_quant
 from dfquant.quant.quantizers import UniformQuantizer, check_bits, round_ste
 
 BIT_RANGE = (2.0, 8.0)
+BUDGETS = ("size", "bops")
 _EPS = 1e-8
 
 
@@ -209,15 +213,48 @@ def nipq_quantizers(qmodel: nn.Module) -> list[NIPQQuantizer]:
     return [m for m in qmodel.modules() if isinstance(m, NIPQQuantizer)]
 
 
-def weight_quantizers(qmodel: nn.Module) -> dict[str, tuple[NIPQQuantizer, int]]:
-    """``layer name -> (weight quantizer, weight count)`` for every NIPQ-quantized layer."""
-    return {n: (m.wq, m.layer.weight.numel()) for n, m in qmodel.named_modules()
+def weight_quantizers(qmodel: nn.Module) -> dict[str, tuple[NIPQQuantizer, float]]:
+    """``layer name -> (weight quantizer, budget cost per weight bit)`` for every NIPQ-quantized layer.
+
+    The cost is what :func:`prepare_nipq` set for ``budget_by`` (weight count unless set)."""
+    return {n: (m.wq, getattr(m.wq, "cost", m.layer.weight.numel())) for n, m in qmodel.named_modules()
             if isinstance(m, QuantLayer) and isinstance(m.wq, NIPQQuantizer)}
+
+
+@torch.no_grad()
+def layer_costs(qmodel: nn.Module, x: torch.Tensor, budget_by: str = "size") -> dict[str, float]:
+    """Budget cost per weight bit of every quantized layer: weight count (``size``) or, for ``bops``,
+    multiply-accumulates per image (one forward pass of ``x``) times the bits of the layer's input
+    (its own activation quantizer, else the enclosing residual block's; 32 for a float input)."""
+    if budget_by not in BUDGETS:
+        raise DfqError(f"unknown bit budget {budget_by!r}; use one of {', '.join(BUDGETS)}")
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+    if budget_by == "size":
+        return {n: float(m.layer.weight.numel()) for n, m in layers.items()}
+    blocks = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantBlock)}
+    macs: dict[str, float] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, out, n=n: macs.__setitem__(
+        n, out[0].numel() * mod.layer.weight[0].numel())) for n, m in layers.items()]
+    was = qmodel.training
+    try:
+        qmodel.eval()
+        qmodel(x[:1])
+    finally:
+        qmodel.train(was)
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, m in layers.items():
+        aq = m.aq if m.aq is not None else next(
+            (blocks[b].aq for b in sorted(blocks, key=len, reverse=True) if n.startswith(b + ".")), None)
+        abits = float(aq.bits) if aq is not None and getattr(aq, "enabled", True) else 32.0
+        out[n] = macs[n] * abits
+    return out
 
 
 def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool = False, init_bits: float | None = None,
                  first_last_bits: int = 8, bit_range: tuple[float, float] = BIT_RANGE, preset: str = "genie-m",
-                 calib: torch.Tensor | None = None, init_images: int = 256) -> nn.Module:
+                 calib: torch.Tensor | None = None, init_images: int = 256, budget_by: str = "size") -> nn.Module:
     """Wrap ``model`` (a copy) for NIPQ training, on :func:`~dfquant.quant.transform.quantize_model`'s conventions.
 
     Every weight and activation quantizer the transform creates becomes a :class:`NIPQQuantizer`
@@ -225,6 +262,8 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
     input) stay at ``first_last_bits`` with fixed bits; with ``learn_bits`` the other weight
     quantizers learn their bit-width, starting at ``init_bits`` (default ``wbits``). Activation bits
     are fixed. ``calib`` initializes the activation ranges now (else on the first forward pass).
+    ``budget_by`` (``size`` | ``bops``) sets each layer's cost in the bit budget (:func:`layer_costs`;
+    ``bops`` needs ``calib`` for the one forward pass that counts the multiply-accumulates).
     """
     from dfquant.quant.transform import PRESETS, quantize_model
 
@@ -233,6 +272,10 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
     for b, what in ((wbits, "--wbits"), (abits, "--abits")):
         if not (float(b).is_integer() and 2 <= b <= 8):
             raise DfqError(f"{what} {b:g} is not supported by NIPQ; use an integer from 2 to 8")
+    if budget_by not in BUDGETS:
+        raise DfqError(f"unknown bit budget {budget_by!r}; use one of {', '.join(BUDGETS)}")
+    if budget_by == "bops" and calib is None:
+        raise DfqError("a BOPs budget counts multiply-accumulates on a calibration image; pass calib")
     start = float(wbits if init_bits is None else init_bits)
     if learn_bits and not bit_range[0] <= start <= bit_range[1]:
         raise DfqError(f"initial bit-width {start:g} lies outside the learnable range {bit_range[0]:g}..{bit_range[1]:g}")
@@ -255,8 +298,12 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
             nq.init_method = cfg.act_init
             m.aq = nq
     qmodel.nipq_config = cfg  # the conventions, for saving
+    qmodel.budget_by = budget_by
     if calib is not None:
         init_activation_ranges(qmodel, calib, init_images)
+        mods = dict(qmodel.named_modules())
+        for name, cost in layer_costs(qmodel, calib, budget_by).items():
+            mods[name].wq.cost = cost
     return qmodel
 
 
@@ -275,7 +322,7 @@ def init_activation_ranges(qmodel: nn.Module, calib: torch.Tensor, n: int = 256,
 
 # ----- budget ------------------------------------------------------------------------------
 def average_weight_bits(qmodel: nn.Module, learned_only: bool = True) -> torch.Tensor:
-    """Weight-count-weighted mean bit-width (differentiable) over the learned-bit layers (or all)."""
+    """Cost-weighted mean bit-width (differentiable) over the learned-bit layers (or all); see :func:`layer_costs`."""
     pairs = [(q, n) for q, n in weight_quantizers(qmodel).values() if q.learn_bits or not learned_only]
     if not pairs:
         return torch.tensor(0.0)
@@ -378,7 +425,8 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the noise
     start, losses = 0, []
-    key = {"iters": iters, "lr": lr, "lr_clip": lr_clip, "lr_bits": lr_bits, "budget": budget, "batch_size": batch_size,
+    key = {"iters": iters, "lr": lr, "lr_clip": lr_clip, "lr_bits": lr_bits, "budget": budget,
+           "budget_by": getattr(qmodel, "budget_by", "size"), "batch_size": batch_size,
            "penalty": penalty, "temperature": temperature, "augment": augment, "seed": seed, "n_calib": len(calib)}
     if resume is not None and Path(resume).exists():
         state = torch.load(resume, weights_only=False)
@@ -459,6 +507,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     check_bn_args(bn_stats, fp_model)
     init_activation_ranges(qmodel, calib)
     bits = round_bits(qmodel, budget)
+    costs = {n_: c for n_, (_, c) in weight_quantizers(qmodel).items()}  # the budget's weights, before replacement
     for name, (q, _) in weight_quantizers(qmodel).items():
         q.freeze(bits.get(name))
     for q in nipq_quantizers(qmodel):
@@ -479,15 +528,19 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     lb = layer_bits(qmodel)
     counts = {n_: m.layer.weight.numel() for n_, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
     return {"layer_bits": lb, "avg_weight_bits_all": sum(lb[k] * counts[k] for k in lb) / sum(counts.values()),
-            "avg_weight_bits_learned": (sum(bits[k] * counts[k] for k in bits) / sum(counts[k] for k in bits)) if bits else None,
-            "bn_stats": bn_stats, "bn_layers_reestimated": n_bn, "act_quantizers_reinitialized": n_act}
+            "avg_weight_bits_learned": (sum(bits[k] * costs[k] for k in bits) / sum(costs[k] for k in bits)) if bits else None,
+            "budget_by": getattr(qmodel, "budget_by", "size"), "bn_stats": bn_stats, "bn_layers_reestimated": n_bn, "act_quantizers_reinitialized": n_act}
 
 
 # ----- CLI-level job -------------------------------------------------------------------------------
 def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits: bool, avg_bits: float | None,
-                   n: int, batch_size: int, bn_stats: str = "relative") -> None:
+                   n: int, batch_size: int, bn_stats: str = "relative", budget_by: str = "size") -> None:
     """Validate ``dfq qat`` options before any slow work (DfqError naming the fix)."""
     check_bn_mode(bn_stats, "--bn-stats")
+    if budget_by not in BUDGETS:
+        raise DfqError(f"--budget-by {budget_by} is not a bit budget; use one of {', '.join(BUDGETS)}")
+    if budget_by != "size" and not learn_bits:
+        raise DfqError(f"--budget-by {budget_by} weighs the learned bit-widths; add --learn-bits (or drop --budget-by)")
     for b, what in ((wbits, "--wbits"), (abits, "--abits")):
         if not (float(b).is_integer() and 2 <= b <= 8):
             raise DfqError(f"{what} {b:g} is not supported by NIPQ QAT; use an integer from 2 to 8")
@@ -511,14 +564,14 @@ def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out:
             lr: float = 1e-4, learn_bits: bool = False, avg_bits: float | None = None, n: int = 1024,
             batch_size: int = 32, seed: int = 0, val=None, eval_limit: int | None = None, bn_stats: str = "relative",
             act_reinit: bool = False, progress: bool = True, calib: torch.Tensor | None = None,
-            fp_top1: float | None = None, save: bool = True) -> dict:
+            fp_top1: float | None = None, save: bool = True, budget_by: str = "size") -> dict:
     """``dfq qat``: NIPQ data-free QAT, finalize, evaluate FP / init / QAT top-1, write checkpoint + results.json."""
     from dfquant.data.calib import load_calibration
     from dfquant.evaluate import evaluate
     from dfquant.io import versions, write_json
     from dfquant.models.registry import get_model
 
-    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats)
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)
     budget = (avg_bits if avg_bits is not None else float(wbits)) if learn_bits else None
     spec = get_model(model_name)
     if spec.is_vit:
@@ -530,7 +583,8 @@ def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out:
         fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
     t0 = time.time()
     torch.manual_seed(seed)
-    qmodel = prepare_nipq(spec.model, wbits, abits, learn_bits=learn_bits, init_bits=budget, calib=calib)
+    qmodel = prepare_nipq(spec.model, wbits, abits, learn_bits=learn_bits, init_bits=budget, calib=calib,
+                          budget_by=budget_by)
     t_eval = time.time()
     init_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
     t0 += time.time() - t_eval  # "seconds" counts preparation, training and finalization only
@@ -555,7 +609,8 @@ def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out:
         save_quantized(out, spec, qmodel, qcfg, meta)
         write_json(out / "results.json", {k_: meta[k_] for k_ in (
             "algo", "wbits", "abits", "calib", "n_calib", "iters", "lr", "learn_bits", "avg_bits_budget", "seed",
-            "bn_stats", "act_reinit", "fp_top1", "init_top1", "q_top1", "avg_weight_bits_all", "avg_weight_bits_learned",
+            "budget_by", "bn_stats", "act_reinit", "fp_top1", "init_top1", "q_top1", "avg_weight_bits_all",
+            "avg_weight_bits_learned",
             "kl_first", "kl_last", "seconds")})
     meta["qmodel"] = qmodel
     return meta
