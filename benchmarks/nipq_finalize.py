@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from calib_cache import cached_source
-from resumable_csv import log_command, open_results
+from resumable_csv import append_row, log_command, open_results
 from dfquant.data.calib import load_calibration
 from dfquant.evaluate import evaluate
 from dfquant.io import write_text
@@ -76,8 +76,7 @@ def main() -> None:
                            seconds=round(time.time() - t0 + (t_train if q is trained else 0), 1))
                 print(row, flush=True)
                 if key(row) not in done:
-                    with open(csv_path, "a", newline="") as fh:
-                        csv.DictWriter(fh, FIELDS).writerow(row)
+                    append_row(csv_path, FIELDS, row)
     with open(csv_path) as fh:
         rows = list(csv.DictReader(fh))
     table = "| model | bits | QAT steps | stage | BN re-estimation | activation range re-init | top-1 |\n|---|---|---|---|---|---|---|\n"

@@ -27,7 +27,7 @@ import torch
 
 from dfquant.data.calib import load_calibration
 from calib_cache import SOURCES, cached_source
-from resumable_csv import log_command, open_results
+from resumable_csv import append_row, log_command, open_results
 from dfquant.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
@@ -100,8 +100,7 @@ def main() -> None:
                         row = {**base, "algo": label, "q_top1": round(evaluate(spec, qm, limit=args.eval_limit), 2)}
                         row["quant_seconds"] = round(seconds + time.time() - t_eval, 1)
                         print(row, flush=True)
-                        with open(csv_path, "a", newline="") as fh:  # one short append: lanes may share the file
-                            csv.DictWriter(fh, FIELDS).writerow(row)
+                        append_row(csv_path, FIELDS, row)
                         done.add((model, source, label, bits, str(seed)))
 
                     t0 = time.time()

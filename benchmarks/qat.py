@@ -39,7 +39,7 @@ from dfquant.quant.api import quantize_any  # noqa: E402
 from dfquant.quant.nipq import run_qat  # noqa: E402
 from dfquant.run import parse_bits  # noqa: E402
 from calib_cache import cached_source  # noqa: E402
-from resumable_csv import log_command, open_results  # noqa: E402
+from resumable_csv import append_row, log_command, open_results  # noqa: E402
 
 FIELDS = ["part", "model", "variant", "method", "calib", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "seconds"]
 ARMS = ("ptq:synthetic", "qat:synthetic", "qat:real", "ptq:real", "ptq+bn:synthetic", "ptq+bn:real")
@@ -80,8 +80,7 @@ def main() -> None:
 
     def record(row: dict) -> None:
         print(row, flush=True)
-        with open(csv_path, "a", newline="") as fh:
-            csv.DictWriter(fh, FIELDS).writerow(row)
+        append_row(csv_path, FIELDS, row)
         done.add(_key(row))
 
     fp_cache: dict[str, float] = {}

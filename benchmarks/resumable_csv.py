@@ -19,6 +19,12 @@ def open_results(csv_path: Path, fields: list[str], key: Callable[[dict], tuple]
         return {key(r) for r in csv.DictReader(fh)}
 
 
+def append_row(csv_path: Path, fields: list[str], row: dict) -> None:
+    """Append one result row: one short write, so parallel lanes may share the file."""
+    with open(csv_path, "a", newline="") as fh:
+        csv.DictWriter(fh, fields).writerow(row)
+
+
 def log_command(out: Path, record: bool = True) -> str:
     """Append this invocation to ``<out>.commands.txt`` (when ``record``); return the whole log as a Markdown list.
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from calib_cache import calib_run_dir  # noqa: E402
-from resumable_csv import log_command, open_results  # noqa: E402
+from resumable_csv import append_row, log_command, open_results  # noqa: E402
 
 
 def test_open_results_resumes_from_existing_rows(tmp_path):
@@ -15,8 +15,9 @@ def test_open_results_resumes_from_existing_rows(tmp_path):
     key = lambda r: (r["model"], r["seed"])  # noqa: E731
     assert open_results(path, ["model", "seed", "top1"], key) == set()
     assert path.read_text().splitlines() == ["model,seed,top1"]
-    with open(path, "a") as fh:
-        fh.write("r20,0,91.5\nr20,1,91.0\n")
+    for seed, top1 in ((0, 91.5), (1, 91.0)):
+        append_row(path, ["model", "seed", "top1"], {"model": "r20", "seed": seed, "top1": top1})
+    assert path.read_text().splitlines()[1:] == ["r20,0,91.5", "r20,1,91.0"]
     assert open_results(path, ["model", "seed", "top1"], key) == {("r20", "0"), ("r20", "1")}
 
 

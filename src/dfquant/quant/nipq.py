@@ -216,18 +216,23 @@ def nipq_quantizers(qmodel: nn.Module) -> list[NIPQQuantizer]:
 def weight_quantizers(qmodel: nn.Module) -> dict[str, tuple[NIPQQuantizer, float]]:
     """``layer name -> (weight quantizer, budget cost per weight bit)`` for every NIPQ-quantized layer.
 
-    The cost is what :func:`prepare_nipq` set for ``budget_by`` (weight count unless set)."""
-    return {n: (m.wq, getattr(m.wq, "cost", m.layer.weight.numel())) for n, m in qmodel.named_modules()
+    The cost is the one :func:`prepare_nipq` set for its ``budget_by`` (:func:`layer_costs`)."""
+    return {n: (m.wq, m.wq.cost) for n, m in qmodel.named_modules()
             if isinstance(m, QuantLayer) and isinstance(m.wq, NIPQQuantizer)}
 
 
+def check_budget_by(budget_by: str, what: str = "budget_by") -> None:
+    """Raise a DfqError naming the choices unless ``budget_by`` is one of :data:`BUDGETS`."""
+    if budget_by not in BUDGETS:
+        raise DfqError(f"{what} {budget_by} is not a bit budget; use one of {', '.join(BUDGETS)}")
+
+
 @torch.no_grad()
-def layer_costs(qmodel: nn.Module, x: torch.Tensor, budget_by: str = "size") -> dict[str, float]:
-    """Budget cost per weight bit of every quantized layer: weight count (``size``) or, for ``bops``,
+def layer_costs(qmodel: nn.Module, x: torch.Tensor | None, budget_by: str = "size") -> dict[str, float]:
+    """Budget cost per weight bit of every quantized layer: weight count (``size``; ``x`` unused) or, for ``bops``,
     multiply-accumulates per image (one forward pass of ``x``) times the bits of the layer's input
     (its own activation quantizer, else the enclosing residual block's; 32 for a float input)."""
-    if budget_by not in BUDGETS:
-        raise DfqError(f"unknown bit budget {budget_by!r}; use one of {', '.join(BUDGETS)}")
+    check_budget_by(budget_by)
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
     if budget_by == "size":
         return {n: float(m.layer.weight.numel()) for n, m in layers.items()}
@@ -272,8 +277,7 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
     for b, what in ((wbits, "--wbits"), (abits, "--abits")):
         if not (float(b).is_integer() and 2 <= b <= 8):
             raise DfqError(f"{what} {b:g} is not supported by NIPQ; use an integer from 2 to 8")
-    if budget_by not in BUDGETS:
-        raise DfqError(f"unknown bit budget {budget_by!r}; use one of {', '.join(BUDGETS)}")
+    check_budget_by(budget_by)
     if budget_by == "bops" and calib is None:
         raise DfqError("a BOPs budget counts multiply-accumulates on a calibration image; pass calib")
     start = float(wbits if init_bits is None else init_bits)
@@ -301,9 +305,9 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
     qmodel.budget_by = budget_by
     if calib is not None:
         init_activation_ranges(qmodel, calib, init_images)
-        mods = dict(qmodel.named_modules())
-        for name, cost in layer_costs(qmodel, calib, budget_by).items():
-            mods[name].wq.cost = cost
+    mods = dict(qmodel.named_modules())
+    for name, cost in layer_costs(qmodel, calib, budget_by).items():
+        mods[name].wq.cost = cost
     return qmodel
 
 
@@ -426,7 +430,7 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
     torch.manual_seed(seed)  # the noise
     start, losses = 0, []
     key = {"iters": iters, "lr": lr, "lr_clip": lr_clip, "lr_bits": lr_bits, "budget": budget,
-           "budget_by": getattr(qmodel, "budget_by", "size"), "batch_size": batch_size,
+           "budget_by": qmodel.budget_by, "batch_size": batch_size,
            "penalty": penalty, "temperature": temperature, "augment": augment, "seed": seed, "n_calib": len(calib)}
     if resume is not None and Path(resume).exists():
         state = torch.load(resume, weights_only=False)
@@ -507,8 +511,9 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     check_bn_args(bn_stats, fp_model)
     init_activation_ranges(qmodel, calib)
     bits = round_bits(qmodel, budget)
-    costs = {n_: c for n_, (_, c) in weight_quantizers(qmodel).items()}  # the budget's weights, before replacement
-    for name, (q, _) in weight_quantizers(qmodel).items():
+    wqs = weight_quantizers(qmodel)
+    costs = {n_: c for n_, (_, c) in wqs.items()}  # the budget's weights, kept past the replacement below
+    for name, (q, _) in wqs.items():
         q.freeze(bits.get(name))
     for q in nipq_quantizers(qmodel):
         if not q.frozen:
@@ -529,7 +534,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     counts = {n_: m.layer.weight.numel() for n_, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
     return {"layer_bits": lb, "avg_weight_bits_all": sum(lb[k] * counts[k] for k in lb) / sum(counts.values()),
             "avg_weight_bits_learned": (sum(bits[k] * costs[k] for k in bits) / sum(costs[k] for k in bits)) if bits else None,
-            "budget_by": getattr(qmodel, "budget_by", "size"), "bn_stats": bn_stats, "bn_layers_reestimated": n_bn, "act_quantizers_reinitialized": n_act}
+            "budget_by": qmodel.budget_by, "bn_stats": bn_stats, "bn_layers_reestimated": n_bn, "act_quantizers_reinitialized": n_act}
 
 
 # ----- CLI-level job -------------------------------------------------------------------------------
@@ -537,8 +542,7 @@ def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits
                    n: int, batch_size: int, bn_stats: str = "relative", budget_by: str = "size") -> None:
     """Validate ``dfq qat`` options before any slow work (DfqError naming the fix)."""
     check_bn_mode(bn_stats, "--bn-stats")
-    if budget_by not in BUDGETS:
-        raise DfqError(f"--budget-by {budget_by} is not a bit budget; use one of {', '.join(BUDGETS)}")
+    check_budget_by(budget_by, "--budget-by")
     if budget_by != "size" and not learn_bits:
         raise DfqError(f"--budget-by {budget_by} weighs the learned bit-widths; add --learn-bits (or drop --budget-by)")
     for b, what in ((wbits, "--wbits"), (abits, "--abits")):
