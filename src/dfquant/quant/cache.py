@@ -4,8 +4,8 @@ Block inputs/outputs for 1024 images are needed at every unit. Small ones stay i
 once a tensor would pass the budget it is written to a memory-mapped file in a temp
 folder and streamed back per batch. The full-precision targets are captured for as many
 upcoming units as fit half the budget at a time (:func:`plan_chunks`), so neither RAM nor
-disk ever holds every block's activations: ResNet-50 at 224px with 1024 images would need
-about 49 GB for all of them.
+disk ever holds every block's activations: for ResNet-50 at 224px with 1024 images, the outputs
+of its 18 units alone are 26 GB in float32.
 """
 
 from __future__ import annotations
