@@ -27,3 +27,29 @@ def test_analyses_write_numbers_and_pngs(resnet20, tmp_path):
     # real split-A images sit closer to the real test centroids than noise does
     assert stats["real-A"]["mean_class_centroid_distance"] < stats["noise"]["mean_class_centroid_distance"]
     assert json.loads((tmp_path / "tsne.json").read_text()) == stats and (tmp_path / "tsne.png").exists()
+
+
+def test_analysis_table_aggregates_seeds_and_rejects_empty_folders(tmp_path):
+    import pytest
+
+    from dfquant.analysis.summary import analysis_table
+    from dfquant.errors import DfqError
+
+    for seed, (g_single, g_mixup) in enumerate([(4.0, 2.0), (6.0, 3.0)]):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        (d / "gradnorm.json").write_text(json.dumps({
+            "single": {"mean_grad_norm": g_single, "median_grad_norm": 1.0, "steps": 8},
+            "mixup": {"mean_grad_norm": g_mixup, "median_grad_norm": 1.0, "steps": 8}}))
+    (tmp_path / "s1" / "generalization_gap.json").write_text(json.dumps(
+        {"mixup": {"loss_calib": 10.0, "loss_heldout_real": 12.5, "gap": 2.5}}))
+    table = analysis_table([tmp_path / "s0", tmp_path / "s1"]).splitlines()
+    assert table[0].startswith("| calibration | mean grad norm | median grad norm | recon. loss calib")
+    assert "tsne" not in table[0] and "centroid" not in table[0]  # no folder ran t-SNE
+    single = next(line for line in table if line.startswith("| single |")).strip("| ").split(" | ")
+    mixup = next(line for line in table if line.startswith("| mixup |")).strip("| ").split(" | ")
+    assert single[1] == "5 ± 1.4 (2)" and mixup[1] == "2.5 ± 0.71 (2)"
+    assert mixup[5] == "2.5" and single[5] == "–"  # gap: one folder has it, for mixup only
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DfqError, match="no dfq analyze results"):
+        analysis_table([tmp_path / "empty"])

@@ -43,9 +43,12 @@ def test_end_to_end_with_caching_and_report(tiny_generator, tmp_path, capsys):
     assert "quant_W3A3" in json.loads((d / "stages.json").read_text())
     from dfquant.report import write_report
 
+    (d / "analysis").mkdir()  # what `dfq analyze --out RUN/analysis` leaves there: its numbers join the report
+    (d / "analysis" / "gradnorm.json").write_text(json.dumps({"mixup": {"mean_grad_norm": 42.0, "median_grad_norm": 7.0}}))
     md = write_report([d], tmp_path / "report")
     text = md.read_text()
     assert "accuracy_vs_bits.png" in text and "mixup-random-k2" in text and (tmp_path / "report" / "accuracy_vs_bits.png").exists()
+    assert "| mixup | 42 | 7 |" in text
 
 
 def test_real_source_and_bad_config(tmp_path):

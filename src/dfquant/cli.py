@@ -420,7 +420,7 @@ def analyze_cmd(
             gaps[label] = generalization_gap(q, images[:512], heldout)
         write_json(out / "generalization_gap.json", gaps)
     if "tsne" not in chosen:
-        typer.echo(f"wrote {', '.join(sorted(chosen))} results to {out}")
+        _analysis_summary(out, chosen)
         return
     synthetic = {}
     for item in calib:
@@ -429,7 +429,18 @@ def analyze_cmd(
         if classes is not None:
             synthetic[label] = (sets[label], classes)
     tsne_study(spec.model, spec.normalize(xt), yt, synthetic, spec.class_names, out, seed)
-    typer.echo(f"wrote {', '.join(sorted(chosen))} results to {out}")
+    _analysis_summary(out, chosen)
+
+
+def _analysis_summary(out: Path, chosen: set[str]) -> None:
+    """Write and print the numbers of every study side by side (``summary.md``)."""
+    from dfquant.analysis.summary import analysis_table
+    from dfquant.io import write_text
+
+    table = analysis_table([out])
+    write_text(out / "summary.md", table)
+    typer.echo(table)
+    typer.echo(f"wrote {', '.join(sorted(chosen))} results and summary.md to {out}")
 
 
 def _classes_of(source: str, n: int, seed: int) -> Optional[list[list[int]]]:

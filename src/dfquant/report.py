@@ -144,6 +144,10 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
 
             for sheet in contact_sheets(images, out / f"grid_{d.name}.png", n=32):
                 grids.append(f"### {d.name}\n\n![samples]({sheet.name})\n")
+        if any((d / "analysis").glob("*.json")):
+            from dfquant.analysis.summary import analysis_table
+
+            analyses.append(f"### {d.name}\n\n" + analysis_table([d / "analysis"]))
         for png in sorted((d / "analysis").glob("*.png")) if (d / "analysis").exists() else []:
             shutil.copy(png, out / f"{d.name}_{png.name}")
             analyses.append(f"### {d.name}: {png.stem}\n\n![{png.stem}]({d.name}_{png.name})\n")
