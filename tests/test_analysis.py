@@ -32,7 +32,7 @@ def test_analyses_write_numbers_and_pngs(resnet20, tmp_path):
 def test_analysis_table_aggregates_seeds_and_rejects_empty_folders(tmp_path):
     import pytest
 
-    from dfquant.analysis.summary import analysis_table
+    from dfquant.analysis.summary import analysis_table, has_results
     from dfquant.errors import DfqError
 
     for seed, (g_single, g_mixup) in enumerate([(4.0, 2.0), (6.0, 3.0)]):
@@ -51,5 +51,7 @@ def test_analysis_table_aggregates_seeds_and_rejects_empty_folders(tmp_path):
     assert single[1] == "5 ± 1.4 (2)" and mixup[1] == "2.5 ± 0.71 (2)"
     assert mixup[5] == "2.5" and single[5] == "–"  # gap: one folder has it, for mixup only
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")  # other JSON is not a study: dfq report skips the folder
+    assert has_results(tmp_path / "s1") and not has_results(tmp_path / "empty")
     with pytest.raises(DfqError, match="no dfq analyze results"):
         analysis_table([tmp_path / "empty"])

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dfquant.analysis.summary import analysis_table, has_results  # noqa: E402
 from dfquant.errors import DfqError  # noqa: E402
 from dfquant.io import atomic_path, read_json, write_text  # noqa: E402
 from dfquant.run import results_table  # noqa: E402
@@ -144,9 +145,7 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
 
             for sheet in contact_sheets(images, out / f"grid_{d.name}.png", n=32):
                 grids.append(f"### {d.name}\n\n![samples]({sheet.name})\n")
-        if any((d / "analysis").glob("*.json")):
-            from dfquant.analysis.summary import analysis_table
-
+        if has_results(d / "analysis"):
             analyses.append(f"### {d.name}\n\n" + analysis_table([d / "analysis"]))
         for png in sorted((d / "analysis").glob("*.png")) if (d / "analysis").exists() else []:
             shutil.copy(png, out / f"{d.name}_{png.name}")

@@ -8,12 +8,12 @@ read as a finding.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from dfquant.errors import DfqError
+from dfquant.io import read_json
 
 # (column header, study file, key inside a calibration set's entry)
 COLUMNS = (
@@ -24,6 +24,12 @@ COLUMNS = (
     ("gap", "generalization_gap.json", "gap"),
     ("class-centroid distance", "tsne.json", "mean_class_centroid_distance"),
 )
+STUDY_FILES = tuple(dict.fromkeys(f for _, f, _ in COLUMNS))
+
+
+def has_results(d: Path) -> bool:
+    """Whether ``d`` holds the output of at least one `dfq analyze` study."""
+    return any((d / f).exists() for f in STUDY_FILES)
 
 
 def _fmt(values: list[float]) -> str:
@@ -40,9 +46,9 @@ def analysis_table(dirs: list[Path]) -> str:
     (each a `dfq analyze --out` folder); several folders give mean ± std (n) per cell."""
     studies: list[dict[str, dict]] = []
     for d in dirs:
-        found = {f: json.loads((d / f).read_text()) for f in {c[1] for c in COLUMNS} if (d / f).exists()}
+        found = {f: read_json(d / f) for f in STUDY_FILES if (d / f).exists()}
         if not found:
-            raise DfqError(f"{d} holds no dfq analyze results (gradnorm.json, generalization_gap.json, tsne.json); "
+            raise DfqError(f"{d} holds no dfq analyze results ({', '.join(STUDY_FILES)}); "
                            "pass folders written by `dfq analyze --out`")
         studies.append(found)
     labels = list(dict.fromkeys(label for s in studies for data in s.values() for label in data))
