@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from dfquant.errors import DfqError
+from dfquant.quant.algorithms import ALGOS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-free post-training quantization of image classifiers.")
@@ -237,7 +238,7 @@ def quantize_cmd(
     calib: str = typer.Option(..., help="calibration source: real:A, a folder of images, or a distill .safetensors"),
     wbits: float = typer.Option(4, help="weight bits (2..8, or 1.58 ternary)"),
     abits: float = typer.Option(4, help="activation bits (2..8)"),
-    algo: str = typer.Option("genie-m", help="minmax | mse | adaround | brecq | qdrop | genie-m | repq-vit"),
+    algo: str = typer.Option("genie-m", help=" | ".join(ALGOS)),
     iters: int = typer.Option(20000, help="reconstruction iterations per block (paper: 20000)"),
     joint_iters: int = typer.Option(0, help="then optimize all quantization parameters jointly (logit + feature distillation)"),
     bn_recalib: str = typer.Option("none", help="relative | absolute | none: re-estimate BatchNorm statistics after "
@@ -296,7 +297,7 @@ def run_cmd(
     pairing: Optional[str] = typer.Option(None, help="random | similar | dissimilar"),
     n: Optional[int] = typer.Option(None, help="calibration images"),
     generator: Optional[str] = typer.Option(None, help="mini, sd15, sd-turbo, a hub id or a folder"),
-    algo: Optional[str] = typer.Option(None, help="auto | genie-m | brecq | qdrop | adaround | mse | repq-vit"),
+    algo: Optional[str] = typer.Option(None, help=" | ".join(("auto",) + ALGOS)),
     wbits: Optional[float] = typer.Option(None, help="with --abits: a single bit setting (else the config's list)"),
     abits: Optional[float] = typer.Option(None),
     iters: Optional[int] = typer.Option(None, help="reconstruction iterations per block"),

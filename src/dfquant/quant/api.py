@@ -11,7 +11,8 @@ from dfquant.errors import DfqError
 from dfquant.quant.modules import QuantConfig
 from dfquant.quant.quantizers import check_bits
 from dfquant.quant.reconstruct import ReconConfig, reconstruct
-from dfquant.quant.transform import PRESETS, quantize_model
+from dfquant.quant.algorithms import get_algorithm
+from dfquant.quant.transform import quantize_model
 
 
 def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> QuantConfig:
@@ -21,11 +22,9 @@ def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> Qua
             check_bits(b)
         except ValueError:
             raise DfqError(f"{what} {b} is not supported; use an integer from 2 to 8 (or 1.58 for ternary weights)") from None
-    if algo not in PRESETS:
-        raise DfqError(f"unknown algorithm {algo!r}; use one of {', '.join(PRESETS)}")
     if abits == 1.58:
         raise DfqError("ternary (1.58) applies to weights only; use --abits 2..8")
-    return QuantConfig(wbits=wbits, abits=abits, **{**PRESETS[algo], **overrides})
+    return QuantConfig(wbits=wbits, abits=abits, **{**get_algorithm(algo).quant, **overrides})
 
 
 def build_quantized(model: nn.Module, qcfg: QuantConfig, init: bool = True, vit: dict | None = None) -> nn.Module:

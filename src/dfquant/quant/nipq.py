@@ -270,7 +270,8 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
     ``budget_by`` (``size`` | ``bops``) sets each layer's cost in the bit budget (:func:`layer_costs`;
     ``bops`` needs ``calib`` for the one forward pass that counts the multiply-accumulates).
     """
-    from dfquant.quant.transform import PRESETS, quantize_model
+    from dfquant.quant.algorithms import get_algorithm
+    from dfquant.quant.transform import quantize_model
 
     if any(type(m).__name__ in {"Attention", "WindowAttention"} for m in model.modules()):
         raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with `dfq quantize --algo repq-vit`")
@@ -284,7 +285,7 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
     if learn_bits and not bit_range[0] <= start <= bit_range[1]:
         raise DfqError(f"initial bit-width {start:g} lies outside the learnable range {bit_range[0]:g}..{bit_range[1]:g}")
     cfg = QuantConfig(wbits=_round_half_up(start) if learn_bits else wbits, abits=abits,
-                      first_last_bits=first_last_bits, **PRESETS[preset])
+                      first_last_bits=first_last_bits, **get_algorithm(preset).quant)
     qmodel = quantize_model(model, cfg)
     modules = list(qmodel.named_modules())
     layers = [n for n, m in modules if isinstance(m, QuantLayer)]

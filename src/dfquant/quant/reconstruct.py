@@ -3,17 +3,21 @@
 For each unit (residual block, conv-norm-act stack, or single layer) in forward order:
   1. cache the unit's input in the partly quantized model (x_q), and its input and output
      in the full-precision model (x_fp, y_fp);
-  2. initialize the unit's activation quantizers on x_q (range search);
-  3. optimize ``||unit_q(x) - y_fp||^2`` per sample + the AdaRound rounding term, where
-     ``x = x_q``, or with QDrop an element-wise random mix of x_q and x_fp and random
-     drop of activation quantization inside the unit;
+  2. initialize the unit's activation quantizers (Genie: on the first training batch through the
+     soft weights; BRECQ/QDrop: on the first 256 quantized inputs);
+  3. optimize ``lp_loss(unit_q(x), y_fp) + round_weight * rounding term``, where the loss sums the
+     squared error over channels and averages it over batch and positions (the reference codes'
+     ``(y_q - y).pow(2).sum(1).mean()``), ``x = x_q``, or with QDrop an element-wise random mix of
+     x_q and x_fp and random drop of activation quantization inside the unit;
   4. harden the rounding and move on.
-The algorithm presets differ only in what is learned and the mixing probability.
+The algorithms configure it through :data:`~dfquant.quant.algorithms.ALGORITHMS`: what is learned,
+loss weights, schedules, batch sampling and the mixing probability.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -22,16 +26,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
+from dfquant.quant.algorithms import ALGORITHMS, get_algorithm
 from dfquant.quant.cache import DEFAULT_BUDGET_GB, capture, capture_all, io_bytes_per_image, plan_chunks
 from dfquant.quant.modules import act_quantizers, quant_layers, set_quant_state, train_keep_bn
 from dfquant.quant.transform import recon_units
 
-ALGOS = ("minmax", "mse", "adaround", "brecq", "qdrop", "genie-m")
 
 
 @dataclass
 class ReconConfig:
-    """What a reconstruction run learns, and how long."""
+    """What a reconstruction run learns, and how. The defaults are Genie-M's published settings;
+    :meth:`preset` fills in each algorithm's own from :data:`~dfquant.quant.algorithms.ALGORITHMS`."""
 
     algo: str = "genie-m"
     iters: int = 20000               # per unit (paper default; CPU runs use fewer, stated)
@@ -43,43 +48,85 @@ class ReconConfig:
     lr_rounding: float = 1e-3
     lr_weight_scale: float = 1e-4
     lr_act_scale: float = 4e-5
-    round_weight: float = 0.01
+    round_weight: float = 1.0
     warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
+    # the reference codes' conventions; the alternatives are the maths dfquant used before (README, fidelity study)
+    loss_reduction: str = "channel"   # channel: sum over channels, mean over batch and positions | sample: sum over C*H*W
+    rounding_schedule: str = "constant"  # constant (reference) | cosine (the rounding lr decays with the steps')
+    sampling: str = "epoch"          # epoch: reshuffle once per pass (Genie) | randperm (BRECQ) | randint (QDrop)
+    act_init: str = "first-batch"    # first-batch: first training batch through soft weights + QDrop (Genie)
+                                     # | images: the first act_init_images quantized inputs, rounded weights
     act_init_images: int = 256
     cache_ram_gb: float = DEFAULT_BUDGET_GB
     device: str = "cpu"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for key, allowed in _CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise DfqError(f"{key} {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+
     @classmethod
     def preset(cls, algo: str, **overrides) -> "ReconConfig":
-        base = {
-            "minmax": dict(learn_rounding=False), "mse": dict(learn_rounding=False),
-            "adaround": dict(granularity="layer", lr_act_scale=4e-4),
-            "brecq": dict(lr_act_scale=4e-4),
-            "qdrop": dict(drop_prob=0.5, lr_act_scale=4e-4),
-            "genie-m": dict(drop_prob=0.5, learn_weight_scale=True, lr_weight_scale=1e-4, lr_act_scale=4e-5),
-        }
-        if algo not in base:
-            raise DfqError(f"unknown algorithm {algo!r}; use one of {', '.join(ALGOS)}")
-        return cls(algo=algo, **{**base[algo], **overrides})
+        recon = get_algorithm(algo).recon
+        if recon is None:
+            raise DfqError(f"{algo} does not use block reconstruction; pick one of "
+                           f"{', '.join(a for a, v in ALGORITHMS.items() if v.recon is not None)}")
+        return cls(algo=algo, **{**recon, **overrides})
+
+
+_CHOICES = {"loss_reduction": ("channel", "sample"), "rounding_schedule": ("constant", "cosine"),
+            "sampling": ("epoch", "randperm", "randint"), "act_init": ("first-batch", "images"),
+            "granularity": ("block", "layer")}
 
 
 class _Beta:
-    """AdaRound temperature: no rounding loss during warm-up, then beta decays linearly 20 -> 2."""
+    """AdaRound temperature as the reference ``LinearTempDecay`` counts it (step ``it + 1``): no rounding
+    loss before ``warmup * iters``, then beta decays linearly from 20 to 2."""
 
     def __init__(self, iters: int, warmup: float, start: float, end: float):
-        self.iters, self.start_it, self.b0, self.b1 = iters, int(warmup * iters), start, end
+        self.iters, self.start_it, self.b0, self.b1 = iters, warmup * iters, start, end
 
     def __call__(self, it: int) -> float | None:
-        if it < self.start_it:
+        count = it + 1
+        if count < self.start_it:
             return None
-        frac = (it - self.start_it) / max(1, self.iters - self.start_it)
+        frac = (count - self.start_it) / max(1e-12, self.iters - self.start_it)
         return self.b1 + (self.b0 - self.b1) * max(0.0, 1 - frac)
 
 
-def _per_sample_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (out - target).pow(2).flatten(1).sum(1).mean()
+def recon_loss(out: torch.Tensor, target: torch.Tensor, reduction: str = "channel") -> torch.Tensor:
+    """Squared output error of a unit.
+
+    ``channel`` is BRECQ's / Genie's ``lp_loss``: ``(out - target)^2`` summed over the channel axis and
+    averaged over the batch and every spatial (or token) position. ``sample`` sums over all of C*H*W
+    per image, which is H*W times larger and weakens the rounding term accordingly. The channel axis is
+    1 for (N, C, ...) maps and vectors, and the last axis for (N, tokens, D) transformer outputs.
+    """
+    err = (out - target).pow(2)
+    if reduction == "sample":
+        return err.flatten(1).sum(1).mean()
+    return err.sum(-1 if err.dim() == 3 else 1).mean()
+
+
+class _Batches:
+    """Batch indices in the reference codes' orders (see :attr:`ReconConfig.sampling`)."""
+
+    def __init__(self, n: int, batch_size: int, mode: str, seed: int):
+        self.n, self.bs, self.mode = n, min(batch_size, n), mode
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm, self.pos = torch.empty(0, dtype=torch.long), 0
+
+    def next(self) -> torch.Tensor:
+        if self.mode == "randint":
+            return torch.randint(0, self.n, (self.bs,), generator=self.gen)
+        if self.mode == "randperm":
+            return torch.randperm(self.n, generator=self.gen)[: self.bs]
+        if self.pos + self.bs > len(self.perm):  # epoch: a new shuffle when the current one is used up
+            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        self.pos += self.bs
+        return self.perm[self.pos - self.bs: self.pos]
 
 
 def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: str = "unit",
@@ -87,44 +134,60 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
     """Initialize and (optionally) optimize one unit in place; return its loss summary."""
     dev = torch.device(cfg.device)
     n = len(x_q)
-    n_init = min(cfg.act_init_images, n)
+    batches = _Batches(n, cfg.batch_size, cfg.sampling, cfg.seed)
     unit.eval()
-    with torch.no_grad():  # lazy range init of activation quantizers on x_q
-        unit(x_q[:n_init].to(dev))
-    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit's training input (QDrop: element-wise mix of quantized and FP input) and target."""
+        xq = x_q[idx].to(dev)
+        if cfg.drop_prob > 0:
+            xq = torch.where(torch.rand_like(xq) < cfg.drop_prob, x_fp[idx].to(dev), xq)
+        return xq, y_fp[idx].to(dev)
 
     def eval_loss() -> float:
         with torch.no_grad():
             idx = torch.arange(min(n, 256))
-            return _per_sample_mse(unit(x_q[idx].to(dev)), y_fp[idx].to(dev)).item()
+            return recon_loss(unit(x_q[idx].to(dev)), y_fp[idx].to(dev), cfg.loss_reduction).item()
 
-    before = eval_loss()
-    if not cfg.learn_rounding or cfg.iters <= 0:
+    learn = cfg.learn_rounding and cfg.iters > 0
+    if not (learn and cfg.act_init == "first-batch"):
+        with torch.no_grad():  # lazy range init of activation quantizers on x_q, rounded weights
+            unit(x_q[: min(cfg.act_init_images, n)].to(dev))
+    if not learn:
+        before = eval_loss()
         return {"unit": name, "loss_before": before, "loss_after": before, "iters": 0}
     layers = quant_layers(unit)
     softs = [ql.enable_soft_rounding(cfg.learn_weight_scale) for ql in layers]
     aqs = [q for q in act_quantizers(unit) if isinstance(q, nn.Module) and getattr(q, "scale", None) is not None
            and isinstance(q.scale, nn.Parameter)]
-    groups = [{"params": [s.V for s in softs], "lr": cfg.lr_rounding}]
-    if cfg.learn_weight_scale:
-        groups.append({"params": [s.q.scale for s in softs], "lr": cfg.lr_weight_scale})
-    if aqs:
-        groups.append({"params": [q.scale for q in aqs], "lr": cfg.lr_act_scale})
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
-    beta = _Beta(cfg.iters, cfg.warmup, *cfg.beta)
     for q in aqs:
         q.drop_prob = cfg.drop_prob
+    first = None
+    if cfg.act_init == "first-batch":
+        # Genie: activation steps start from the first training batch, passed through the block with soft
+        # (near full-precision) weights and QDrop, i.e. exactly the distribution training then sees
+        first = batch(batches.next())
+        train_keep_bn(unit)
+        with torch.no_grad():
+            unit(first[0])
+        unit.eval()
+    before = eval_loss()
+    groups = [{"params": [s.V for s in softs], "lr": cfg.lr_rounding, "decay": cfg.rounding_schedule == "cosine"}]
+    if cfg.learn_weight_scale:
+        groups.append({"params": [s.q.scale for s in softs], "lr": cfg.lr_weight_scale, "decay": True})
+    if aqs:
+        groups.append({"params": [q.scale for q in aqs], "lr": cfg.lr_act_scale, "decay": True})
+    opt = torch.optim.Adam(groups)
+    cosine = lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.iters))  # noqa: E731  (CosineAnnealingLR, eta_min 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine if g["decay"] else (lambda it: 1.0) for g in groups])
+    beta = _Beta(cfg.iters, cfg.warmup, *cfg.beta)
     train_keep_bn(unit)
     bar = tqdm(range(cfg.iters), desc=f"recon {name}", leave=False, mininterval=1.0)
     try:
         for it in bar:
-            idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-            xq, y = x_q[idx].to(dev), y_fp[idx].to(dev)
-            if cfg.drop_prob > 0:
-                xf = x_fp[idx].to(dev)
-                xq = torch.where(torch.rand_like(xq) < cfg.drop_prob, xf, xq)
-            rec = _per_sample_mse(unit(xq), y)
+            xq, y = first if first is not None else batch(batches.next())
+            first = None
+            rec = recon_loss(unit(xq), y, cfg.loss_reduction)
             b = beta(it)
             rnd = cfg.round_weight * sum(s.rounding_loss(b) for s in softs) if b is not None else torch.zeros(())
             loss = rec + rnd
@@ -159,8 +222,11 @@ def _grad_norm(groups: list[dict]) -> float:
 
 
 def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
-                trace: list | None = None, progress: bool = True) -> list[dict]:
+                trace: list | None = None, progress: bool = True, units: list[str] | None = None) -> list[dict]:
     """Calibrate/reconstruct ``qmodel`` unit by unit on ``calib`` (in place).
+
+    ``units``: submodule names to reconstruct, in execution order (default: :func:`recon_units`);
+    like Genie's ``reconstruct(teacher, student, data, units)``, the caller may choose them.
 
     The full-precision target is a copy of ``qmodel`` with quantization switched off, so
     both share module names, BN folding and patched attention by construction.
@@ -174,7 +240,7 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     fp_model = copy.deepcopy(qmodel)
     set_quant_state(fp_model, weights=False, acts=False)
     set_quant_state(qmodel, weights=True, acts=True)
-    units = recon_units(qmodel, cfg.granularity)
+    units = recon_units(qmodel, cfg.granularity) if units is None else list(units)
     fp_units = {u: fp_model.get_submodule(u) for u in units}
     # FP targets for as many upcoming units as fit half the RAM budget, one (early-stopped) pass per chunk
     chunks = plan_chunks(units, {k: v * len(calib) for k, v in io_bytes_per_image(fp_model, fp_units, calib[:1].to(dev)).items()},

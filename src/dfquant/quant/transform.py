@@ -15,16 +15,6 @@ from torch import nn
 
 from dfquant.quant.modules import BLOCK_ENTRIES, QuantBlock, QuantConfig, QuantLayer
 
-PRESETS: dict[str, dict] = {
-    # algo -> QuantConfig conventions (see module docstring and the papers' code)
-    "minmax": dict(second_input_bits=8, weight_init="minmax", act_init="minmax", fold_bn=True),
-    "mse": dict(second_input_bits=8, weight_init="mse", act_init="mse", fold_bn=True),
-    "adaround": dict(second_input_bits=8, fold_bn=True),
-    "brecq": dict(second_input_bits=8, fold_bn=True),
-    "qdrop": dict(second_input_bits=None, fold_bn=True),
-    "genie-m": dict(second_input_bits=8, fold_bn=False),
-    "repq-vit": dict(second_input_bits=None, quantize_first_input=True, act_init="percentile", fold_bn=False),
-}
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:

@@ -1,0 +1,68 @@
+"""The one table of PTQ algorithms: each name's quantization conventions and reconstruction settings.
+
+Everything that lists algorithms (the API, the CLI, ``dfq run``, NIPQ's range-init presets) reads
+:data:`ALGORITHMS`; nothing else spells out a preset. The values follow each method's published
+code (see the README's "Quantization conventions" and ../shared/NOTES.md):
+
+* ``quant`` fills :class:`~dfquant.quant.modules.QuantConfig` (which layers are 8-bit, range init,
+  BN folding).
+* ``recon`` fills :class:`~dfquant.quant.reconstruct.ReconConfig` (what is learned, loss weights,
+  optimizer schedules, QDrop probability, activation-init batch). ``None`` means the algorithm does
+  not run block reconstruction (RepQ-ViT has its own calibration in :mod:`dfquant.quant.vit`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One PTQ algorithm: its conventions (``quant``) and its reconstruction settings (``recon``)."""
+
+    name: str
+    quant: dict[str, Any]
+    recon: dict[str, Any] | None = field(default_factory=dict)
+    summary: str = ""
+
+
+# AdaRound / BRECQ / QDrop (yhhhli/BRECQ, wimh966/QDrop): lp_loss = sum over channels, mean over the rest;
+# rounding weight 0.01; Adam on V at its default 1e-3 without a schedule; activation steps with cosine decay,
+# initialised on the first 256 cached inputs
+_ADAROUND = dict(round_weight=0.01, lr_rounding=1e-3, rounding_schedule="constant", loss_reduction="channel",
+                 sampling="randperm", act_init="images", act_init_images=256)
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("minmax", dict(second_input_bits=8, weight_init="minmax", act_init="minmax", fold_bn=True),
+              dict(learn_rounding=False), "range init only (min-max)"),
+    Algorithm("mse", dict(second_input_bits=8, weight_init="mse", act_init="mse", fold_bn=True),
+              dict(learn_rounding=False), "range init only (Lp, p=2.4, over clip ratios)"),
+    Algorithm("adaround", dict(second_input_bits=8, fold_bn=True),
+              dict(_ADAROUND, granularity="layer", lr_act_scale=4e-4), "learned rounding, layer by layer"),
+    Algorithm("brecq", dict(second_input_bits=8, fold_bn=True),
+              dict(_ADAROUND, lr_act_scale=4e-4), "learned rounding + activation steps, per block"),
+    Algorithm("qdrop", dict(second_input_bits=None, fold_bn=True),
+              dict(_ADAROUND, drop_prob=0.5, lr_act_scale=4e-5, sampling="randint"), "as brecq, with random drop of activation quantization"),
+    # Genie-M (SamsungLabs/Genie main.py / reconstruct.py): round_weight 1.0, Adam on V without a schedule,
+    # weight and activation steps with cosine decay, activation steps initialised on the first shuffled batch
+    # through the block with soft weights, batches drawn by shuffling once per epoch
+    Algorithm("genie-m", dict(second_input_bits=8, fold_bn=False),
+              dict(round_weight=1.0, drop_prob=0.5, learn_weight_scale=True, lr_rounding=1e-3, lr_weight_scale=1e-4,
+                   lr_act_scale=4e-5, rounding_schedule="constant", loss_reduction="channel", sampling="epoch",
+                   act_init="first-batch"),
+              "rounding and weight step jointly on a frozen floor, activation steps, QDrop p=0.5"),
+    Algorithm("repq-vit", dict(second_input_bits=None, quantize_first_input=True, act_init="percentile", fold_bn=False),
+              None, "ViTs: LayerNorm reparameterization, log-sqrt2 softmax quantizer, percentile search"),
+)}
+
+ALGOS: tuple[str, ...] = tuple(ALGORITHMS)
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The table entry for ``name``; a ``DfqError`` naming the valid choices otherwise."""
+    from dfquant.errors import DfqError
+
+    if name not in ALGORITHMS:
+        raise DfqError(f"unknown algorithm {name!r}; use one of {', '.join(ALGOS)}")
+    return ALGORITHMS[name]
