@@ -3,7 +3,7 @@
 For each unit (residual block, conv-norm-act stack, or single layer) in forward order:
   1. cache the unit's input in the partly quantized model (x_q), and its input and output
      in the full-precision model (x_fp, y_fp);
-  2. initialize the unit's activation quantizers (Genie: on the first training batch through the
+  2. initialize the unit's activation quantizers (Genie: on the first calibration batch through the
      soft weights; BRECQ/QDrop: on the first 256 quantized inputs);
   3. optimize ``lp_loss(unit_q(x), y_fp) + round_weight * rounding term``, where the loss sums the
      squared error over channels and averages it over batch and positions (the reference codes'
@@ -55,7 +55,7 @@ class ReconConfig:
     loss_reduction: str = "channel"   # channel: sum over channels, mean over batch and positions | sample: sum over C*H*W
     rounding_schedule: str = "constant"  # constant (reference) | cosine (the rounding lr decays with the steps')
     sampling: str = "epoch"          # epoch: reshuffle once per pass (Genie) | randperm (BRECQ) | randint (QDrop)
-    act_init: str = "first-batch"    # first-batch: first training batch through soft weights + QDrop (Genie)
+    act_init: str = "first-batch"    # first-batch: first calibration batch through soft weights + QDrop (Genie)
                                      # | images: the first act_init_images quantized inputs, rounded weights
     act_init_images: int = 256
     cache_ram_gb: float = DEFAULT_BUDGET_GB
@@ -130,7 +130,7 @@ class _Batches:
 
 
 def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: str = "unit",
-                     trace: list | None = None) -> dict:
+                     trace: list | None = None, progress: bool = True) -> dict:
     """Initialize and (optionally) optimize one unit in place; return its loss summary."""
     dev = torch.device(cfg.device)
     n = len(x_q)
@@ -139,10 +139,10 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
 
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unit's training input (QDrop: element-wise mix of quantized and FP input) and target."""
-        xq = x_q[idx].to(dev)
+        xq = x_q.index_select(0, idx).to(dev)  # row copies: several times faster than x_q[idx] on CPU
         if cfg.drop_prob > 0:
-            xq = torch.where(torch.rand_like(xq) < cfg.drop_prob, x_fp[idx].to(dev), xq)
-        return xq, y_fp[idx].to(dev)
+            xq = torch.where(torch.rand_like(xq) < cfg.drop_prob, x_fp.index_select(0, idx).to(dev), xq)
+        return xq, y_fp.index_select(0, idx).to(dev)
 
     def eval_loss() -> float:
         with torch.no_grad():
@@ -162,31 +162,22 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
            and isinstance(q.scale, nn.Parameter)]
     for q in aqs:
         q.drop_prob = cfg.drop_prob
-    first = None
     if cfg.act_init == "first-batch":
-        # Genie: activation steps start from the first training batch, passed through the block with soft
-        # (near full-precision) weights and QDrop, i.e. exactly the distribution training then sees
-        first = batch(batches.next())
+        # Genie initialises the activation steps while it captures the block's inputs: on the first calibration
+        # batch (in order, the quantized input x_q), through the soft (near full-precision) weights with QDrop's
+        # random drop inside the block
         train_keep_bn(unit)
         with torch.no_grad():
-            unit(first[0])
+            unit(x_q[: min(cfg.batch_size, n)].to(dev))
         unit.eval()
     before = eval_loss()
-    groups = [{"params": [s.V for s in softs], "lr": cfg.lr_rounding, "decay": cfg.rounding_schedule == "cosine"}]
-    if cfg.learn_weight_scale:
-        groups.append({"params": [s.q.scale for s in softs], "lr": cfg.lr_weight_scale, "decay": True})
-    if aqs:
-        groups.append({"params": [q.scale for q in aqs], "lr": cfg.lr_act_scale, "decay": True})
-    opt = torch.optim.Adam(groups)
-    cosine = lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.iters))  # noqa: E731  (CosineAnnealingLR, eta_min 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine if g["decay"] else (lambda it: 1.0) for g in groups])
+    groups, opt, sched = _optimizer(softs, aqs, cfg)
     beta = _Beta(cfg.iters, cfg.warmup, *cfg.beta)
     train_keep_bn(unit)
-    bar = tqdm(range(cfg.iters), desc=f"recon {name}", leave=False, mininterval=1.0)
+    bar = tqdm(range(cfg.iters), desc=f"recon {name}", leave=False, mininterval=1.0, disable=not progress)
     try:
         for it in bar:
-            xq, y = first if first is not None else batch(batches.next())
-            first = None
+            xq, y = batch(batches.next())
             rec = recon_loss(unit(xq), y, cfg.loss_reduction)
             b = beta(it)
             rnd = cfg.round_weight * sum(s.rounding_loss(b) for s in softs) if b is not None else torch.zeros(())
@@ -197,7 +188,8 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if trace is not None:
-                trace.append({"unit": name, "iter": it, "rec_loss": rec.item(), "grad_norm": _grad_norm(groups)})
+                trace.append({"unit": name, "iter": it, "rec_loss": rec.item(), "round_loss": float(rnd.detach()),
+                              "grad_norm": _grad_norm(groups)})
             opt.step()
             sched.step()
             for s in softs:  # keep learned steps positive
@@ -214,6 +206,24 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
     for s in softs:
         s.harden()
     return {"unit": name, "loss_before": before, "loss_after": eval_loss(), "iters": cfg.iters}
+
+
+def _optimizer(softs: list, aqs: list, cfg: ReconConfig):
+    """Adam over the soft bits V, the weight steps (Genie-M) and the activation steps. As in the reference
+    codes, only the step sizes follow a cosine decay to 0; V keeps its learning rate unless
+    ``rounding_schedule="cosine"`` (dfquant's former schedule)."""
+    groups = [{"params": [s.V for s in softs], "lr": cfg.lr_rounding, "decay": cfg.rounding_schedule == "cosine"}]
+    if cfg.learn_weight_scale:
+        groups.append({"params": [s.q.scale for s in softs], "lr": cfg.lr_weight_scale, "decay": True})
+    if aqs:
+        groups.append({"params": [q.scale for q in aqs], "lr": cfg.lr_act_scale, "decay": True})
+    opt = torch.optim.Adam(groups)
+
+    def cosine(it: int) -> float:  # CosineAnnealingLR(T_max=iters, eta_min=0) in closed form
+        return 0.5 * (1 + math.cos(math.pi * it / cfg.iters))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine if g["decay"] else (lambda it: 1.0) for g in groups])
+    return groups, opt, sched
 
 
 def _grad_norm(groups: list[dict]) -> float:
@@ -257,7 +267,7 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
         unit = qmodel.get_submodule(name)
         x_q, _ = capture(qmodel, unit, calib, 64, outputs=False, device=dev, budget_gb=cfg.cache_ram_gb)
         x_fp, y_fp = fp_caches.pop(name)
-        s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace)
+        s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace, progress)
         del x_q, x_fp, y_fp
         s["seconds"] = round(time.time() - t_unit, 2)  # capture of the unit's input + its optimization
         summary.append(s)
