@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -110,6 +112,9 @@ def recon_loss(out: torch.Tensor, target: torch.Tensor, reduction: str = "channe
     return err.sum(-1 if err.dim() == 3 else 1).mean()
 
 
+_RATE_FROM, _RATE_ITERS = 3, 20  # the iterations timed for the run-time estimate (after allocator warm-up)
+
+
 class _Batches:
     """Batch indices in the reference codes' orders (see :attr:`ReconConfig.sampling`)."""
 
@@ -130,8 +135,12 @@ class _Batches:
 
 
 def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: str = "unit",
-                     trace: list | None = None, progress: bool = True) -> dict:
-    """Initialize and (optionally) optimize one unit in place; return its loss summary."""
+                     trace: list | None = None, progress: bool = True,
+                     on_rate: Callable[[float], None] | None = None) -> dict:
+    """Initialize and (optionally) optimize one unit in place; return its loss summary.
+
+    ``on_rate`` is called once with the measured seconds per iteration (iterations 3..23), so the caller
+    can tell the user early how long the whole run will take."""
     dev = torch.device(cfg.device)
     n = len(x_q)
     batches = _Batches(n, cfg.batch_size, cfg.sampling, cfg.seed)
@@ -175,8 +184,14 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
     beta = _Beta(cfg.iters, cfg.warmup, *cfg.beta)
     train_keep_bn(unit)
     bar = tqdm(range(cfg.iters), desc=f"recon {name}", leave=False, mininterval=1.0, disable=not progress)
+    t_rate = 0.0
     try:
         for it in bar:
+            if on_rate is not None and it in (_RATE_FROM, _RATE_FROM + _RATE_ITERS):
+                if it == _RATE_FROM:
+                    t_rate = time.perf_counter()
+                else:
+                    on_rate((time.perf_counter() - t_rate) / _RATE_ITERS)
             xq, y = batch(batches.next())
             rec = recon_loss(unit(xq), y, cfg.loss_reduction)
             b = beta(it)
@@ -226,6 +241,10 @@ def _optimizer(softs: list, aqs: list, cfg: ReconConfig):
     return groups, opt, sched
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _grad_norm(groups: list[dict]) -> float:
     sq = [p.grad.pow(2).sum() for g in groups for p in g["params"] if p.grad is not None]
     return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
@@ -253,12 +272,25 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     units = recon_units(qmodel, cfg.granularity) if units is None else list(units)
     fp_units = {u: fp_model.get_submodule(u) for u in units}
     # FP targets for as many upcoming units as fit half the RAM budget, one (early-stopped) pass per chunk
-    chunks = plan_chunks(units, {k: v * len(calib) for k, v in io_bytes_per_image(fp_model, fp_units, calib[:1].to(dev)).items()},
-                         cfg.cache_ram_gb * 2**30 / 2)
+    unit_bytes = {k: v * len(calib) for k, v in io_bytes_per_image(fp_model, fp_units, calib[:1].to(dev)).items()}
+    chunks = plan_chunks(units, unit_bytes, cfg.cache_ram_gb * 2**30 / 2)
     fp_caches: dict = {}
     summary = []
     t0 = time.time()
     bar = tqdm(units, desc=f"{cfg.algo}", disable=not progress)
+
+    def announce(seconds_per_iter: float) -> None:
+        """Scale the first trained unit's (``name``'s) rate to every unit by activation size (on CPU the
+        elementwise quantizer passes dominate a step) and say it once, so a 20,000-iteration CPU run is no
+        surprise."""
+        first = max(unit_bytes.get(name, 1), 1)
+        total = seconds_per_iter * cfg.iters * sum(max(1.0, unit_bytes.get(u, 0) / first) for u in units)
+        tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {cfg.iters} iterations); "
+                   "lower --iters for a quicker, coarser run", file=sys.stderr)
+        nonlocal rate_cb
+        rate_cb = None
+
+    rate_cb: Callable[[float], None] | None = announce if progress else None
     for name in bar:
         t_unit = time.time()
         if name not in fp_caches:
@@ -267,7 +299,7 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
         unit = qmodel.get_submodule(name)
         x_q, _ = capture(qmodel, unit, calib, 64, outputs=False, device=dev, budget_gb=cfg.cache_ram_gb)
         x_fp, y_fp = fp_caches.pop(name)
-        s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace, progress)
+        s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace, progress, rate_cb)
         del x_q, x_fp, y_fp
         s["seconds"] = round(time.time() - t_unit, 2)  # capture of the unit's input + its optimization
         summary.append(s)
