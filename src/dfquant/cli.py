@@ -509,14 +509,15 @@ def learn_prompts_cmd(
 ) -> None:
     """Learn multi-mode prompt embeddings per class (class, embedding- and feature-diversity terms)."""
     from dfquant.generate.learned import learn_prompts, save_embeddings
-    from dfquant.generate.pipeline import load_pipeline
+    from dfquant.generate.pipeline import load_pipeline, sampling
     from dfquant.models.registry import get_model
 
     _threads(threads)
     _require_safetensors(out)
     spec = get_model(model)
     pipe = load_pipeline(generator)
-    embeds = learn_prompts(pipe, spec, modes, iters, steps, guidance, lr, seed=seed)
+    args = sampling(generator, pipe)
+    embeds = learn_prompts(pipe, spec, modes, iters, steps, guidance, lr, seed=seed, size=args["height"], call=args["call"])
     save_embeddings(out, embeds, spec.class_names, {"model": model, "generator": generator, "iters": iters, "seed": seed})
     typer.echo(f"wrote {tuple(embeds.shape)} prompt embeddings to {out}")
 

@@ -33,7 +33,9 @@ if TYPE_CHECKING:  # heavy imports stay out of module import time (the CLI impor
 # One row per generator family: where it lives, the pipeline class its model_index.json names,
 # sampling steps (default and the range it is meant for), guidance, native resolution, the
 # dtype it runs in on a GPU (float32 on CPU), whether the hub repository is gated, and extra
-# pipeline arguments that change pixels. Steps/guidance follow each model card.
+# pipeline arguments that change pixels (caption cleaning is off: it would make the prompt, and so
+# the pixels, depend on whether beautifulsoup4/ftfy happen to be installed). Steps and guidance
+# follow each model card.
 PRESETS: dict[str, dict[str, Any]] = {
     "mini": dict(id="mini", pipeline="StableDiffusionPipeline", steps=25, steps_range=(1, 1000), guidance=3.5,
                  size=32, gpu_dtype="float32", gated=False, call={}),
@@ -46,9 +48,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd35-medium": dict(id="stabilityai/stable-diffusion-3.5-medium", pipeline="StableDiffusion3Pipeline", steps=40,
                         steps_range=(10, 100), guidance=4.5, size=1024, gpu_dtype="bfloat16", gated=True, call={}),
     "pixart-sigma": dict(id="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", pipeline="PixArtSigmaPipeline", steps=20,
-                         steps_range=(10, 100), guidance=4.5, size=1024, gpu_dtype="float16", gated=False, call={}),
+                         steps_range=(10, 100), guidance=4.5, size=1024, gpu_dtype="float16", gated=False,
+                         call={"clean_caption": False}),
     "sana": dict(id="Efficient-Large-Model/Sana_1600M_1024px_diffusers", pipeline="SanaPipeline", steps=20,
-                 steps_range=(10, 100), guidance=4.5, size=1024, gpu_dtype="bfloat16", gated=False, call={}),
+                 steps_range=(10, 100), guidance=4.5, size=1024, gpu_dtype="bfloat16", gated=False,
+                 call={"clean_caption": False}),
     "flux-schnell": dict(id="black-forest-labs/FLUX.1-schnell", pipeline="FluxPipeline", steps=4, steps_range=(1, 8),
                          guidance=0.0, size=1024, gpu_dtype="bfloat16", gated=False,
                          call={"max_sequence_length": 256}),
