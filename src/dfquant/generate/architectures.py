@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import string
 from contextlib import nullcontext
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from dfquant.errors import DfqError
@@ -114,7 +115,9 @@ def _sd(full: bool, turbo: bool) -> dict[str, Any]:
     tok = _clip_tokenizer()
     if not full:
         parts = build_components("tiny", vocab_size=len(tok))
-        return parts | dict(tokenizer=tok, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler = parts.pop("scheduler")
+        return parts | dict(scheduler=lambda: scheduler, tokenizer=tok, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False)
     unet = dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True) if turbo \
         else dict(attention_head_dim=8, cross_attention_dim=768)
     text = dict(_CLIP_G, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
@@ -127,7 +130,7 @@ def _sd(full: bool, turbo: bool) -> dict[str, Any]:
                                   down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                                   up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, **unet),
         vae=_vae(512, **_VAE_SD), text_encoder=_clip(tok, **text), tokenizer=tok,
-        scheduler=getattr(diffusers, sched[0])(**_SD_SCHED, **sched[1]),
+        scheduler=partial(getattr(diffusers, sched[0]), **_SD_SCHED, **sched[1]),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -153,7 +156,7 @@ def _sdxl(full: bool) -> dict[str, Any]:
             up_block_types=(*["CrossAttnUpBlock2D"] * (len(unet["block_out_channels"]) - 1), "UpBlock2D"),
             use_linear_projection=True, addition_embed_type="text_time", **unet),
         vae=vae, text_encoder=_clip(tok, **te1), text_encoder_2=_clip(tok, projection=True, **te2), tokenizer=tok,
-        tokenizer_2=tok, scheduler=EulerAncestralDiscreteScheduler(**_SD_SCHED, timestep_spacing="trailing"))
+        tokenizer_2=tok, scheduler=partial(EulerAncestralDiscreteScheduler, **_SD_SCHED, timestep_spacing="trailing"))
 
 
 def _sd3(full: bool) -> dict[str, Any]:
@@ -179,7 +182,7 @@ def _sd3(full: bool) -> dict[str, Any]:
                    pos_embed_max_size=16)
     return dict(transformer=SD3Transformer2DModel(**dit), vae=vae, text_encoder=_clip(tok, projection=True, **te1),
                 text_encoder_2=_clip(tok, projection=True, **te2), text_encoder_3=_t5(**t5), tokenizer=tok,
-                tokenizer_2=tok, tokenizer_3=_t5_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+                tokenizer_2=tok, tokenizer_3=_t5_tokenizer(), scheduler=partial(FlowMatchEulerDiscreteScheduler, shift=3.0))
 
 
 def _flux(full: bool) -> dict[str, Any]:
@@ -201,7 +204,7 @@ def _flux(full: bool) -> dict[str, Any]:
                    joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
     return dict(transformer=FluxTransformer2DModel(patch_size=1, guidance_embeds=False, **dit), vae=vae,
                 text_encoder=_clip(tok, **clip), text_encoder_2=_t5(**t5), tokenizer=tok, tokenizer_2=_t5_tokenizer(),
-                scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False))
+                scheduler=partial(FlowMatchEulerDiscreteScheduler, shift=1.0, use_dynamic_shifting=False))
 
 
 def _pixart() -> dict[str, Any]:
@@ -216,7 +219,7 @@ def _pixart() -> dict[str, Any]:
         vae=_vae(32, latent_channels=4, block_out_channels=[4, 8], layers_per_block=1, norm_num_groups=2),
         text_encoder=_t5(d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1, vocab_size=200,
                          relative_attention_num_buckets=8),
-        tokenizer=_t5_tokenizer(), scheduler=DPMSolverMultistepScheduler())
+        tokenizer=_t5_tokenizer(), scheduler=partial(DPMSolverMultistepScheduler))
 
 
 def _sana() -> dict[str, Any]:
@@ -240,7 +243,7 @@ def _sana() -> dict[str, Any]:
         text_encoder=Gemma2Model(Gemma2Config(head_dim=4, hidden_size=8, intermediate_size=16, num_attention_heads=2,
                                               num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tok),
                                               pad_token_id=0, eos_token_id=1, bos_token_id=2)),
-        tokenizer=tok, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+        tokenizer=tok, scheduler=partial(FlowMatchEulerDiscreteScheduler, shift=3.0))
 
 
 def _flux2_klein() -> dict[str, Any]:
@@ -261,10 +264,11 @@ def _flux2_klein() -> dict[str, Any]:
         text_encoder=Qwen3ForCausalLM(Qwen3Config(hidden_size=8, intermediate_size=16, num_hidden_layers=27,
                                                   num_attention_heads=2, num_key_value_heads=2, head_dim=4,
                                                   vocab_size=len(tok), max_position_embeddings=1024)),
-        tokenizer=tok, scheduler=FlowMatchEulerDiscreteScheduler(), is_distilled=True)
+        tokenizer=tok, scheduler=partial(FlowMatchEulerDiscreteScheduler), is_distilled=True)
 
 
 def _components(name: str, full: bool) -> tuple[str, dict[str, Any]]:
+    """(pipeline class, components); the scheduler comes as a factory, to be built outside a meta-device context."""
     builders = {
         "sd15": ("StableDiffusionPipeline", lambda: _sd(full, turbo=False)),
         "sd-turbo": ("StableDiffusionPipeline", lambda: _sd(full, turbo=True)),
@@ -315,12 +319,19 @@ def random_pipeline(name: str = "sd15", dtype: str = "float32", device: str = "c
     dt = getattr(torch, DTYPES[dtype])
     lazy = device == "meta" or name not in ("sd15", "sd-turbo")
     torch.manual_seed(0)
-    with init_empty_weights() if lazy else nullcontext():
+    # torch.device("meta") also puts computed buffers (SD3's 384x384 position table) on meta: instant,
+    # but unusable; a real device needs them, so it keeps buffers real and only skips weight memory.
+    with torch.device("meta") if device == "meta" else init_empty_weights() if lazy else nullcontext():
         cls, parts = _components(name, full=True)
-    pipe = getattr(diffusers, cls)(**parts)
+    for module in parts.values():
+        if hasattr(module, "tie_weights"):
+            module.tie_weights()  # T5 shares its input embedding; the empty-weights build unties it
+    pipe = getattr(diffusers, cls)(**(parts | {"scheduler": parts["scheduler"]()}))
     if lazy and device != "meta":
         for i, module in enumerate(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)):
             module.to_empty(device=device)
+            if hasattr(module, "tie_weights"):
+                module.tie_weights()
             module.to(dt)
             _random_init_(module, seed=i)
             if hasattr(module, "eval"):
@@ -342,6 +353,6 @@ def tiny_pipeline(name: str, seed: int = 0) -> "DiffusionPipeline":
         raise DfqError(f"unknown family {name!r}; use one of {', '.join(TINY)}")
     torch.manual_seed(seed)
     cls, parts = _components(name, full=False)
-    pipe = getattr(diffusers, cls)(**parts)
+    pipe = getattr(diffusers, cls)(**(parts | {"scheduler": parts["scheduler"]()}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
