@@ -284,7 +284,7 @@ def _components(name: str, full: bool) -> tuple[str, dict[str, Any]]:
 
 
 def _random_init_(module: "torch.nn.Module", seed: int) -> None:
-    """Fill a module materialized from the meta device: N(0, 0.02) weights, unit norm scales, zero biases."""
+    """Fill the parameters of a materialized module: N(0, 0.02) weights, unit norm scales, zero biases."""
     import torch
 
     gen = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
@@ -296,9 +296,27 @@ def _random_init_(module: "torch.nn.Module", seed: int) -> None:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-        for b in module.buffers():
-            if b.is_floating_point() and not torch.isfinite(b).all():
-                b.zero_()
+
+
+def materialize_(pipe: "DiffusionPipeline", device: str, dtype: str = "float32") -> None:
+    """Allocate a pipeline built without weight memory on ``device`` in ``dtype`` and fill it with
+    random weights there (a 12B FLUX is never materialized in float32 on the host)."""
+    import torch
+
+    from dfquant.generate.pipeline import DTYPES
+
+    for i, module in enumerate(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)):
+        # to_empty also empties buffers: keep the computed ones (position tables, rotary frequencies).
+        buffers = {n: b.clone() for n, b in module.named_buffers() if not b.is_meta}
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for n, b in module.named_buffers():
+                b.copy_(buffers[n]) if n in buffers else b.zero_()
+        if hasattr(module, "tie_weights"):
+            module.tie_weights()  # T5 shares its input embedding; the empty-weights build unties it
+        module.to(getattr(torch, DTYPES[dtype]))
+        _random_init_(module, seed=i)
+        module.eval()
 
 
 def random_pipeline(name: str = "sd15", dtype: str = "float32", device: str = "cpu") -> "DiffusionPipeline":
@@ -328,14 +346,7 @@ def random_pipeline(name: str = "sd15", dtype: str = "float32", device: str = "c
             module.tie_weights()  # T5 shares its input embedding; the empty-weights build unties it
     pipe = getattr(diffusers, cls)(**(parts | {"scheduler": parts["scheduler"]()}))
     if lazy and device != "meta":
-        for i, module in enumerate(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)):
-            module.to_empty(device=device)
-            if hasattr(module, "tie_weights"):
-                module.tie_weights()
-            module.to(dt)
-            _random_init_(module, seed=i)
-            if hasattr(module, "eval"):
-                module.eval()
+        materialize_(pipe, device, dtype)
     elif device != "meta":
         pipe.to(device)
         if dt != torch.float32:
