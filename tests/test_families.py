@@ -13,6 +13,7 @@ import re
 import socket
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -202,7 +203,7 @@ def test_not_text_to_image_and_gated_not_cached(tmp_path, monkeypatch):
     with pytest.raises(DfqError, match="holds a DDPMPipeline, not a text-to-image pipeline; pass a text-to-image model"):
         gp.load_pipeline(str(folder))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(DfqError, match=r"stabilityai/stable-diffusion-3.5-medium is gated and not in the Hugging Face "
                                        r"cache; accept its licence at .* run `hf auth login`, then `hf download"):
         gp.load_pipeline("sd35-medium")
@@ -221,3 +222,31 @@ def test_readme_shows_the_preset_table():
         assert cells[1] == f"`{p['id']}`" and cells[2] == p["pipeline"]
         assert (int(cells[3]), float(cells[4]), int(cells[5]), cells[6]) == (p["steps"], p["guidance"], p["size"], p["gpu_dtype"])
         assert ("yes" in cells[7]) == p["gated"]
+
+
+@pytest.mark.parametrize("name", ["sd35-medium", "pixart-sigma", "flux2-klein"])
+def test_class_similarity_for_non_clip_text_encoders(name, family_dirs):
+    """Similar/dissimilar mixup pairing ranks classes with any family's first text encoder:
+    SD3's projected CLIP, PixArt's T5 and FLUX.2's Qwen (no pooled output) alike."""
+    from dfquant.prompts import class_similarity
+
+    pipe = gp.load_pipeline(str(family_dirs[name]), device="cpu")
+    sim = class_similarity(list(CLASS_NAMES), pipe.tokenizer, pipe.text_encoder)
+    assert sim.shape == (10, 10) and np.allclose(np.diag(sim), 1.0, atol=1e-5) and np.allclose(sim, sim.T, atol=1e-5)
+    assert sim[~np.eye(10, dtype=bool)].max() < 1.0 - 1e-6  # distinct classes are told apart
+
+
+def test_cached_hub_id_loads_offline_by_its_model_index(family_dirs, monkeypatch, tmp_path):
+    """A hub id found in the Hugging Face cache loads without network, its class read from model_index.json."""
+    import shutil
+
+    repo = tmp_path / "cache" / "models--dfquant-test--tiny-flux"
+    commit = "0" * 40
+    shutil.copytree(family_dirs["flux-schnell"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    pipe = gp.load_pipeline("dfquant-test/tiny-flux", device="cpu")
+    assert type(pipe).__name__ == "FluxPipeline"
+    assert gp.preset_for("dfquant-test/tiny-flux")["call"] == {"max_sequence_length": 256}  # flux-schnell's row

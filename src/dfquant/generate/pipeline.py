@@ -165,27 +165,30 @@ def _source(generator: str) -> str:
 
 
 def _model_index(source: str) -> dict[str, Any]:
-    """The ``model_index.json`` of a folder or hub id, from the cache when offline; names the fix when it is missing."""
+    """The ``model_index.json`` of a folder or hub id (the cache first, then the hub unless
+    ``HF_HUB_OFFLINE``); when it cannot be had, one line naming the download (and, for a gated
+    repository, the licence and login) command."""
     if Path(source).is_dir():
         return read_json(Path(source) / "model_index.json")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import GatedRepoError
 
     gated = any(p["id"] == source and p["gated"] for p in PRESETS.values())
+    try:  # the cache first: a cached model never waits on the network
+        return read_json(hf_hub_download(source, "model_index.json", local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or a broken cache entry): download unless offline
+        pass
+    if not _offline():
+        try:
+            return read_json(hf_hub_download(source, "model_index.json"))
+        except GatedRepoError:
+            gated = True
+        except Exception:  # noqa: BLE001 - no network comes in many exception types
+            pass
     fix = (f"accept its licence at https://huggingface.co/{source}, run `hf auth login`, then `hf download {source}`"
            if gated else f"run `hf download {source}`")
-    try:
-        return read_json(hf_hub_download(source, "model_index.json", local_files_only=_offline()))
-    except GatedRepoError:
-        gated = True
-        fix = f"accept its licence at https://huggingface.co/{source}, run `hf auth login`, then `hf download {source}`"
-    except Exception:  # noqa: BLE001 - no network comes in many exception types; retry from the cache
-        pass
-    try:
-        return read_json(hf_hub_download(source, "model_index.json", local_files_only=True))
-    except Exception:  # noqa: BLE001
-        raise DfqError(f"{source} {'is gated and not' if gated else 'is not'} in the Hugging Face cache; "
-                       f"{fix} on a machine with internet") from None
+    raise DfqError(f"{source} {'is gated and not' if gated else 'is not'} in the Hugging Face cache; "
+                   f"{fix} on a machine with internet")
 
 
 def _model_index_class(generator: str) -> str:
@@ -235,14 +238,16 @@ def load_pipeline(generator: str, dtype: str | None = "auto", device: str | None
     if Path(source).is_dir():
         pipe = AutoPipelineForText2Image.from_pretrained(source, **kw)
     else:
-        try:
-            pipe = AutoPipelineForText2Image.from_pretrained(source, local_files_only=_offline(), **kw)
-        except Exception:  # noqa: BLE001 - no network comes in many exception types; retry from the cache
+        pipe = None
+        for local in (True,) if _offline() else (True, False):  # the cache first, then download what is missing
             try:
-                pipe = AutoPipelineForText2Image.from_pretrained(source, local_files_only=True, **kw)
-            except (OSError, ValueError):
-                raise DfqError(f"{source} is only partly in the Hugging Face cache; run `hf download {source}` "
-                               "on a machine with internet") from None
+                pipe = AutoPipelineForText2Image.from_pretrained(source, local_files_only=local, **kw)
+                break
+            except Exception:  # noqa: BLE001 - missing files and no network come in many exception types
+                continue
+        if pipe is None:
+            raise DfqError(f"{source} is only partly in the Hugging Face cache; run `hf download {source}` "
+                           "on a machine with internet")
     if scheduler is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     if device:
