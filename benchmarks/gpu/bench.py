@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import resource
 import shlex
 import sys
@@ -148,6 +149,7 @@ def _bench_families(args, device: str, record) -> None:
         elif name in ARCHITECTURES:
             pipe, how = random_pipeline(name, dtype=dtype, device=device), "random weights, published size"
         else:
+            os.environ["HF_HUB_OFFLINE"] = "1"  # cached weights only: never wait on (or download from) the hub
             try:
                 pipe, how = load_pipeline(name, dtype, device), "hub weights"
             except DfqError as exc:
