@@ -82,13 +82,12 @@ def learn_prompts(pipe, spec: ModelSpec, modes: int = 4, iters: int = 100, steps
         p.requires_grad_(False)
     with torch.no_grad():
         text = {k: v.detach() for k, v in encode(pipe, _class_prompts(spec.class_names), call).items()}
-    base = text.pop("prompt_embeds").float().cpu()
-    dtype, device = base.dtype, pipe._execution_device
-    pe_dtype = denoiser(pipe).dtype
+    base = text.pop("prompt_embeds").float().cpu()  # learned in float32, cast to the denoiser's dtype per step
+    device, pe_dtype = pipe._execution_device, denoiser(pipe).dtype
     size = size or native_size(pipe)
     C = len(spec.class_names)
     gen = torch.Generator().manual_seed(seed)
-    delta = (0.05 * torch.randn((C, modes, *base.shape[1:]), generator=gen, dtype=dtype)).requires_grad_(True)
+    delta = (0.05 * torch.randn((C, modes, *base.shape[1:]), generator=gen)).requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=lr)
     last = [m for m in spec.model.modules() if isinstance(m, torch.nn.Linear)][-1]  # penultimate features feed it
     bar = tqdm(range(iters), desc="learn prompts", disable=not progress)
