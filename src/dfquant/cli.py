@@ -165,7 +165,7 @@ def prompts_cmd(
 @app.command("generate")
 def generate_cmd(
     manifest: Path = typer.Argument(..., help="prompt manifest from `dfq prompts`"),
-    generator: str = typer.Option("mini", help="mini, a diffusers pipeline folder, or a hub id (sd15, sd-turbo, owner/name)"),
+    generator: str = typer.Option("mini", help="mini, a preset (sd15, sd-turbo, sdxl-turbo, sd35-medium, pixart-sigma, sana, flux-schnell, flux2-klein), a diffusers folder or a hub id"),
     out: Path = typer.Option(..., help="image folder to write (re-run the same command to resume)"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the generator's preset)"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale (default: preset)"),
@@ -173,7 +173,7 @@ def generate_cmd(
     width: Optional[int] = typer.Option(None, help="image width (default: preset)"),
     batch_size: int = typer.Option(32, help="prompts per pipeline call"),
     scheduler: Optional[str] = typer.Option(None, help="ddim, dpm, euler, euler-a, pndm or lcm (default: the pipeline's own)"),
-    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+    dtype: str = typer.Option("auto", help="auto (the family's preset dtype on a GPU, float32 on the CPU), float32, float16 or bfloat16"),
     device: Optional[str] = typer.Option(None, help="torch device (default: accelerate's choice for this process)"),
     prompt_embeds: Optional[Path] = typer.Option(None, help="learned embeddings from `dfq learn-prompts` (learned manifests)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
@@ -189,32 +189,29 @@ def generate_cmd(
     import torch
     from accelerate import PartialState
 
-    from dfquant.generate.pipeline import ALIASES, generate, load_pipeline, native_size, preset_for
+    from dfquant.generate.pipeline import ALIASES, generate, load_pipeline, preset_for, sampling
     from dfquant.prompts import read_manifest
 
     _threads(threads)
     rows = read_manifest(manifest)
-    preset = preset_for(generator)
-    steps = steps if steps is not None else preset["steps"]
-    lo, hi = preset["steps_range"]
     # Without an accelerator, accelerate only forms a CPU process group when told cpu=True;
     # otherwise every launched process would think it is alone and render every image.
     has_accel = torch.cuda.is_available() or torch.backends.mps.is_available()
     state = PartialState(cpu=device == "cpu" or (device is None and not has_accel))
     if "WORLD_SIZE" in os.environ and state.num_processes != int(os.environ["WORLD_SIZE"]):
         raise DfqError(f"launched {os.environ['WORLD_SIZE']} processes but accelerate formed a group of {state.num_processes}; pass --device cpu")
-    if not lo <= steps <= hi and state.is_main_process:
-        typer.echo(f"warning: {generator} is meant for {lo}-{hi} steps, got {steps}", err=True)
     pipe = load_pipeline(generator, dtype, device or str(state.device), scheduler)
-    size = preset["size"] or native_size(pipe)
+    args = sampling(generator, pipe, steps, guidance, height, width)
+    lo, hi = preset_for(generator, type(pipe).__name__)["steps_range"]
+    if not lo <= args["steps"] <= hi and state.is_main_process:
+        typer.echo(f"warning: {generator} is meant for {lo}-{hi} steps, got {args['steps']}", err=True)
     embeds = None
     if prompt_embeds is not None:
         from dfquant.generate.learned import load_embeddings, rows_embeddings
 
         embeds = rows_embeddings(rows, load_embeddings(prompt_embeds))
-    path = generate(rows, pipe, out, steps=steps, guidance=preset["guidance"] if guidance is None else guidance,
-                    height=height or size, width=width or size, batch_size=batch_size,
-                    generator_id=ALIASES.get(generator, generator), state=state, prompt_embeds=embeds)
+    path = generate(rows, pipe, out, batch_size=batch_size, generator_id=ALIASES.get(generator, generator), state=state,
+                    prompt_embeds=embeds, **args)
     if state.is_main_process:
         typer.echo(f"{len(rows)} images in {out} ({path.name} written)")
 
@@ -512,14 +509,15 @@ def learn_prompts_cmd(
 ) -> None:
     """Learn multi-mode prompt embeddings per class (class, embedding- and feature-diversity terms)."""
     from dfquant.generate.learned import learn_prompts, save_embeddings
-    from dfquant.generate.pipeline import load_pipeline
+    from dfquant.generate.pipeline import load_pipeline, sampling
     from dfquant.models.registry import get_model
 
     _threads(threads)
     _require_safetensors(out)
     spec = get_model(model)
     pipe = load_pipeline(generator)
-    embeds = learn_prompts(pipe, spec, modes, iters, steps, guidance, lr, seed=seed)
+    args = sampling(generator, pipe)
+    embeds = learn_prompts(pipe, spec, modes, iters, steps, guidance, lr, seed=seed, size=args["height"], call=args["call"])
     save_embeddings(out, embeds, spec.class_names, {"model": model, "generator": generator, "iters": iters, "seed": seed})
     typer.echo(f"wrote {tuple(embeds.shape)} prompt embeddings to {out}")
 

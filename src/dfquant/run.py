@@ -36,10 +36,10 @@ class RunConfig:
     pairing: str = "random"
     n: int = 1024
     generator: str = "mini"
-    steps: int | None = None         # None: the generator preset (mini 25, sd15 50, sd-turbo 1)
+    steps: int | None = None         # None: the generator preset (mini 25, sd15 50, sd-turbo 1, ...)
     guidance: float | None = None
     scheduler: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"              # auto: the family's preset dtype on a GPU, float32 on the CPU
     gen_batch_size: int = 64
     distill_method: str = "genie"
     distill_iters: int = 500
@@ -201,7 +201,7 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
             raise DfqError(f"source {cfg.source!r} is not generated, real, distill or an existing folder of images")
         return _key("folder", str(Path(cfg.source).resolve())), cfg.source
 
-    from dfquant.generate.pipeline import generate, load_pipeline, preset_for
+    from dfquant.generate.pipeline import generate, load_pipeline, preset_for, resolve_dtype, sampling
     from dfquant.prompts import class_similarity, make_manifest, write_manifest
 
     manifest = r.dir / "prompts.jsonl"
@@ -230,18 +230,21 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
         if not r.cached("learn_prompts", ekey, epath):
             pipe = pipe or load_pipeline(cfg.generator, cfg.dtype, cfg.device, cfg.scheduler)
             r.log(f"learn-prompts: {cfg.modes} modes per class, {cfg.learn_iters} steps")
-            save_embeddings(epath, learn_prompts(pipe, spec, cfg.modes, cfg.learn_iters, guidance=guidance,
-                                                 seed=cfg.seed, progress=progress), spec.class_names, {"model": cfg.model})
+            args = sampling(cfg.generator, pipe, steps, guidance)
+            save_embeddings(epath, learn_prompts(pipe, spec, cfg.modes, cfg.learn_iters, guidance=args["guidance"],
+                                                 seed=cfg.seed, progress=progress, size=args["height"], call=args["call"]),
+                            spec.class_names, {"model": cfg.model})
             r.done("learn_prompts", ekey)
         embeds = load_embeddings(epath)
-    gkey = _key("generate", pkey, ekey, cfg.generator, steps, guidance, cfg.scheduler, cfg.dtype)
+    gkey = _key("generate", pkey, ekey, cfg.generator, steps, guidance, cfg.scheduler,
+                resolve_dtype(cfg.dtype, preset, cfg.device))
     if not r.cached("generate", gkey, images / "manifest.jsonl"):
-        from dfquant.generate.pipeline import native_size
         from dfquant.prompts import read_manifest
 
         pipe = pipe or load_pipeline(cfg.generator, cfg.dtype, cfg.device, cfg.scheduler)
-        size = preset["size"] if cfg.generator in ("mini", "sd15", "sd-turbo") else native_size(pipe)
-        r.log(f"generate: {cfg.n} images with {cfg.generator}, {steps} steps, guidance {guidance}, {size}px")
+        args = sampling(cfg.generator, pipe, steps, guidance)
+        r.log(f"generate: {cfg.n} images with {cfg.generator}, {args['steps']} steps, guidance {args['guidance']}, "
+              f"{args['height']}px")
         t0 = time.time()
         rows = read_manifest(manifest)
         row_embeds = None
@@ -249,8 +252,8 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
             from dfquant.generate.learned import rows_embeddings
 
             row_embeds = rows_embeddings(rows, embeds)
-        generate(rows, pipe, images, steps=steps, guidance=guidance, height=size, width=size,
-                 batch_size=cfg.gen_batch_size, generator_id=cfg.generator, prompt_embeds=row_embeds, progress=progress)
+        generate(rows, pipe, images, batch_size=cfg.gen_batch_size, generator_id=cfg.generator, prompt_embeds=row_embeds,
+                 progress=progress, **args)
         r.done("generate", gkey)
         r.log(f"generate: done in {time.time() - t0:.0f}s")
     return gkey, str(images)
