@@ -11,7 +11,9 @@ fields:
 * ``old+rw``: ``old`` with Genie's rounding weight 1.0 only;
 * ``old+loss+rw``: both (the issue's middle row);
 * ``faithful``: the genie-m preset as it is now (both, plus a constant rounding learning rate, epoch shuffling and
-  Genie's first-batch activation init).
+  Genie's first-batch activation init);
+* ``faithful-act256`` / ``faithful-cosineV`` / ``faithful-randint``: ``faithful`` with one former setting put back
+  (activation init on 256 images through rounded weights / the rounding lr decayed / sampling with replacement).
 
 Rows are appended to ``<out>.csv`` as they finish (an interrupted study resumes); ``<out>.md`` and ``<out>.png`` are
 rewritten at the end, with every command that produced rows.
@@ -44,6 +46,10 @@ VARIANTS: dict[str, dict] = {
     "old+rw": {**OLD, "round_weight": 1.0},
     "old+loss+rw": {**OLD, "loss_reduction": "channel", "round_weight": 1.0},
     "faithful": {},
+    # the faithful preset with one of the remaining former settings put back (which of them matters)
+    "faithful-act256": {"act_init": "images", "act_init_images": 256},
+    "faithful-cosineV": {"rounding_schedule": "cosine"},
+    "faithful-randint": {"sampling": "randint"},
 }
 FIELDS = ["model", "strategy", "algo", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "quant_seconds"]
 
@@ -93,7 +99,9 @@ def main() -> None:
                "docstring): `old` = dfquant before issue 17 (error summed over C*H*W, rounding weight 0.01, rounding lr "
                "decayed, sampling with replacement, activation init on 256 images); `+loss` = reference loss reduction "
                "(sum over channels, mean over batch and positions); `+rw` = rounding weight 1.0; `faithful` = the "
-               "genie-m preset now (all of the reference's settings).\n\nCommands:\n\n" + cmds
+               "genie-m preset now (all of the reference's settings); `faithful-X` = faithful with one former setting put back "
+               "(act256: activation init on 256 images through rounded weights; cosineV: rounding lr decayed; randint: "
+               "batches drawn with replacement).\n\nCommands:\n\n" + cmds
                + "\n## Top-1 % by variant\n\nColumns: model, iterations per block, bits. time: wall seconds of "
                "quantization plus evaluation on one thread, machine shared.\n\n"
                + pivot_table(agg, list(VARIANTS)) + f"\n![top-1 by variant]({out.with_suffix('.png').name})\n")
