@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from dfquant.errors import DfqError
+from dfquant.validate import check_options
 from dfquant.quant.algorithms import ALGOS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -18,6 +19,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _require_safetensors(out: Path) -> None:
     if out.suffix != ".safetensors":
         raise DfqError(f"--out {out} must end in .safetensors")
+
+
+def _renamed(old: str, new: str, old_value, value):
+    """An old option spelling keeps working, with one line naming the option that replaces it."""
+    if old_value is None:
+        return value
+    typer.echo(f"warning: {old} is deprecated; use {new}", err=True)
+    return old_value
 
 
 def _threads(n: Optional[int]) -> None:
@@ -55,6 +64,7 @@ def train_classifier_cmd(
     With --symreg/--satnl it trains a quantization-robust variant into --out DIR; use it as
     fmnist/<arch>@DIR in the other commands (e.g. `dfq quantize fmnist/resnet20@DIR ...`).
     """
+    check_options(**locals())
     from dfquant.models import zoo
     from dfquant.models.registry import zoo_dir
     from dfquant.models.train import train_classifier
@@ -79,14 +89,19 @@ def train_classifier_cmd(
 def eval_cmd(
     model: str = typer.Argument(..., help="model name (fmnist/resnet20, torchvision/resnet18, ...) or a quantized checkpoint folder"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (needed off the mini world)"),
-    limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
+    eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
     random_weights: bool = typer.Option(False, help="build the architecture without downloading weights"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    limit: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
     """Print top-1 accuracy on the model's test set."""
+    check_options(**locals())
+    limit = _renamed("--limit", "--eval-limit", limit, eval_limit)
+    _threads(threads)
     from dfquant.evaluate import evaluate
     from dfquant.models.registry import get_model
 
-    if Path(model).is_dir():
+    if model and Path(model).is_dir():  # Path("") is "."
         from dfquant.quant.checkpoint import load_quantized
 
         spec, qmodel = load_quantized(Path(model))
@@ -107,6 +122,7 @@ def train_generator_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Train the embedded mini text-to-image generator on Fashion-MNIST split B."""
+    check_options(**locals())
     from dfquant.generate.mini import train_generator
     from dfquant.generate.pipeline import mini_generator_dir
 
@@ -147,6 +163,7 @@ def prompts_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Write a prompt manifest: one row per image with its prompt, classes and seed."""
+    check_options(**locals())
     from dfquant.prompts import class_similarity, make_manifest, write_manifest
 
     _threads(threads)
@@ -184,6 +201,7 @@ def generate_cmd(
     each process renders its share. (accelerate's own --cpu flag starts one process only; on a GPU
     machine pass --device cpu to dfq for CPU workers.)
     """
+    check_options(**locals())
     import os
 
     import torch
@@ -223,12 +241,16 @@ def generate_cmd(
 def grid_cmd(
     folder: Path = typer.Argument(..., help="image folder written by `dfq generate`"),
     out: Optional[Path] = typer.Option(None, help="sheet PNG (default: <folder>_grid.png beside the folder)"),
-    n: int = typer.Option(64, help="images per sheet"),
+    per_sheet: int = typer.Option(64, help="images per sheet"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    n: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --per-sheet"),
 ) -> None:
     """Contact sheet of generated images with their prompts; one sheet per prompt strategy."""
+    check_options(**locals())
     from dfquant.generate.grid import contact_sheets
 
-    for path in contact_sheets(folder, out, n):
+    _threads(threads)
+    for path in contact_sheets(folder, out, _renamed("--n", "--per-sheet", n, per_sheet)):
         typer.echo(str(path))
 
 
@@ -253,6 +275,7 @@ def quantize_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Quantize a model with block reconstruction and print FP vs quantized top-1."""
+    check_options(**locals())
     from dfquant.quant.api import run_quantize
 
     _threads(threads)
@@ -275,6 +298,7 @@ def distill_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Synthesize calibration images by BN-statistics inversion (Genie-D / ZeroQ baseline)."""
+    check_options(**locals())
     from dfquant.io import save_tensors
     from dfquant.models.registry import get_model
     from dfquant.quant.distill import distill
@@ -292,7 +316,7 @@ def run_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML run config (see configs/); options below override it"),
     model: Optional[str] = typer.Option(None),
     source: Optional[str] = typer.Option(None, help="generated | real | distill | a folder of images"),
-    strategy: Optional[str] = typer.Option(None, help="single | template | mixup"),
+    strategy: Optional[str] = typer.Option(None, help="single | template | mixup | learned"),
     k: Optional[int] = typer.Option(None, help="classes per mixup prompt"),
     pairing: Optional[str] = typer.Option(None, help="random | similar | dissimilar"),
     n: Optional[int] = typer.Option(None, help="calibration images"),
@@ -310,6 +334,7 @@ def run_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Run prompts -> generate -> quantize -> evaluate, reusing finished stages."""
+    check_options(**locals())
     from dfquant.run import RunConfig, results_table, run
 
     _threads(threads)
@@ -329,10 +354,13 @@ def run_cmd(
 def report_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="folders written by dfq run"),
     out: Path = typer.Option(Path("report"), help="output folder for report.md and its PNGs"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Write a Markdown report (accuracy table, accuracy vs bits, sample grids, analyses)."""
+    check_options(**locals())
     from dfquant.report import write_report
 
+    _threads(threads)
     typer.echo(f"wrote {write_report(run_dirs, out)}")
 
 
@@ -341,18 +369,21 @@ def export_cmd(
     ckpt: Path = typer.Argument(..., help="quantized checkpoint folder written by `dfq quantize`"),
     format: str = typer.Option("onnx", "--format", help="onnx (QuantizeLinear/DequantizeLinear graph) | int-state (safetensors of integer weights + scales)"),
     out: Optional[Path] = typer.Option(None, help="output file (default: CKPT/model.onnx or CKPT/model_int.safetensors)"),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="onnx: run onnxruntime next to the fake-quantized model on --n test images"),
-    n: int = typer.Option(1000, help="test images for --verify (at 256 a single near-tie flip is 0.39 points > the 0.1-point bound)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="onnx: run onnxruntime next to the fake-quantized model on --eval-limit test images"),
+    eval_limit: int = typer.Option(1000, help="test images for --verify (at 256 a single near-tie flip is 0.39 points > the 0.1-point bound)"),
     opset: int = typer.Option(21, help="ONNX opset; 21+ stores weights of <= 4 bits as INT4/UINT4, 13..20 in int8 containers"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder for --verify (off the mini world)"),
     fuse_bias: bool = typer.Option(False, help="onnx: biases as the Conv/Gemm bias input (runtimes may round them to int32, "
                                                "which the simulation does not model) instead of a float Add after it"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    n: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
     """Export a quantized checkpoint for deployment (the fake-quantized model only simulates integers)."""
+    check_options(**locals())
     from dfquant.quant.export import run_export, verification_error
 
     _threads(threads)
+    n = _renamed("--n", "--eval-limit", n, eval_limit)
     rep = run_export(ckpt, format, out, verify, n, opset, val, fuse_bias, raise_on_failure=False)
     exp = rep["export"]
     if format == "onnx":
@@ -390,6 +421,7 @@ def analyze_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """The paper's analyses: gradient-norm traces, generalization gap, t-SNE of features."""
+    check_options(**locals())
     from dfquant.analysis.studies import generalization_gap, gradnorm_study, tsne_study
     from dfquant.data import fmnist
     from dfquant.data.calib import load_calibration
@@ -474,22 +506,26 @@ def qat_cmd(
     n: int = typer.Option(1024, help="calibration images"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
-    bn_stats: str = typer.Option("relative", help="BN re-estimation after hardening: relative (shift measured on CALIB, "
-                                                  "applied to the FP statistics), absolute (CALIB statistics) or none"),
+    bn_recalib: str = typer.Option("relative", help="BN re-estimation after hardening: relative (shift measured on CALIB, "
+                                                    "applied to the FP statistics), absolute (CALIB statistics) or none; "
+                                                    "on by default here as QAT moves weights far from the FP model"),
     act_reinit: bool = typer.Option(False, "--act-reinit/--no-act-reinit",
                                     help="re-run the activation range search after hardening (replaces NIPQ's learned clip ranges)"),
     out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/qat/<model>-w<W>a<A>-nipq)"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
     eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    bn_stats: Optional[str] = typer.Option(None, hidden=True, help="deprecated: --bn-recalib"),
 ) -> None:
     """Data-free QAT with NIPQ: distill from the FP model on the calibration set (no labels), then harden.
 
     Re-running the same command resumes from OUT/qat_resume.pt.
     """
+    check_options(**locals())
     from dfquant.quant.nipq import check_qat_args, run_qat
 
     _threads(threads)
+    bn_stats = _renamed("--bn-stats", "--bn-recalib", bn_stats, bn_recalib)
     check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)
     out = out or Path("runs/qat") / f"{model.replace('/', '_').replace('@', '_')}-w{wbits:g}a{abits:g}-nipq"
     res = run_qat(model, calib, wbits, abits, out, iters, lr, learn_bits, avg_bits, n, batch_size, seed, val, eval_limit,
@@ -511,6 +547,7 @@ def learn_prompts_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Learn multi-mode prompt embeddings per class (class, embedding- and feature-diversity terms)."""
+    check_options(**locals())
     from dfquant.generate.learned import learn_prompts, save_embeddings
     from dfquant.generate.pipeline import load_pipeline
     from dfquant.models.registry import get_model
@@ -524,14 +561,38 @@ def learn_prompts_cmd(
     typer.echo(f"wrote {tuple(embeds.shape)} prompt embeddings to {out}")
 
 
+def _quiet_progress_bars() -> None:
+    """Off a terminal (a log file, a pipe, CI) tqdm's redraws are ``\r`` and cursor codes, nested bars
+    worse; switch every bar off there (``dfq run`` logs its own lines). Bars are created with an explicit
+    ``disable=``, which tqdm's TQDM_DISABLE default cannot override, hence the wrapper."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "_dfq_quiet", False):
+        return
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    quiet_init._dfq_quiet = True  # type: ignore[attr-defined]
+    tqdm.std.tqdm.__init__ = quiet_init
+
+
 def main() -> None:
-    """Entry point: turn DfqError into one line on stderr and exit code 2."""
+    """Entry point: turn DfqError into one line on stderr and exit code 2, Ctrl-C into exit 130."""
+    if not sys.stderr.isatty():
+        _quiet_progress_bars()
     try:
         app()
     except DfqError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        # one line even when the error crossed a DataLoader worker, which prepends the worker's traceback
+        typer.echo("error: " + str(exc).strip().splitlines()[-1].removeprefix("dfquant.errors.DfqError: "), err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # typer turns Ctrl-C into exit code 130 itself, so it arrives here as SystemExit(130)
+        if isinstance(exc, SystemExit) and exc.code != 130:
+            raise
         typer.echo("interrupted; re-run the same command to resume", err=True)
         sys.exit(130)
 

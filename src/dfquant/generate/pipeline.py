@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from dfquant.errors import DfqError
+from dfquant.hub import download_hint, offline
 from dfquant.io import atomic_path, read_json, write_json, write_text
 
 if TYPE_CHECKING:  # heavy imports stay out of module import time (the CLI imports lazily)
@@ -70,10 +71,6 @@ def native_size(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def load_pipeline(generator: str, dtype: str = "float32", device: str | None = None,
                   scheduler: str | None = None) -> "StableDiffusionPipeline":
     """Load a Stable Diffusion pipeline from ``mini``, a local folder or a (cached) hub id.
@@ -101,9 +98,9 @@ def load_pipeline(generator: str, dtype: str = "float32", device: str | None = N
             raise DfqError(f"{source} is not a diffusers pipeline folder (no model_index.json); save one with save_pretrained")
         pipe = StableDiffusionPipeline.from_pretrained(source, **kw)
     elif _HUB_ID.match(source):
-        hint = f"{source} is not in the Hugging Face cache; run `huggingface-cli download {source}` on a machine with internet"
+        hint = f"{source} is not in the Hugging Face cache; run {download_hint(source)} on a machine with internet"
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=_offline(), **kw)
+            pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=offline(), **kw)
         except Exception:  # noqa: BLE001 - no network comes in many exception types; retry from the cache
             try:
                 pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kw)
@@ -156,6 +153,19 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         img.save(tmp, format="PNG")
 
 
+def _decodes(path: Path) -> bool:
+    """True if ``path`` is a complete image. Files land atomically, but a copy, a full disk or another
+    tool can still leave a truncated PNG under its final name; resume re-renders those."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except (OSError, SyntaxError, ValueError):  # missing, truncated or not an image
+        return False
+
+
 def generate(rows: Sequence["PromptRow"], pipe: "StableDiffusionPipeline", out_dir: str | os.PathLike, *,
              steps: int, guidance: float, height: int, width: int, batch_size: int = 32, generator_id: str = "",
              prompt_embeds: "torch.Tensor | None" = None, state: "PartialState | None" = None,
@@ -186,7 +196,7 @@ def generate(rows: Sequence["PromptRow"], pipe: "StableDiffusionPipeline", out_d
     if state is not None:
         state.wait_for_everyone()  # every process sees the same finished PNGs before splitting the rest
 
-    todo = [i for i, r in enumerate(rows) if not (out_dir / f"{r.index:06d}.png").exists()]
+    todo = [i for i, r in enumerate(rows) if not _decodes(out_dir / f"{r.index:06d}.png")]
     if state is not None and state.num_processes > 1:
         with state.split_between_processes(todo) as mine:
             todo = list(mine)

@@ -53,6 +53,12 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
     t0 = time.time()
     torch.manual_seed(seed)
     qmodel = build_quantized(model, qcfg, vit=vit)
+    if trace is None and progress:
+        from dfquant.quant.eta import EtaTrace, unit_forward_seconds
+        from dfquant.quant.transform import recon_units
+
+        names = recon_units(qmodel, rcfg.granularity)
+        trace = EtaTrace(unit_forward_seconds(qmodel, names, calib[:batch_size]), rcfg.iters)
     units = reconstruct(qmodel, calib, rcfg, trace=trace, progress=progress)
     qmodel = qmodel.cpu().eval()
     n_bn = recalibrate_bn(qmodel, calib, bn_recalib, model)

@@ -1,0 +1,199 @@
+"""Bad-input probes (issue 19): run each ``dfq`` command of :data:`PROBES` against a code tree and
+record its exit code, its last stderr line and the files it left behind.
+
+    python benchmarks/reliability.py --src src --out benchmarks/results/reliability_after.json
+    python benchmarks/reliability.py --src /tmp/dfq_before/src --out benchmarks/results/reliability_before.json
+
+Each probe runs in a fresh working folder with the shared fixtures of :func:`make_fixtures`
+(bad images, bad YAML, damaged checkpoints, a NaN model). ``tests/test_bad_inputs.py`` runs the
+same probes in-process against the current code; this script records what a user sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# One argv per probe; {F} is the fixture folder, {W} a fresh working folder (the cwd) where nothing
+# may be left behind. ``rc`` is the exit code the current code must give; ``must`` a phrase of its message.
+QUICK = ["--iters", "1", "--n", "4", "--batch-size", "2", "--eval-limit", "8"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    id: str
+    item: str
+    argv: tuple[str, ...]
+    rc: int = 2
+    must: str = ""
+
+
+PROBES: list[Probe] = [
+    # raw tracebacks before
+    Probe("calib-truncated-png", "traceback", ("quantize", "fmnist/resnet20", "--calib", "{F}/trunc_png", *QUICK, "--out", "{W}/q"), must="trunc_png"),
+    Probe("calib-text-as-png", "traceback", ("quantize", "fmnist/resnet20", "--calib", "{F}/text_png", *QUICK, "--out", "{W}/q"), must="text_png"),
+    Probe("run-invalid-yaml", "traceback", ("run", "{F}/invalid.yaml"), must="invalid.yaml"),
+    Probe("run-n-string", "traceback", ("run", "{F}/n_string.yaml"), must="sixteen"),
+    Probe("eval-truncated-safetensors", "traceback", ("eval", "{F}/ckpt_trunc"), must="model.safetensors"),
+    Probe("export-truncated-safetensors", "traceback", ("export", "{F}/ckpt_trunc", "--format", "int-state", "--out", "{W}/m.safetensors"), must="model.safetensors"),
+    Probe("eval-bad-json", "traceback", ("eval", "{F}/ckpt_badjson"), must="quant_config.json"),
+    Probe("export-bad-json", "traceback", ("export", "{F}/ckpt_badjson", "--format", "int-state", "--out", "{W}/m.safetensors"), must="quant_config.json"),
+    Probe("run-config-not-mapping", "traceback", ("run", "{F}/list.yaml"), must="list.yaml"),
+    Probe("distill-file-truncated", "traceback", ("quantize", "fmnist/resnet20", "--calib", "{F}/trunc.safetensors", *QUICK, "--out", "{W}/q"), must="trunc.safetensors"),
+    # accepted silently before
+    Probe("quantize-iters-0", "silent", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--iters", "0", "--n", "4", "--batch-size", "2", "--eval-limit", "8", "--out", "{W}/q"), must="--iters"),
+    Probe("quantize-iters-negative", "silent", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--iters", "-5", "--n", "4", "--batch-size", "2", "--eval-limit", "8", "--out", "{W}/q"), must="--iters"),
+    Probe("calib-fewer-images-than-n", "silent", ("quantize", "fmnist/resnet20", "--calib", "{F}/three_png", "--iters", "1", "--n", "1024", "--batch-size", "2", "--eval-limit", "8", "--out", "{W}/q"), must="--n"),
+    Probe("eval-nan-weights", "silent", ("eval", "fmnist/resnet20@{F}/nan_zoo", "--eval-limit", "16"), must="conv1.weight"),
+    Probe("quantize-nan-weights-mse", "silent", ("quantize", "fmnist/resnet20@{F}/nan_zoo", "--calib", "real:A", "--algo", "mse", *QUICK, "--out", "{W}/q"), must="conv1.weight"),
+    Probe("eval-limit-0", "silent", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--iters", "1", "--n", "4", "--batch-size", "2", "--eval-limit", "0", "--out", "{W}/q"), must="--eval-limit"),
+    # misleading messages before
+    Probe("quantize-batch-size-0", "misleading", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--iters", "1", "--n", "4", "--batch-size", "0", "--eval-limit", "8", "--out", "{W}/q"), must="--batch-size"),
+    Probe("quantize-nan-weights-genie", "misleading", ("quantize", "fmnist/resnet20@{F}/nan_zoo", "--calib", "real:A", *QUICK, "--out", "{W}/q"), must="conv1.weight"),
+    Probe("export-nan-checkpoint", "misleading", ("export", "{F}/ckpt_nan", "--format", "onnx", "--no-verify", "--out", "{W}/m.onnx"), must="non-finite"),
+    Probe("run-bits-string", "misleading", ("run", "{F}/bits_string.yaml"), must="list"),
+    Probe("eval-empty-name", "misleading", ("eval", ""), must="model name"),
+    # rough edges
+    Probe("hub-generator-not-cached", "rough", ("generate", "{F}/manifest.jsonl", "--generator", "nobody/not-cached-model", "--out", "{W}/img"), must="hf download"),
+    Probe("timm-not-cached-hint", "rough", ("eval", "timm/resnet18"), must="hf download"),
+    # one-line errors that already worked
+    Probe("unknown-model", "works", ("eval", "foo/bar"), must="unknown model"),
+    Probe("unknown-zoo-arch", "works", ("eval", "fmnist/resnet99"), must="fmnist/resnet20"),
+    Probe("calib-missing", "works", ("quantize", "fmnist/resnet20", "--calib", "{W}/nope", *QUICK, "--out", "{W}/q"), must="not found"),
+    Probe("calib-empty-folder", "works", ("quantize", "fmnist/resnet20", "--calib", "{F}/empty_dir", *QUICK, "--out", "{W}/q"), must="no images"),
+    Probe("wbits-9", "works", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--wbits", "9", *QUICK, "--out", "{W}/q"), must="--wbits"),
+    Probe("abits-ternary", "works", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--abits", "1.58", *QUICK, "--out", "{W}/q"), must="--abits"),
+    Probe("unknown-algo", "works", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--algo", "gptq", *QUICK, "--out", "{W}/q"), must="gptq"),
+    Probe("bn-recalib-bad", "works", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--bn-recalib", "both", *QUICK, "--out", "{W}/q"), must="both"),
+    Probe("real-split-c", "works", ("quantize", "fmnist/resnet20", "--calib", "real:C", *QUICK, "--out", "{W}/q"), must="real:A"),
+    Probe("run-config-missing", "works", ("run", "{W}/nope.yaml"), must="not found"),
+    Probe("run-unknown-key", "works", ("run", "{F}/unknown_key.yaml"), must="colour"),
+    Probe("run-wbits-without-abits", "works", ("run", "--wbits", "4"), must="--abits"),
+    Probe("run-bad-bit-tag", "works", ("run", "{F}/bad_tag.yaml"), must="W4A4"),
+    Probe("eval-not-a-checkpoint", "works", ("eval", "{F}/empty_dir"), must="not a quantized checkpoint"),
+    Probe("export-unknown-format", "works", ("export", "{F}/ckpt", "--format", "tflite"), must="tflite"),
+    Probe("export-out-suffix", "works", ("export", "{F}/ckpt", "--format", "int-state", "--out", "{W}/m.onnx"), must=".safetensors"),
+    Probe("distill-out-suffix", "works", ("distill", "fmnist/resnet20", "--out", "{W}/x.pt"), must=".safetensors"),
+    Probe("prompts-classes-missing", "works", ("prompts", "--classes", "{W}/nope.txt", "--out", "{W}/m.jsonl"), must="--classes"),
+    Probe("generate-bad-scheduler", "works", ("generate", "{F}/manifest.jsonl", "--scheduler", "magic", "--out", "{W}/img"), must="magic"),
+    Probe("train-classifier-torchvision", "works", ("train-classifier", "torchvision/resnet18"), must="fmnist/"),
+    Probe("analyze-bad-calib", "works", ("analyze", "fmnist/resnet20", "--calib", "real:A", "--out", "{W}/an"), must="LABEL=SOURCE"),
+    Probe("qat-bad-bits", "works", ("qat", "fmnist/resnet20", "--calib", "real:A", "--wbits", "1.58", "--out", "{W}/qat"), must="--wbits"),
+]
+
+
+def make_fixtures(root: Path, python: str, src: Path) -> None:
+    """Write every damaged input the probes use into ``root`` (a valid checkpoint is made by the code under ``src``)."""
+    import numpy as np
+    import torch
+    import yaml
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def png(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+
+    for i in range(3):
+        png(root / "three_png" / f"{i}.png")
+        png(root / "trunc_png" / f"{i}.png")
+        png(root / "text_png" / f"{i}.png")
+    data = (root / "trunc_png" / "1.png").read_bytes()
+    (root / "trunc_png" / "1.png").write_bytes(data[: len(data) // 2])
+    (root / "text_png" / "1.png").write_text("this is not an image\n")
+    (root / "empty_dir").mkdir(exist_ok=True)
+    (root / "invalid.yaml").write_text("model: fmnist/resnet20\nbits: [W4A4\nn: 16\n")
+    (root / "list.yaml").write_text("- model\n- n\n")
+    for name, extra in (("n_string", {"n": "sixteen"}), ("bits_string", {"bits": "W4A4"}),
+                        ("unknown_key", {"colour": "red"}), ("bad_tag", {"bits": ["4bit"]})):
+        cfg = {"model": "fmnist/resnet20", "source": "real", "iters": 1, "n": 4, "batch_size": 2, "eval_limit": 8,
+               "out": str(root / "should_not_exist" / name)} | extra
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    (root / "manifest.jsonl").write_text(json.dumps({"index": 0, "prompt": "a photo of a shirt", "classes": [0],
+                                                     "class_names": ["shirt"], "seed": 1, "strategy": "single"}) + "\n")
+    zoo = src / "dfquant" / "assets" / "zoo"
+    nan_zoo = root / "nan_zoo"
+    nan_zoo.mkdir(exist_ok=True)
+    state = load_file(str(zoo / "fmnist_resnet20.safetensors"))
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(nan_zoo / "fmnist_resnet20.safetensors"))
+    shutil.copy(zoo / "fmnist_resnet20.json", nan_zoo / "fmnist_resnet20.json")
+    save_file({"images": torch.randn(4, 3, 32, 32)}, str(root / "trunc.safetensors"))
+    blob = (root / "trunc.safetensors").read_bytes()
+    (root / "trunc.safetensors").write_bytes(blob[: len(blob) // 2])
+    ckpt = root / "ckpt"
+    if not (ckpt / "quant_config.json").exists():
+        subprocess.run([python, "-m", "dfquant.cli", "quantize", "fmnist/resnet20", "--calib", "real:A", *QUICK,
+                        "--out", str(ckpt)], check=True, env=_env(src), capture_output=True)
+    for name in ("ckpt_trunc", "ckpt_badjson", "ckpt_nan"):
+        shutil.rmtree(root / name, ignore_errors=True)
+        shutil.copytree(ckpt, root / name)
+    blob = (ckpt / "model.safetensors").read_bytes()
+    (root / "ckpt_trunc" / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    (root / "ckpt_badjson" / "quant_config.json").write_text('{"model": "fmnist/resnet20", "quant": {')
+    state = load_file(str(ckpt / "model.safetensors"))
+    first = next(k for k in state if k.endswith("weight"))
+    state[first].view(-1)[0] = float("nan")
+    save_file(state, str(root / "ckpt_nan" / "model.safetensors"), metadata={"model": "fmnist/resnet20"})
+
+
+def _env(src: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(src.resolve()), "OMP_NUM_THREADS": "1"}
+
+
+def snapshot(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def run_probe(probe: Probe, fixtures: Path, work: Path, python: str, src: Path, timeout: float = 300) -> dict:
+    """Run one probe in ``work`` (a fresh folder); report rc, stderr lines, time and leftovers."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    before = snapshot(fixtures)
+    argv = [a.replace("{F}", str(fixtures)).replace("{W}", str(work)) for a in probe.argv]
+    t0 = time.time()
+    try:
+        p = subprocess.run([python, "-m", "dfquant.cli", *argv], cwd=work, env=_env(src), capture_output=True,
+                           text=True, timeout=timeout)
+        rc, err = p.returncode, p.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, err = "timeout", (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and not ln.lstrip().startswith(("eval", "recon", "genie", "mse"))]
+    left = sorted(snapshot(work)) + sorted(snapshot(fixtures) - before)
+    return {"id": probe.id, "item": probe.item, "rc": rc, "seconds": round(time.time() - t0, 1),
+            "stderr_lines": len(lines), "last": lines[-1][:300] if lines else "", "left": left[:5]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--src", type=Path, required=True, help="the src/ folder of the code tree to probe")
+    ap.add_argument("--out", type=Path, required=True, help="JSON file of results")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dfq_reliability"))
+    ap.add_argument("--only", nargs="*", help="probe ids")
+    args = ap.parse_args()
+    python = sys.executable
+    fixtures = args.work / "fixtures"
+    make_fixtures(fixtures, python, args.src)
+    rows = []
+    for probe in PROBES:
+        if args.only and probe.id not in args.only:
+            continue
+        row = run_probe(probe, fixtures, args.work / "w", python, args.src)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
