@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # One argv per probe; {F} is the fixture folder, {W} a fresh working folder (the cwd) where nothing
 # may be left behind. ``rc`` is the exit code the current code must give; ``must`` a phrase of its message.
@@ -51,7 +52,7 @@ PROBES: list[Probe] = [
     Probe("quantize-iters-0", "silent", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--iters", "0", "--n", "4", "--batch-size", "2", "--eval-limit", "8", "--out", "{W}/q"), must="--iters"),
     Probe("quantize-iters-negative", "silent", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--iters", "-5", "--n", "4", "--batch-size", "2", "--eval-limit", "8", "--out", "{W}/q"), must="--iters"),
     Probe("calib-fewer-images-than-n", "silent", ("quantize", "fmnist/resnet20", "--calib", "{F}/three_png", "--iters", "1", "--n", "1024", "--batch-size", "2", "--eval-limit", "8", "--out", "{W}/q"), must="--n"),
-    Probe("eval-nan-weights", "silent", ("eval", "fmnist/resnet20@{F}/nan_zoo", "--eval-limit", "16"), must="conv1.weight"),
+    Probe("eval-nan-weights", "silent", ("eval", "fmnist/resnet20@{F}/nan_zoo"), must="conv1.weight"),
     Probe("quantize-nan-weights-mse", "silent", ("quantize", "fmnist/resnet20@{F}/nan_zoo", "--calib", "real:A", "--algo", "mse", *QUICK, "--out", "{W}/q"), must="conv1.weight"),
     Probe("eval-limit-0", "silent", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--iters", "1", "--n", "4", "--batch-size", "2", "--eval-limit", "0", "--out", "{W}/q"), must="--eval-limit"),
     # misleading messages before
@@ -89,8 +90,9 @@ PROBES: list[Probe] = [
 ]
 
 
-def make_fixtures(root: Path, python: str, src: Path) -> None:
-    """Write every damaged input the probes use into ``root`` (a valid checkpoint is made by the code under ``src``)."""
+def make_fixtures(root: Path, zoo: Path, dfq: Callable[[list[str]], None]) -> None:
+    """Write every damaged input the probes use into ``root``; ``zoo`` holds the committed zoo weights and
+    ``dfq(argv)`` runs the command line of the code under test (it makes the valid checkpoint)."""
     import numpy as np
     import torch
     import yaml
@@ -121,7 +123,6 @@ def make_fixtures(root: Path, python: str, src: Path) -> None:
         (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     (root / "manifest.jsonl").write_text(json.dumps({"index": 0, "prompt": "a photo of a shirt", "classes": [0],
                                                      "class_names": ["shirt"], "seed": 1, "strategy": "single"}) + "\n")
-    zoo = src / "dfquant" / "assets" / "zoo"
     nan_zoo = root / "nan_zoo"
     nan_zoo.mkdir(exist_ok=True)
     state = load_file(str(zoo / "fmnist_resnet20.safetensors"))
@@ -133,8 +134,7 @@ def make_fixtures(root: Path, python: str, src: Path) -> None:
     (root / "trunc.safetensors").write_bytes(blob[: len(blob) // 2])
     ckpt = root / "ckpt"
     if not (ckpt / "quant_config.json").exists():
-        subprocess.run([python, "-m", "dfquant.cli", "quantize", "fmnist/resnet20", "--calib", "real:A", *QUICK,
-                        "--out", str(ckpt)], check=True, env=_env(src), capture_output=True)
+        dfq(["quantize", "fmnist/resnet20", "--calib", "real:A", *QUICK, "--out", str(ckpt)])
     for name in ("ckpt_trunc", "ckpt_badjson", "ckpt_nan"):
         shutil.rmtree(root / name, ignore_errors=True)
         shutil.copytree(ckpt, root / name)
@@ -183,7 +183,9 @@ def main() -> None:
     args = ap.parse_args()
     python = sys.executable
     fixtures = args.work / "fixtures"
-    make_fixtures(fixtures, python, args.src)
+    make_fixtures(fixtures, args.src / "dfquant" / "assets" / "zoo",
+                  lambda argv: subprocess.run([python, "-m", "dfquant.cli", *argv], check=True, env=_env(args.src),
+                                              capture_output=True))
     rows = []
     for probe in PROBES:
         if args.only and probe.id not in args.only:
@@ -192,7 +194,13 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+    commands = [" ".join(sys.argv)]
+    if args.only and args.out.exists():  # re-probe a few: keep the other rows and the commands that made them
+        old = json.loads(args.out.read_text())
+        commands = old["commands"] + commands
+        rows = [r for r in old["rows"] if r["id"] not in args.only] + rows
+        rows.sort(key=lambda r: [p.id for p in PROBES].index(r["id"]))
+    args.out.write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

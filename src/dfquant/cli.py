@@ -95,8 +95,8 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
     """Print top-1 accuracy on the model's test set."""
+    eval_limit = _renamed("--limit", "--eval-limit", limit, eval_limit)
     check_options(**locals())
-    limit = _renamed("--limit", "--eval-limit", limit, eval_limit)
     _threads(threads)
     from dfquant.evaluate import evaluate
     from dfquant.models.registry import get_model
@@ -105,11 +105,11 @@ def eval_cmd(
         from dfquant.quant.checkpoint import load_quantized
 
         spec, qmodel = load_quantized(Path(model))
-        acc = evaluate(spec, qmodel, val, limit)
+        acc = evaluate(spec, qmodel, val, eval_limit)
         typer.echo(f"{model} ({spec.name} quantized): top-1 {acc:.2f}%")
         return
     spec = get_model(model, pretrained=not random_weights)
-    acc = evaluate(spec, val_dir=val, limit=limit)
+    acc = evaluate(spec, val_dir=val, limit=eval_limit)
     typer.echo(f"{model}: top-1 {acc:.2f}%")
 
 
@@ -246,11 +246,12 @@ def grid_cmd(
     n: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --per-sheet"),
 ) -> None:
     """Contact sheet of generated images with their prompts; one sheet per prompt strategy."""
+    per_sheet = _renamed("--n", "--per-sheet", n, per_sheet)
     check_options(**locals())
     from dfquant.generate.grid import contact_sheets
 
     _threads(threads)
-    for path in contact_sheets(folder, out, _renamed("--n", "--per-sheet", n, per_sheet)):
+    for path in contact_sheets(folder, out, per_sheet):
         typer.echo(str(path))
 
 
@@ -379,12 +380,12 @@ def export_cmd(
     n: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
     """Export a quantized checkpoint for deployment (the fake-quantized model only simulates integers)."""
+    eval_limit = _renamed("--n", "--eval-limit", n, eval_limit)
     check_options(**locals())
     from dfquant.quant.export import run_export, verification_error
 
     _threads(threads)
-    n = _renamed("--n", "--eval-limit", n, eval_limit)
-    rep = run_export(ckpt, format, out, verify, n, opset, val, fuse_bias, raise_on_failure=False)
+    rep = run_export(ckpt, format, out, verify, eval_limit, opset, val, fuse_bias, raise_on_failure=False)
     exp = rep["export"]
     if format == "onnx":
         kinds: dict[str, int] = {}
@@ -521,15 +522,15 @@ def qat_cmd(
 
     Re-running the same command resumes from OUT/qat_resume.pt.
     """
+    bn_recalib = _renamed("--bn-stats", "--bn-recalib", bn_stats, bn_recalib)
     check_options(**locals())
     from dfquant.quant.nipq import check_qat_args, run_qat
 
     _threads(threads)
-    bn_stats = _renamed("--bn-stats", "--bn-recalib", bn_stats, bn_recalib)
-    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_recalib, budget_by)
     out = out or Path("runs/qat") / f"{model.replace('/', '_').replace('@', '_')}-w{wbits:g}a{abits:g}-nipq"
     res = run_qat(model, calib, wbits, abits, out, iters, lr, learn_bits, avg_bits, n, batch_size, seed, val, eval_limit,
-                  bn_stats, act_reinit, budget_by=budget_by)
+                  bn_recalib, act_reinit, budget_by=budget_by)
     bits = (f", mean weight bits {res['avg_weight_bits_learned']:.2f}" + (" (BOPs-weighted)" if budget_by == "bops" else "")
             if learn_bits else "")
     typer.echo(f"{model} W{wbits:g}A{abits:g} NIPQ QAT: FP top-1 {res['fp_top1']:.2f}%  before QAT {res['init_top1']:.2f}%  "
