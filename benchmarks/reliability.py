@@ -174,6 +174,66 @@ def run_probe(probe: Probe, fixtures: Path, work: Path, python: str, src: Path, 
             "stderr_lines": len(lines), "last": lines[-1][:300] if lines else "", "left": left[:5]}
 
 
+def _dfq(argv: list[str], work: Path, python: str, src: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([python, "-m", "dfquant.cli", *argv], cwd=work, env=_env(src), capture_output=True, text=True, **kw)
+
+
+def _last(text: str) -> str:
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def scenarios(fixtures: Path, work: Path, python: str, src: Path) -> list[dict]:
+    """Multi-step probes (re-used folders, interrupts, output off a terminal) that one argv cannot express."""
+    import signal
+
+    rows = []
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    quick = ["quantize", "fmnist/resnet20", "--calib", "real:A", *QUICK, "--out", str(work / "q")]
+    _dfq(quick, work, python, src)
+    _dfq(["export", str(work / "q"), "--format", "int-state"], work, python, src)
+    p = _dfq(quick, work, python, src)
+    rows.append({"id": "requantize-exported-out", "item": "silent", "rc": p.returncode,
+                 "last": "files after re-quantizing: " + ", ".join(sorted(x.name for x in (work / "q").iterdir()))})
+
+    p = _dfq([*quick[:-1], str(work / "q2")], work, python, src)
+    codes = p.stderr.count("\r") + p.stderr.count("\x1b[")
+    rows.append({"id": "progress-off-terminal", "item": "rough", "rc": p.returncode,
+                 "last": f"{codes} carriage returns / cursor codes in {len(p.stderr)} bytes of stderr"})
+
+    p = _dfq(["quantize", "fmnist/resnet20", "--calib", "real:A", "--iters", "30", "--n", "4", "--batch-size", "2",
+              "--eval-limit", "8", "--out", str(work / "q3")], work, python, src)
+    eta = [ln for ln in p.stderr.replace("\r", "\n").splitlines() if "estimate" in ln]
+    rows.append({"id": "iters-time-estimate", "item": "rough", "rc": p.returncode, "last": eta[0][:300] if eta else "(no estimate printed)"})
+
+    proc = subprocess.Popen([python, "-m", "dfquant.cli", "quantize", "fmnist/resnet20", "--calib", "real:A",
+                             "--out", str(work / "q4")], cwd=work, env=_env(src), stderr=subprocess.PIPE, text=True)
+    time.sleep(25)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    rows.append({"id": "ctrl-c", "item": "rough", "rc": proc.returncode, "last": _last(err)})
+
+    img = work / "img"
+    gen = ["generate", str(fixtures / "manifest.jsonl"), "--out", str(img), "--steps", "1"]
+    _dfq(gen, work, python, src)
+    png = img / "000000.png"
+    whole = png.read_bytes()
+    png.write_bytes(whole[: len(whole) // 2])
+    (img / "manifest.jsonl").unlink()
+    p = _dfq(gen, work, python, src)
+    rows.append({"id": "resume-truncated-png", "item": "silent", "rc": p.returncode,
+                 "last": "PNG re-rendered (decodes, identical bytes)" if png.read_bytes() == whole else
+                 f"truncated PNG kept ({png.stat().st_size} of {len(whole)} bytes)"})
+
+    for pid, argv in (("old-spelling-eval-limit", ["eval", "fmnist/resnet20", "--limit", "8"]),
+                      ("new-spelling-eval-limit", ["eval", "fmnist/resnet20", "--eval-limit", "8"]),
+                      ("eval-threads", ["eval", "fmnist/resnet20", "--eval-limit", "8", "--threads", "1"])):
+        p = _dfq(argv, work, python, src)
+        rows.append({"id": pid, "item": "names", "rc": p.returncode, "last": _last(p.stderr) or _last(p.stdout)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", type=Path, required=True, help="the src/ folder of the code tree to probe")
@@ -193,13 +253,18 @@ def main() -> None:
         row = run_probe(probe, fixtures, args.work / "w", python, args.src)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if not args.only or "scenarios" in args.only:
+        rows += scenarios(fixtures, args.work / "s", python, args.src)
+        print(json.dumps(rows[-8:]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     commands = [" ".join(sys.argv)]
     if args.only and args.out.exists():  # re-probe a few: keep the other rows and the commands that made them
         old = json.loads(args.out.read_text())
         commands = old["commands"] + commands
-        rows = [r for r in old["rows"] if r["id"] not in args.only] + rows
-        rows.sort(key=lambda r: [p.id for p in PROBES].index(r["id"]))
+        ids = {r["id"] for r in rows}
+        rows = [r for r in old["rows"] if r["id"] not in ids] + rows
+        order = [p.id for p in PROBES]
+        rows.sort(key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
     args.out.write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
 
 

@@ -125,11 +125,11 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
 
     bit_settings = [parse_bits(b) for b in cfg.bits]
     check_bn_mode(cfg.bn_recalib, "bn_recalib")
+    torch.manual_seed(cfg.seed)
     spec = get_model(cfg.model)  # a bad model name or damaged weights must not leave a run folder behind
     r = Run(cfg)
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())
-    torch.manual_seed(cfg.seed)
     algo = cfg.algo if cfg.algo != "auto" else ("repq-vit" if spec.is_vit else "genie-m")
     r.log(f"run {r.dir}: {cfg.model} source={cfg.source} strategy={cfg.strategy} algo={algo} bits={cfg.bits}")
 
