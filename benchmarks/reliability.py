@@ -234,13 +234,47 @@ def scenarios(fixtures: Path, work: Path, python: str, src: Path) -> list[dict]:
     return rows
 
 
+ITEMS = {"traceback": "raw traceback before", "silent": "accepted silently before", "misleading": "misleading message before",
+         "rough": "rough edge", "names": "option names", "works": "one line already"}
+
+
+def table(before: Path, after: Path) -> str:
+    """Markdown table: one row per probe, what the code printed before and after (exit code: last stderr line)."""
+    b, a = (json.loads(p.read_text()) for p in (before, after))
+    old = {r["id"]: r for r in b["rows"]}
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "–"
+        text = r["last"].replace("|", "\\|").replace("\n", " ")
+        lines = f", {r['stderr_lines']} stderr lines" if r.get("stderr_lines", 1) > 1 else ""
+        left = f"; left behind: {', '.join(r['left'])}" if r.get("left") else ""
+        took = f" ({r['seconds']:.0f} s)" if r.get("seconds", 0) > 20 else ""
+        return f"exit {r['rc']}{lines}{took}: {text}{left}"
+
+    head = ("| probe | kind | before (f7f911a) | after |\n|---|---|---|---|\n")
+    body = "".join(f"| {r['id']} | {ITEMS[r['item']]} | {cell(old.get(r['id']))} | {cell(r)} |\n" for r in a["rows"])
+    cmds = "\n".join(f"    OMP_NUM_THREADS=1 python {c}" for c in b["commands"] + a["commands"])
+    return (f"# Bad-input probes (issue 19)\n\nMade by\n\n{cmds}\n    python benchmarks/reliability.py --table "
+            f"{before} {after}\n\nEach probe runs `dfq` in a fresh folder (argv in `benchmarks/reliability.py`); a cell is the "
+            "exit code, the number of non-empty stderr lines when more than one, the time when over 20 s (on a shared, "
+            "loaded 2-core machine), the last stderr line, and any file left behind.\n\n" + head + body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", type=Path, required=True, help="the src/ folder of the code tree to probe")
-    ap.add_argument("--out", type=Path, required=True, help="JSON file of results")
+    ap.add_argument("--table", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
+                    help="print the Markdown table of two result files instead of probing")
+    ap.add_argument("--src", type=Path, help="the src/ folder of the code tree to probe")
+    ap.add_argument("--out", type=Path, help="JSON file of results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dfq_reliability"))
     ap.add_argument("--only", nargs="*", help="probe ids")
     args = ap.parse_args()
+    if args.table:
+        print(table(*args.table), end="")
+        return
+    if args.src is None or args.out is None:
+        ap.error("--src and --out are required to probe")
     python = sys.executable
     fixtures = args.work / "fixtures"
     make_fixtures(fixtures, args.src / "dfquant" / "assets" / "zoo",

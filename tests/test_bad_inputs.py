@@ -136,6 +136,16 @@ def test_quantize_off_a_terminal_has_no_bar_codes_and_estimates_time(tmp_path, c
     assert err.startswith("estimated reconstruction time: ") and "11 blocks x 24 iterations" in err
 
 
+def test_time_estimate_leaves_results_unchanged(resnet20):
+    from dfquant.data.calib import load_calibration
+    from dfquant.quant.api import quantize
+
+    calib = load_calibration("real:A", resnet20, 4)
+    runs = [quantize(resnet20.model, calib, "genie-m", 4, 4, iters=24, batch_size=2, progress=p)[0].state_dict()
+            for p in (True, False)]
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 @pytest.mark.parametrize("argv, old, new", [
     (["eval", "fmnist/resnet20", "--limit", "0"], "--limit", "--eval-limit"),
     (["export", "{ckpt}", "--n", "0"], "--n", "--eval-limit"),

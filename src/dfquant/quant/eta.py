@@ -26,7 +26,13 @@ def _duration(seconds: float) -> str:
 
 @torch.no_grad()
 def unit_forward_seconds(qmodel: nn.Module, units: list[str], x: torch.Tensor) -> list[float]:
-    """Forward time of each unit inside one pass of ``qmodel`` on ``x`` (the faster of two passes)."""
+    """Forward time of each unit inside one pass of ``qmodel`` on ``x`` (the faster of two passes).
+
+    The passes must not change the model: quantizers are switched off (an uninitialized one would
+    otherwise take its range from ``x``) and every module is in eval mode (BatchNorm keeps its
+    statistics); both are restored afterwards."""
+    modes = {m: m.training for m in qmodel.modules()}
+    switches = {m: m.enabled for m in qmodel.modules() if hasattr(m, "enabled") and hasattr(m, "initialized")}
     start: dict[str, float] = {}
     best = {u: float("inf") for u in units}
 
@@ -39,11 +45,18 @@ def unit_forward_seconds(qmodel: nn.Module, units: list[str], x: torch.Tensor) -
     hooks = [h for u in units for h in (qmodel.get_submodule(u).register_forward_pre_hook(pre(u)),
                                         qmodel.get_submodule(u).register_forward_hook(post(u)))]
     try:
+        qmodel.eval()
+        for q in switches:
+            q.enabled = False
         for _ in range(2):
             qmodel(x)
     finally:
         for h in hooks:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
+        for q, enabled in switches.items():
+            q.enabled = enabled
     return [best[u] if best[u] != float("inf") else 0.0 for u in units]
 
 
