@@ -46,6 +46,7 @@ PROBES: list[Probe] = [
     Probe("export-truncated-safetensors", "traceback", ("export", "{F}/ckpt_trunc", "--format", "int-state", "--out", "{W}/m.safetensors"), must="model.safetensors"),
     Probe("eval-bad-json", "traceback", ("eval", "{F}/ckpt_badjson"), must="quant_config.json"),
     Probe("export-bad-json", "traceback", ("export", "{F}/ckpt_badjson", "--format", "int-state", "--out", "{W}/m.safetensors"), must="quant_config.json"),
+    Probe("grid-truncated-png", "traceback", ("grid", "{F}/trunc_png", "--out", "{W}/sheet.png"), must="000001.png"),
     Probe("run-config-not-mapping", "traceback", ("run", "{F}/list.yaml"), must="list.yaml"),
     Probe("distill-file-truncated", "traceback", ("quantize", "fmnist/resnet20", "--calib", "{F}/trunc.safetensors", *QUICK, "--out", "{W}/q"), must="trunc.safetensors"),
     # accepted silently before
@@ -108,11 +109,11 @@ def make_fixtures(root: Path, zoo: Path, dfq: Callable[[list[str]], None]) -> No
 
     for i in range(3):
         png(root / "three_png" / f"{i}.png")
-        png(root / "trunc_png" / f"{i}.png")
-        png(root / "text_png" / f"{i}.png")
-    data = (root / "trunc_png" / "1.png").read_bytes()
-    (root / "trunc_png" / "1.png").write_bytes(data[: len(data) // 2])
-    (root / "text_png" / "1.png").write_text("this is not an image\n")
+        png(root / "trunc_png" / f"{i:06d}.png")  # the names `dfq generate` writes (`dfq grid` reads only those)
+        png(root / "text_png" / f"{i:06d}.png")
+    data = (root / "trunc_png" / "000001.png").read_bytes()
+    (root / "trunc_png" / "000001.png").write_bytes(data[: len(data) // 2])
+    (root / "text_png" / "000001.png").write_text("this is not an image\n")
     (root / "empty_dir").mkdir(exist_ok=True)
     (root / "invalid.yaml").write_text("model: fmnist/resnet20\nbits: [W4A4\nn: 16\n")
     (root / "list.yaml").write_text("- model\n- n\n")
