@@ -62,6 +62,8 @@ PROBES: list[Probe] = [
     Probe("export-nan-checkpoint", "misleading", ("export", "{F}/ckpt_nan", "--format", "onnx", "--no-verify", "--out", "{W}/m.onnx"), must="non-finite"),
     Probe("run-bits-string", "misleading", ("run", "{F}/bits_string.yaml"), must="list"),
     Probe("eval-empty-name", "misleading", ("eval", ""), must="model name"),
+    Probe("quantize-iters-not-a-number", "usage", ("quantize", "fmnist/resnet20", "--calib", "real:A", "--iters", "abc"), must="--iters"),
+    Probe("unknown-option", "usage", ("eval", "fmnist/resnet20", "--bogus"), must="--bogus"),
     # rough edges
     Probe("hub-generator-not-cached", "rough", ("generate", "{F}/manifest.jsonl", "--generator", "nobody/not-cached-model", "--out", "{W}/img"), must="hf download"),
     Probe("timm-not-cached-hint", "rough", ("eval", "timm/resnet18"), must="hf download"),
@@ -235,7 +237,7 @@ def scenarios(fixtures: Path, work: Path, python: str, src: Path) -> list[dict]:
     return rows
 
 
-ITEMS = {"traceback": "raw traceback before", "silent": "accepted silently before", "misleading": "misleading message before",
+ITEMS = {"traceback": "raw traceback before", "usage": "framed usage panel before", "silent": "accepted silently before", "misleading": "misleading message before",
          "rough": "rough edge", "names": "option names", "works": "one line already"}
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import typer
 
 from dfquant.errors import DfqError
-from dfquant.validate import check_options
 from dfquant.quant.algorithms import ALGOS
+from dfquant.validate import check_options
 
+T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-free post-training quantization of image classifiers.")
 
@@ -21,7 +22,7 @@ def _require_safetensors(out: Path) -> None:
         raise DfqError(f"--out {out} must end in .safetensors")
 
 
-def _renamed(old: str, new: str, old_value, value):
+def _renamed(old: str, new: str, old_value: Optional[T], value: T) -> T:
     """An old option spelling keeps working, with one line naming the option that replaces it."""
     if old_value is None:
         return value
@@ -582,20 +583,27 @@ def _quiet_progress_bars() -> None:
 
 def main() -> None:
     """Entry point: turn DfqError into one line on stderr and exit code 2, Ctrl-C into exit 130."""
+    # typer's own exceptions (vendored click or not): usage errors become one line too, not a framed panel
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     if not sys.stderr.isatty():
         _quiet_progress_bars()
     try:
-        app()
+        code = app(prog_name="dfq", standalone_mode=False)  # typer returns 130 for Ctrl-C
     except DfqError as exc:
         # one line even when the error crossed a DataLoader worker, which prepends the worker's traceback
         typer.echo("error: " + str(exc).strip().splitlines()[-1].removeprefix("dfquant.errors.DfqError: "), err=True)
         sys.exit(2)
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # typer turns Ctrl-C into exit code 130 itself, so it arrives here as SystemExit(130)
-        if isinstance(exc, SystemExit) and exc.code != 130:
-            raise
+    except click_exception as exc:
+        message = exc.format_message()
+        if message:  # empty: `dfq` alone, whose help was just printed
+            ctx = getattr(exc, "ctx", None)
+            typer.echo(f"error: {message}" + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""), err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        code = 130
+    if code == 130:
         typer.echo("interrupted; re-run the same command to resume", err=True)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
