@@ -241,7 +241,7 @@ ITEMS = {"traceback": "raw traceback before", "usage": "framed usage panel befor
          "rough": "rough edge", "names": "option names", "works": "one line already"}
 
 
-def table(before: Path, after: Path) -> str:
+def table(before: Path, after: Path, after_label: str = "after") -> str:
     """Markdown table: one row per probe, what the code printed before and after (exit code: last stderr line)."""
     b, a = (json.loads(p.read_text()) for p in (before, after))
     old = {r["id"]: r for r in b["rows"]}
@@ -255,11 +255,12 @@ def table(before: Path, after: Path) -> str:
         took = f" ({r['seconds']:.0f} s)" if r.get("seconds", 0) > 20 else ""
         return f"exit {r['rc']}{lines}{took}: {text}{left}"
 
-    head = ("| probe | kind | before (f7f911a) | after |\n|---|---|---|---|\n")
+    head = f"| probe | kind | before (f7f911a) | after ({after_label}) |\n|---|---|---|---|\n"
     body = "".join(f"| {r['id']} | {ITEMS[r['item']]} | {cell(old.get(r['id']))} | {cell(r)} |\n" for r in a["rows"])
     cmds = "\n".join(f"    OMP_NUM_THREADS=1 python {c}" for c in b["commands"] + a["commands"])
     return (f"# Bad-input probes (issue 19)\n\nMade by\n\n{cmds}\n    python benchmarks/reliability.py --table "
-            f"{before} {after}\n\nEach probe runs `dfq` in a fresh folder (argv in `benchmarks/reliability.py`); a cell is the "
+            f"{before} {after} --after-label {after_label}\n\nwhere each `--src` tree is `git archive COMMIT | tar -x -C DIR` "
+            f"of the commit named in the table head. Each probe runs `dfq` in a fresh folder (argv in `benchmarks/reliability.py`); a cell is the "
             "exit code, the number of non-empty stderr lines when more than one, the time when over 20 s (on a shared, "
             "loaded 2-core machine), the last stderr line, and any file left behind.\n\n" + head + body)
 
@@ -268,13 +269,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
                     help="print the Markdown table of two result files instead of probing")
+    ap.add_argument("--after-label", default="after", help="with --table: the commit the AFTER results were made from")
     ap.add_argument("--src", type=Path, help="the src/ folder of the code tree to probe")
     ap.add_argument("--out", type=Path, help="JSON file of results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dfq_reliability"))
     ap.add_argument("--only", nargs="*", help="probe ids")
     args = ap.parse_args()
     if args.table:
-        print(table(*args.table), end="")
+        print(table(*args.table, args.after_label), end="")
         return
     if args.src is None or args.out is None:
         ap.error("--src and --out are required to probe")
