@@ -280,7 +280,7 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
     checkpoint.save_quantized(ckpt, spec, qmodels["w8a8"], make_quant_config("mse", 8, 8),
                               {"algo": "mse", "wbits": 8, "abits": 8, "q_top1": 0.0})
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(ckpt), "--n", "64"])
+    res = runner.invoke(app, ["export", str(ckpt), "--eval-limit", "64"])
     assert res.exit_code == 0, res.output
     assert "argmax agreement" in res.output
     rep = json.loads((ckpt / "export_report.json").read_text())

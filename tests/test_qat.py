@@ -212,7 +212,7 @@ def test_qat_argument_checks():
     for args, msg in [((9, 4, 10, 1e-4, False, None, 64, 32), "--wbits 9"), ((2, 1.58, 10, 1e-4, False, None, 64, 32), "--abits"),
                       ((2, 4, 10, 0.0, False, None, 64, 32), "--lr"), ((2, 4, 10, 1e-4, False, 3.0, 64, 32), "--learn-bits"),
                       ((2, 4, 10, 1e-4, True, None, 64, 32), "--avg-bits above 2"), ((2, 4, 10, 1e-4, False, None, 16, 32), "--n 16"),
-                      ((2, 4, 10, 1e-4, False, None, 64, 32, "batch"), "--bn-stats"),
+                      ((2, 4, 10, 1e-4, False, None, 64, 32, "batch"), "--bn-recalib"),
                       ((2, 4, 10, 1e-4, False, None, 64, 32, "relative", "bops"), "add --learn-bits"),
                       ((2, 4, 10, 1e-4, True, 3.0, 64, 32, "relative", "flops"), "--budget-by flops")]:
         with pytest.raises(DfqError, match=msg):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import typer
 
 from dfquant.errors import DfqError
 from dfquant.quant.algorithms import ALGOS
+from dfquant.validate import check_options
 
+T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-free post-training quantization of image classifiers.")
 
@@ -18,6 +20,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _require_safetensors(out: Path) -> None:
     if out.suffix != ".safetensors":
         raise DfqError(f"--out {out} must end in .safetensors")
+
+
+def _renamed(old: str, new: str, old_value: Optional[T], value: T) -> T:
+    """An old option spelling keeps working, with one line naming the option that replaces it."""
+    if old_value is None:
+        return value
+    typer.echo(f"warning: {old} is deprecated; use {new}", err=True)
+    return old_value
 
 
 def _threads(n: Optional[int]) -> None:
@@ -55,6 +65,7 @@ def train_classifier_cmd(
     With --symreg/--satnl it trains a quantization-robust variant into --out DIR; use it as
     fmnist/<arch>@DIR in the other commands (e.g. `dfq quantize fmnist/resnet20@DIR ...`).
     """
+    check_options(**locals())
     from dfquant.models import zoo
     from dfquant.models.registry import zoo_dir
     from dfquant.models.train import train_classifier
@@ -79,22 +90,27 @@ def train_classifier_cmd(
 def eval_cmd(
     model: str = typer.Argument(..., help="model name (fmnist/resnet20, torchvision/resnet18, ...) or a quantized checkpoint folder"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (needed off the mini world)"),
-    limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
+    eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
     random_weights: bool = typer.Option(False, help="build the architecture without downloading weights"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    limit: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
     """Print top-1 accuracy on the model's test set."""
+    eval_limit = _renamed("--limit", "--eval-limit", limit, eval_limit)
+    check_options(**locals())
+    _threads(threads)
     from dfquant.evaluate import evaluate
     from dfquant.models.registry import get_model
 
-    if Path(model).is_dir():
+    if model and Path(model).is_dir():  # Path("") is "."
         from dfquant.quant.checkpoint import load_quantized
 
         spec, qmodel = load_quantized(Path(model))
-        acc = evaluate(spec, qmodel, val, limit)
+        acc = evaluate(spec, qmodel, val, eval_limit)
         typer.echo(f"{model} ({spec.name} quantized): top-1 {acc:.2f}%")
         return
     spec = get_model(model, pretrained=not random_weights)
-    acc = evaluate(spec, val_dir=val, limit=limit)
+    acc = evaluate(spec, val_dir=val, limit=eval_limit)
     typer.echo(f"{model}: top-1 {acc:.2f}%")
 
 
@@ -107,6 +123,7 @@ def train_generator_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Train the embedded mini text-to-image generator on Fashion-MNIST split B."""
+    check_options(**locals())
     from dfquant.generate.mini import train_generator
     from dfquant.generate.pipeline import mini_generator_dir
 
@@ -147,6 +164,7 @@ def prompts_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Write a prompt manifest: one row per image with its prompt, classes and seed."""
+    check_options(**locals())
     from dfquant.prompts import class_similarity, make_manifest, write_manifest
 
     _threads(threads)
@@ -184,6 +202,7 @@ def generate_cmd(
     each process renders its share. (accelerate's own --cpu flag starts one process only; on a GPU
     machine pass --device cpu to dfq for CPU workers.)
     """
+    check_options(**locals())
     import os
 
     import torch
@@ -220,12 +239,17 @@ def generate_cmd(
 def grid_cmd(
     folder: Path = typer.Argument(..., help="image folder written by `dfq generate`"),
     out: Optional[Path] = typer.Option(None, help="sheet PNG (default: <folder>_grid.png beside the folder)"),
-    n: int = typer.Option(64, help="images per sheet"),
+    per_sheet: int = typer.Option(64, help="images per sheet"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    n: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --per-sheet"),
 ) -> None:
     """Contact sheet of generated images with their prompts; one sheet per prompt strategy."""
+    per_sheet = _renamed("--n", "--per-sheet", n, per_sheet)
+    check_options(**locals())
     from dfquant.generate.grid import contact_sheets
 
-    for path in contact_sheets(folder, out, n):
+    _threads(threads)
+    for path in contact_sheets(folder, out, per_sheet):
         typer.echo(str(path))
 
 
@@ -250,6 +274,7 @@ def quantize_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Quantize a model with block reconstruction and print FP vs quantized top-1."""
+    check_options(**locals())
     from dfquant.quant.api import run_quantize
 
     _threads(threads)
@@ -272,6 +297,7 @@ def distill_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Synthesize calibration images by BN-statistics inversion (Genie-D / ZeroQ baseline)."""
+    check_options(**locals())
     from dfquant.io import save_tensors
     from dfquant.models.registry import get_model
     from dfquant.quant.distill import distill
@@ -289,7 +315,7 @@ def run_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML run config (see configs/); options below override it"),
     model: Optional[str] = typer.Option(None),
     source: Optional[str] = typer.Option(None, help="generated | real | distill | a folder of images"),
-    strategy: Optional[str] = typer.Option(None, help="single | template | mixup"),
+    strategy: Optional[str] = typer.Option(None, help="single | template | mixup | learned"),
     k: Optional[int] = typer.Option(None, help="classes per mixup prompt"),
     pairing: Optional[str] = typer.Option(None, help="random | similar | dissimilar"),
     n: Optional[int] = typer.Option(None, help="calibration images"),
@@ -307,6 +333,7 @@ def run_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Run prompts -> generate -> quantize -> evaluate, reusing finished stages."""
+    check_options(**locals())
     from dfquant.run import RunConfig, results_table, run
 
     _threads(threads)
@@ -326,10 +353,13 @@ def run_cmd(
 def report_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="folders written by dfq run"),
     out: Path = typer.Option(Path("report"), help="output folder for report.md and its PNGs"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Write a Markdown report (accuracy table, accuracy vs bits, sample grids, analyses)."""
+    check_options(**locals())
     from dfquant.report import write_report
 
+    _threads(threads)
     typer.echo(f"wrote {write_report(run_dirs, out)}")
 
 
@@ -338,19 +368,22 @@ def export_cmd(
     ckpt: Path = typer.Argument(..., help="quantized checkpoint folder written by `dfq quantize`"),
     format: str = typer.Option("onnx", "--format", help="onnx (QuantizeLinear/DequantizeLinear graph) | int-state (safetensors of integer weights + scales)"),
     out: Optional[Path] = typer.Option(None, help="output file (default: CKPT/model.onnx or CKPT/model_int.safetensors)"),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="onnx: run onnxruntime next to the fake-quantized model on --n test images"),
-    n: int = typer.Option(1000, help="test images for --verify (at 256 a single near-tie flip is 0.39 points > the 0.1-point bound)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="onnx: run onnxruntime next to the fake-quantized model on --eval-limit test images"),
+    eval_limit: int = typer.Option(1000, help="test images for --verify (at 256 a single near-tie flip is 0.39 points > the 0.1-point bound)"),
     opset: int = typer.Option(21, help="ONNX opset; 21+ stores weights of <= 4 bits as INT4/UINT4, 13..20 in int8 containers"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder for --verify (off the mini world)"),
     fuse_bias: bool = typer.Option(False, help="onnx: biases as the Conv/Gemm bias input (runtimes may round them to int32, "
                                                "which the simulation does not model) instead of a float Add after it"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    n: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
     """Export a quantized checkpoint for deployment (the fake-quantized model only simulates integers)."""
+    eval_limit = _renamed("--n", "--eval-limit", n, eval_limit)
+    check_options(**locals())
     from dfquant.quant.export import run_export, verification_error
 
     _threads(threads)
-    rep = run_export(ckpt, format, out, verify, n, opset, val, fuse_bias, raise_on_failure=False)
+    rep = run_export(ckpt, format, out, verify, eval_limit, opset, val, fuse_bias, raise_on_failure=False)
     exp = rep["export"]
     if format == "onnx":
         kinds: dict[str, int] = {}
@@ -387,6 +420,7 @@ def analyze_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """The paper's analyses: gradient-norm traces, generalization gap, t-SNE of features."""
+    check_options(**locals())
     from dfquant.analysis.studies import generalization_gap, gradnorm_study, tsne_study
     from dfquant.data import fmnist
     from dfquant.data.calib import load_calibration
@@ -471,26 +505,30 @@ def qat_cmd(
     n: int = typer.Option(1024, help="calibration images"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
-    bn_stats: str = typer.Option("relative", help="BN re-estimation after hardening: relative (shift measured on CALIB, "
-                                                  "applied to the FP statistics), absolute (CALIB statistics) or none"),
+    bn_recalib: str = typer.Option("relative", help="BN re-estimation after hardening: relative (shift measured on CALIB, "
+                                                    "applied to the FP statistics), absolute (CALIB statistics) or none; "
+                                                    "on by default here as QAT moves weights far from the FP model"),
     act_reinit: bool = typer.Option(False, "--act-reinit/--no-act-reinit",
                                     help="re-run the activation range search after hardening (replaces NIPQ's learned clip ranges)"),
     out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/qat/<model>-w<W>a<A>-nipq)"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
     eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    bn_stats: Optional[str] = typer.Option(None, hidden=True, help="deprecated: --bn-recalib"),
 ) -> None:
     """Data-free QAT with NIPQ: distill from the FP model on the calibration set (no labels), then harden.
 
     Re-running the same command resumes from OUT/qat_resume.pt.
     """
+    bn_recalib = _renamed("--bn-stats", "--bn-recalib", bn_stats, bn_recalib)
+    check_options(**locals())
     from dfquant.quant.nipq import check_qat_args, run_qat
 
     _threads(threads)
-    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_recalib, budget_by)
     out = out or Path("runs/qat") / f"{model.replace('/', '_').replace('@', '_')}-w{wbits:g}a{abits:g}-nipq"
     res = run_qat(model, calib, wbits, abits, out, iters, lr, learn_bits, avg_bits, n, batch_size, seed, val, eval_limit,
-                  bn_stats, act_reinit, budget_by=budget_by)
+                  bn_recalib, act_reinit, budget_by=budget_by)
     bits = (f", mean weight bits {res['avg_weight_bits_learned']:.2f}" + (" (BOPs-weighted)" if budget_by == "bops" else "")
             if learn_bits else "")
     typer.echo(f"{model} W{wbits:g}A{abits:g} NIPQ QAT: FP top-1 {res['fp_top1']:.2f}%  before QAT {res['init_top1']:.2f}%  "
@@ -508,6 +546,7 @@ def learn_prompts_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Learn multi-mode prompt embeddings per class (class, embedding- and feature-diversity terms)."""
+    check_options(**locals())
     from dfquant.generate.learned import learn_prompts, save_embeddings
     from dfquant.generate.pipeline import load_pipeline, sampling
     from dfquant.models.registry import get_model
@@ -522,16 +561,47 @@ def learn_prompts_cmd(
     typer.echo(f"wrote {tuple(embeds.shape)} prompt embeddings to {out}")
 
 
+def _quiet_progress_bars() -> None:
+    """Off a terminal (a log file, a pipe, CI) tqdm's redraws are ``\r`` and cursor codes, nested bars
+    worse; switch every bar off there (``dfq run`` logs its own lines). Bars are created with an explicit
+    ``disable=``, which tqdm's TQDM_DISABLE default cannot override, hence the wrapper."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "_dfq_quiet", False):
+        return
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    quiet_init._dfq_quiet = True  # type: ignore[attr-defined]
+    tqdm.std.tqdm.__init__ = quiet_init
+
+
 def main() -> None:
-    """Entry point: turn DfqError into one line on stderr and exit code 2."""
+    """Entry point: turn DfqError into one line on stderr and exit code 2, Ctrl-C into exit 130."""
+    # typer's own exceptions (vendored click or not): usage errors become one line too, not a framed panel
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    if not sys.stderr.isatty():
+        _quiet_progress_bars()
     try:
-        app()
+        code = app(prog_name="dfq", standalone_mode=False)  # typer returns 130 for Ctrl-C
     except DfqError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        # one line even when the error crossed a DataLoader worker, which prepends the worker's traceback
+        typer.echo("error: " + str(exc).strip().splitlines()[-1].removeprefix("dfquant.errors.DfqError: "), err=True)
         sys.exit(2)
+    except click_exception as exc:
+        message = exc.format_message()
+        if message:  # empty: `dfq` alone, whose help was just printed
+            ctx = getattr(exc, "ctx", None)
+            typer.echo(f"error: {message}" + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""), err=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:
         typer.echo("interrupted; re-run the same command to resume", err=True)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -152,5 +152,5 @@ def read_manifest(path: str | Path) -> list[PromptRow]:
     try:  # generated-image manifests carry extra keys (file, generator, settings)
         return [PromptRow(**{k: v for k, v in json.loads(line).items() if k in keys})
                 for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, TypeError) as exc:
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
         raise DfqError(f"{path} is not a dfq prompt manifest ({exc}); recreate it with `dfq prompts`") from None

@@ -9,7 +9,6 @@ the same config only does what is missing, and an interrupted one resumes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -56,18 +55,23 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides: Any) -> "RunConfig":
-        data: dict[str, Any] = {}
-        if path is not None:
-            p = Path(path)
+        """Read ``path`` (YAML), apply the non-None ``overrides`` and validate types and ranges
+        (:func:`dfquant.validate.run_config`) before anything is written."""
+        from dfquant.validate import run_config
+
+        data: Any = {}
+        p = Path(path) if path is not None else None
+        if p is not None:
             if not p.is_file():
                 raise DfqError(f"config {p} not found; pass a YAML file (see configs/)")
-            data = yaml.safe_load(p.read_text()) or {}
-            unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-            if unknown:
-                raise DfqError(f"unknown key(s) {', '.join(sorted(unknown))} in {p}; valid keys: "
-                               + ", ".join(f.name for f in dataclasses.fields(cls)))
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                mark = getattr(exc, "problem_mark", None)
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(exc, "problem", None) or type(exc).__name__
+                raise DfqError(f"{p} is not valid YAML ({problem}{at}); fix that line (see configs/demo.yaml)") from None
+        return run_config(data, p, overrides)
 
 
 def parse_bits(tag: str) -> tuple[float, float]:
@@ -121,11 +125,11 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
 
     bit_settings = [parse_bits(b) for b in cfg.bits]
     check_bn_mode(cfg.bn_recalib, "bn_recalib")
+    torch.manual_seed(cfg.seed)
+    spec = get_model(cfg.model)  # a bad model name or damaged weights must not leave a run folder behind
     r = Run(cfg)
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())
-    torch.manual_seed(cfg.seed)
-    spec = get_model(cfg.model)
     algo = cfg.algo if cfg.algo != "auto" else ("repq-vit" if spec.is_vit else "genie-m")
     r.log(f"run {r.dir}: {cfg.model} source={cfg.source} strategy={cfg.strategy} algo={algo} bits={cfg.bits}")
 

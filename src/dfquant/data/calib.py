@@ -20,7 +20,15 @@ from dfquant.models.registry import ModelSpec
 
 
 def load_calibration(source: str | Path, spec: ModelSpec, n: int = 1024, seed: int = 0) -> torch.Tensor:
-    src = str(source)
+    """``n`` calibration images from ``source``; fewer than ``n`` available is an error, not a silent shortfall."""
+    images = _load(str(source), spec, n, seed)
+    if len(images) < n:
+        raise DfqError(f"calibration source {source} holds {len(images)} images but --n {n} asks for {n}; "
+                       f"pass --n {len(images)} or add images")
+    return images
+
+
+def _load(src: str, spec: ModelSpec, n: int, seed: int) -> torch.Tensor:
     if src.startswith("real"):
         split = src.partition(":")[2] or "A"
         if not spec.embedded:
@@ -35,9 +43,9 @@ def load_calibration(source: str | Path, spec: ModelSpec, n: int = 1024, seed: i
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise DfqError(f"{path} not found; create it with `dfq distill`")
-        from safetensors.torch import load_file
+        from dfquant.io import load_tensors
 
-        images = load_file(str(path)).get("images")
+        images = load_tensors(path, fix="re-create it with `dfq distill`").get("images")
         if images is None:
             raise DfqError(f"{path} has no 'images' tensor; create it with `dfq distill`")
         if tuple(images.shape[1:]) != tuple(spec.input_size):

@@ -126,12 +126,15 @@ def save_embeddings(path: str | Path, embeds: torch.Tensor, class_names: list[st
 
 
 def load_embeddings(path: str | Path) -> torch.Tensor:
-    from safetensors.torch import load_file
+    from dfquant.io import load_tensors
 
     p = Path(path)
     if not p.is_file():
         raise DfqError(f"{p} not found; learn embeddings with `dfq learn-prompts`")
-    return load_file(str(p))["prompt_embeds"]
+    embeds = load_tensors(p, fix="learn them again with `dfq learn-prompts`").get("prompt_embeds")
+    if embeds is None:
+        raise DfqError(f"{p} has no 'prompt_embeds' tensor; learn embeddings with `dfq learn-prompts`")
+    return embeds
 
 
 def rows_embeddings(rows, embeds: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from dfquant.errors import DfqError
+from dfquant.hub import download_hint, offline
 from dfquant.io import atomic_path, read_json, write_json, write_text
 
 if TYPE_CHECKING:  # heavy imports stay out of module import time (the CLI imports lazily)
@@ -142,10 +143,6 @@ def size_multiple(pipe: "DiffusionPipeline") -> int:
     return vsf * int(getattr(denoiser(pipe).config, "patch_size", None) or 1)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _source(generator: str) -> str:
     """``generator`` as diffusers loads it: the mini folder, a local folder, or a hub id (short names resolved)."""
     if generator == "mini":
@@ -178,15 +175,15 @@ def _model_index(source: str) -> dict[str, Any]:
         return read_json(hf_hub_download(source, "model_index.json", local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached (or a broken cache entry): download unless offline
         pass
-    if not _offline():
+    if not offline():
         try:
             return read_json(hf_hub_download(source, "model_index.json"))
         except GatedRepoError:
             gated = True
         except Exception:  # noqa: BLE001 - no network comes in many exception types
             pass
-    fix = (f"accept its licence at https://huggingface.co/{source}, run `hf auth login`, then `hf download {source}`"
-           if gated else f"run `hf download {source}`")
+    fix = (f"accept its licence at https://huggingface.co/{source}, run `hf auth login`, then {download_hint(source)}"
+           if gated else f"run {download_hint(source)}")
     raise DfqError(f"{source} {'is gated and not' if gated else 'is not'} in the Hugging Face cache; "
                    f"{fix} on a machine with internet")
 
@@ -239,14 +236,14 @@ def load_pipeline(generator: str, dtype: str | None = "auto", device: str | None
         pipe = AutoPipelineForText2Image.from_pretrained(source, **kw)
     else:
         pipe = None
-        for local in (True,) if _offline() else (True, False):  # the cache first, then download what is missing
+        for local in (True,) if offline() else (True, False):  # the cache first, then download what is missing
             try:
                 pipe = AutoPipelineForText2Image.from_pretrained(source, local_files_only=local, **kw)
                 break
             except Exception:  # noqa: BLE001 - missing files and no network come in many exception types
                 continue
         if pipe is None:
-            raise DfqError(f"{source} is only partly in the Hugging Face cache; run `hf download {source}` "
+            raise DfqError(f"{source} is only partly in the Hugging Face cache; run {download_hint(source)} "
                            "on a machine with internet")
     if scheduler is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
@@ -402,6 +399,19 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         img.save(tmp, format="PNG")
 
 
+def _decodes(path: Path) -> bool:
+    """True if ``path`` is a complete image. Files land atomically, but a copy, a full disk or another
+    tool can still leave a truncated PNG under its final name; resume re-renders those."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except (OSError, SyntaxError, ValueError):  # missing, truncated or not an image
+        return False
+
+
 def generate(rows: Sequence["PromptRow"], pipe: "DiffusionPipeline", out_dir: str | os.PathLike, *,
              steps: int, guidance: float, height: int, width: int, batch_size: int = 32, generator_id: str = "",
              prompt_embeds: "torch.Tensor | None" = None, call: dict[str, Any] | None = None,
@@ -438,7 +448,7 @@ def generate(rows: Sequence["PromptRow"], pipe: "DiffusionPipeline", out_dir: st
     if state is not None:
         state.wait_for_everyone()  # every process sees the same finished PNGs before splitting the rest
 
-    todo = [i for i, r in enumerate(rows) if not (out_dir / f"{r.index:06d}.png").exists()]
+    todo = [i for i, r in enumerate(rows) if not _decodes(out_dir / f"{r.index:06d}.png")]
     if state is not None and state.num_processes > 1:
         with state.split_between_processes(todo) as mine:
             todo = list(mine)

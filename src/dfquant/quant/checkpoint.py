@@ -7,14 +7,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from dfquant.errors import DfqError
-from dfquant.io import read_json, save_tensors, write_json
+from dfquant.io import load_tensors, read_json, save_tensors, write_json
 from dfquant.models.registry import ModelSpec, get_model
 from dfquant.quant.modules import QuantConfig, QuantLayer
 from dfquant.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from dfquant.validate import check_finite
 
 
 def quantizer_state(qmodel: nn.Module) -> dict[str, dict]:
@@ -29,10 +29,21 @@ def quantizer_state(qmodel: nn.Module) -> dict[str, dict]:
     return out
 
 
+# What `dfq export` writes into a checkpoint folder by default: a rewritten checkpoint makes them stale.
+EXPORT_FILES = ("model.onnx", "model_int.safetensors", "export_report.json")
+
+
 def save_quantized(out_dir: Path, spec: ModelSpec, qmodel: nn.Module, qcfg: QuantConfig, meta: dict) -> None:
-    """Write the checkpoint atomically (config last, so a folder with a config is complete)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint atomically (config last, so a folder with a config is complete).
+
+    Refuses non-finite tensors (nothing is written then), and removes the exports of a previous
+    checkpoint in the same folder, which would otherwise sit beside weights they no longer match."""
     state = {k: v for k, v in qmodel.state_dict().items()}
+    check_finite(state.items(), f"the quantized {spec.name}",
+                 "nothing was written; check the calibration images and lower the learning rates or --iters")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
     save_tensors(out_dir / "model.safetensors", state, metadata={"model": spec.name})
     write_json(out_dir / "quant_config.json", {"model": spec.name, "quant": asdict(qcfg),
                                                 "quantizers": quantizer_state(qmodel), **meta})
@@ -43,7 +54,9 @@ def load_quantized(ckpt_dir: Path) -> tuple[ModelSpec, nn.Module]:
     cfg_path = ckpt_dir / "quant_config.json"
     if not cfg_path.exists():
         raise DfqError(f"{ckpt_dir} is not a quantized checkpoint (no quant_config.json); create one with `dfq quantize`")
-    meta = read_json(cfg_path)
+    meta = read_json(cfg_path, fix="re-create the checkpoint with `dfq quantize`")
+    if not isinstance(meta, dict) or not {"model", "quant", "quantizers"} <= set(meta):
+        raise DfqError(f"{cfg_path} lacks the model/quant/quantizers entries of a checkpoint; re-create it with `dfq quantize`")
     spec = get_model(meta["model"], pretrained=False)  # every tensor comes from the checkpoint
     qcfg = QuantConfig(**meta["quant"])
     from dfquant.quant.api import build_quantized
@@ -63,7 +76,8 @@ def load_quantized(ckpt_dir: Path) -> tuple[ModelSpec, nn.Module]:
             if isinstance(m, UniformQuantizer):
                 m.signed = st["signed"]
                 m.bits = st.get("bits", m.bits)  # per-layer bit-widths (mixed precision from `dfq qat --learn-bits`)
-    state = load_file(str(ckpt_dir / "model.safetensors"))
+    state = load_tensors(ckpt_dir / "model.safetensors", fix="re-create the checkpoint with `dfq quantize`")
+    check_finite(state.items(), f"checkpoint {ckpt_dir}", "re-create it with `dfq quantize`")
     for name, m in qmodel.named_modules():  # per-channel buffers/params must take the saved shapes
         for pname in ("scale", "zero_point"):
             key = f"{name}.{pname}" if name else pname

@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
+from dfquant.io import load_torch
 from dfquant.quant.bn import check_bn_args, check_bn_mode, recalibrate_bn
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, act_quantizers, train_keep_bn
 from dfquant.quant.quantizers import UniformQuantizer, check_bits, round_ste
@@ -434,7 +435,7 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
            "budget_by": qmodel.budget_by, "batch_size": batch_size,
            "penalty": penalty, "temperature": temperature, "augment": augment, "seed": seed, "n_calib": len(calib)}
     if resume is not None and Path(resume).exists():
-        state = torch.load(resume, weights_only=False)
+        state = load_torch(resume)
         if state.get("key") != key:
             raise DfqError(f"{resume} belongs to a QAT run with other settings ({state.get('key')}); "
                            "delete it or choose another output folder")
@@ -542,7 +543,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
 def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits: bool, avg_bits: float | None,
                    n: int, batch_size: int, bn_stats: str = "relative", budget_by: str = "size") -> None:
     """Validate ``dfq qat`` options before any slow work (DfqError naming the fix)."""
-    check_bn_mode(bn_stats, "--bn-stats")
+    check_bn_mode(bn_stats, "--bn-recalib")
     check_budget_by(budget_by, "--budget-by")
     if budget_by != "size" and not learn_bits:
         raise DfqError(f"--budget-by {budget_by} weighs the learned bit-widths; add --learn-bits (or drop --budget-by)")
