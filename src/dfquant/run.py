@@ -125,7 +125,9 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())
     torch.manual_seed(cfg.seed)
-    spec = get_model(cfg.model)
+    from dfquant.models.source import resolve_model
+
+    spec = resolve_model(cfg.model)
     algo = cfg.algo if cfg.algo != "auto" else ("repq-vit" if spec.is_vit else "genie-m")
     r.log(f"run {r.dir}: {cfg.model} source={cfg.source} strategy={cfg.strategy} algo={algo} bits={cfg.bits}")
 
@@ -153,10 +155,10 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
             res = read_json(qdir / "results.json")
             r.log(f"{tag}: cached, top-1 {res['q_top1']:.2f}%")
         else:
-            from dfquant.quant.api import run_quantize
+            from dfquant.jobs import run_quantize
 
             r.log(f"{tag}: quantizing with {algo}, {cfg.iters} iterations per block")
-            res = run_quantize(cfg.model, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
+            res = run_quantize(spec, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
                                qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1,
                                bn_recalib=cfg.bn_recalib)
             r.done(f"quant_{tag.upper()}", key)

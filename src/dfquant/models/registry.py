@@ -42,6 +42,7 @@ class ModelSpec:
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
     card: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # how to rebuild the model (saved with a quantized folder)
 
     @property
     def num_classes(self) -> int:
@@ -49,7 +50,9 @@ class ModelSpec:
 
     @property
     def is_vit(self) -> bool:
-        return any(type(m).__name__ in {"Attention", "WindowAttention"} for m in self.model.modules())
+        from dfquant.quant.transform import has_attention
+
+        return has_attention(self.model)
 
     @property
     def embedded(self) -> bool:
@@ -163,4 +166,6 @@ def get_model(name: str, pretrained: bool = True) -> ModelSpec:
     source, _, arch = name.partition("/")
     if source not in _SOURCES or not arch:
         raise DfqError(f"unknown model name {name!r}; use one of: " + ", ".join(list_models()))
-    return _SOURCES[source](arch, pretrained)
+    spec = _SOURCES[source](arch, pretrained)
+    spec.source = {"name": name}
+    return spec

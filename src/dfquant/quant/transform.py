@@ -15,8 +15,42 @@ import copy
 import torch
 from torch import nn
 
+from dfquant.errors import DfqError
+from dfquant.quant.algorithms import get_algorithm
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer
 from dfquant.quant.plan import QuantPlan, make_plan
+from dfquant.quant.quantizers import check_bits
+
+
+def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> QuantConfig:
+    """The preset conventions for ``algo`` at WxAy."""
+    for b, what in ((wbits, "--wbits"), (abits, "--abits")):
+        try:
+            check_bits(b)
+        except ValueError:
+            raise DfqError(f"{what} {b} is not supported; use an integer from 2 to 8 (or 1.58 for ternary weights)") from None
+    if abits == 1.58:
+        raise DfqError("ternary (1.58) applies to weights only; use --abits 2..8")
+    return QuantConfig(wbits=wbits, abits=abits, **{**get_algorithm(algo).quant, **overrides})
+
+
+def has_attention(model: nn.Module) -> bool:
+    """True for models with (timm) attention modules, which get quantized attention (:mod:`dfquant.quant.vit`)."""
+    return any(type(m).__name__ in {"Attention", "WindowAttention"} for m in model.modules())
+
+
+def build_quantized(model: nn.Module, qcfg: QuantConfig, init: bool = True, vit: dict | None = None,
+                    plan: QuantPlan | None = None, example_input: torch.Tensor | None = None,
+                    units: list[str] | None = None) -> nn.Module:
+    """Wrap ``model`` for quantization (ViTs get quantized attention first), laid out by ``plan``
+    or by the plan of the (attention-patched) model's graph."""
+    if vit is not None:
+        from dfquant.quant.vit import prepare_vit
+
+        model = prepare_vit(model, qcfg, vit)
+    if plan is None:
+        plan = make_plan(model, qcfg, example_input, units)
+    return quantize_model(model, qcfg, init=init, plan=plan)
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -141,16 +141,16 @@ def reparameterize_layernorms(qmodel: nn.Module, calib: torch.Tensor, weight_ini
 
 def repq_vit(model: nn.Module, calib: torch.Tensor, wbits: float, abits: float, options: dict | None = None,
              iters: int = 0, batch_size: int = 32, seed: int = 0, device: str = "cpu", n_calib: int = 32,
-             progress: bool = True, recon_algo: str = "qdrop") -> tuple[nn.Module, dict]:
+             progress: bool = True, recon_algo: str = "qdrop", keep_fp: tuple[str, ...] | list[str] = ()) -> tuple[nn.Module, dict]:
     """RepQ-ViT on ``n_calib`` images, then (``iters > 0``) block reconstruction on all of ``calib``."""
-    from dfquant.quant.api import build_quantized, make_quant_config
+    from dfquant.quant.transform import build_quantized, make_quant_config
     from dfquant.quant.reconstruct import ReconConfig, reconstruct
 
     options = options or default_vit_options(model)
-    qcfg = make_quant_config("repq-vit", wbits, abits)
+    qcfg = make_quant_config("repq-vit", wbits, abits, keep_fp=list(keep_fp))
     t0 = time.time()
     torch.manual_seed(seed)
-    qmodel = build_quantized(model, qcfg, vit=options).eval()
+    qmodel = build_quantized(model, qcfg, vit=options, example_input=calib[:1]).eval()
     small = calib[:n_calib]
     reparam = reparameterize_layernorms(qmodel, small, qcfg.weight_init) if options.get("reparam_layernorm", True) else []
     for m in qmodel.modules():
@@ -164,7 +164,7 @@ def repq_vit(model: nn.Module, calib: torch.Tensor, wbits: float, abits: float, 
     if iters > 0:
         rcfg = ReconConfig.preset(recon_algo, iters=iters, batch_size=batch_size, seed=seed, device=device)
         units = reconstruct(qmodel, calib, rcfg, progress=progress)
-    info = {"quant": qcfg, "recon": rcfg, "units": units, "seconds": round(time.time() - t0, 1),
+    info = {"quant": qcfg, "recon": rcfg, "units": units, "plan": qmodel.dfq_plan, "seconds": round(time.time() - t0, 1),
             "reparameterized": reparam, "full_precision_layers": full_precision_report(qmodel)}
     return qmodel.cpu().eval(), info
 
