@@ -546,7 +546,8 @@ def qat_cmd(
 
     Re-running the same command resumes from OUT/qat_resume.pt.
     """
-    from dfquant.quant.nipq import check_qat_args, run_qat
+    from dfquant.jobs import run_qat
+    from dfquant.quant.nipq import check_qat_args
 
     _threads(threads)
     check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)

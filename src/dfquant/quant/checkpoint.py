@@ -43,7 +43,7 @@ def save_quantized(out_dir: Path, spec: Any, qmodel: nn.Module, qcfg: QuantConfi
     and preprocessing, which say how to rebuild and feed the FP model)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in qmodel.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}  # a shared input quantizer appears twice
     save_tensors(out_dir / "model.safetensors", state, metadata={"model": spec.name})
     source = dict(getattr(spec, "source", None) or {"name": spec.name})
     preprocess = {k: getattr(spec, k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "class_names")

@@ -117,7 +117,7 @@ def is_leaf(m: nn.Module) -> bool:
     if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return False
     return (m.__module__.startswith("torch.nn") or isinstance(m, (UniformQuantizer, LogSqrt2Quantizer))
-            or type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm))
+            or isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or type(m) in (nn.BatchNorm2d, nn.LayerNorm))
 
 
 def _fn_name(target: Any) -> str:

@@ -45,8 +45,14 @@ POINTWISE_FUNCTIONS = {"relu", "relu6", "hardtanh", "silu", "gelu", "hardswish",
                        "dropout", "leaky_relu", "tanh", "mish", "elu"}
 
 
+# Linear subclasses whose forward is F.linear (checked hints; other subclasses with their own forward stay float)
+PLAIN_LINEAR_SUBCLASSES = {"timm.layers.linear.Linear"}
+
+
 def is_quantizable(m: nn.Module) -> bool:
     """Conv2d/Linear whose forward is torch's own (QuantLayer re-implements exactly that forward)."""
+    if isinstance(m, nn.Linear) and f"{type(m).__module__}.{type(m).__name__}" in PLAIN_LINEAR_SUBCLASSES:
+        return True
     return (isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward) or \
            (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
 
@@ -151,7 +157,8 @@ class _Analysis:
             if _matches(name, keep_fp):
                 self.float_layers[name] = "keep_fp"
             elif not is_quantizable(m):
-                self.float_layers[name] = f"{type(m).__name__} is not quantized"
+                own = type(m).forward not in (nn.Conv2d.forward, nn.Linear.forward) and isinstance(m, (nn.Conv2d, nn.Linear))
+                self.float_layers[name] = f"{type(m).__name__} " + ("has its own forward" if own else "is not quantized")
             else:
                 self.layers.append(name)
         for name, m in self.mods.items():
