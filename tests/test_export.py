@@ -297,7 +297,7 @@ def test_vit_export_runs_in_default_onnxruntime(data, tmp_path):
     """RepQ-ViT W4A4 (log-sqrt2 softmax, asymmetric reparameterized inputs) at opset 21 loads
     in a default onnxruntime session (no signed DequantizeLinear feeding a Transpose)."""
     from dfquant.models import zoo
-    from dfquant.quant.vit import repq_vit
+    from dfquant.quant.api import repq_vit
 
     torch.manual_seed(0)
     qmodel, _ = repq_vit(zoo.vit(), data[0][:32], 4, 4, iters=0, progress=False)

@@ -586,6 +586,9 @@ def learn_prompts_cmd(
 
 def main() -> None:
     """Entry point: turn DfqError into one line on stderr and exit code 2."""
+    import warnings
+
+    warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"  # one line, no source location
     try:
         app()
     except DfqError as exc:

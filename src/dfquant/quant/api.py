@@ -11,10 +11,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from dfquant.quant.plan import warn_plan
 from dfquant.quant.reconstruct import ReconConfig, reconstruct
+from dfquant.quant.modules import QuantLayer, set_quant_state
 from dfquant.quant.transform import build_quantized, has_attention, make_quant_config
+from dfquant.quant.vit import default_vit_options, full_precision_report, reparameterize_layernorms
 
-__all__ = ["build_quantized", "make_quant_config", "quantize", "quantize_any"]
+__all__ = ["build_quantized", "make_quant_config", "quantize", "quantize_any", "repq_vit"]
 
 
 @contextlib.contextmanager
@@ -54,6 +57,7 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
     t0 = time.time()
     torch.manual_seed(seed)
     qmodel = build_quantized(model, qcfg, vit=vit, example_input=calib[:1], units=units)
+    warn_plan(qmodel.dfq_plan)
     with _quiet_units(progress):
         summary = reconstruct(qmodel, calib, rcfg, trace=trace, progress=progress, units=qmodel.dfq_plan.unit_names()
                               if rcfg.granularity == "block" else None)
@@ -69,8 +73,6 @@ def quantize_any(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float,
                  units: list[str] | None = None) -> tuple[nn.Module, dict]:
     """Dispatch: RepQ-ViT for ``repq-vit``, block reconstruction otherwise. ``vit=None`` on a model with
     timm attention still quantizes its attention (the default RepQ-ViT options)."""
-    from dfquant.quant.vit import default_vit_options, repq_vit
-
     if vit is None and (algo == "repq-vit" or has_attention(model)):
         vit = default_vit_options(model)
     if algo == "repq-vit":
@@ -79,3 +81,31 @@ def quantize_any(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float,
                             device=device, progress=progress, keep_fp=keep_fp)
     return quantize(model, calib, algo, wbits, abits, iters, batch_size, seed, device, progress=progress, vit=vit,
                     bn_recalib=bn_recalib, keep_fp=keep_fp, units=units)
+
+
+def repq_vit(model: nn.Module, calib: torch.Tensor, wbits: float, abits: float, options: dict | None = None,
+             iters: int = 0, batch_size: int = 32, seed: int = 0, device: str = "cpu", n_calib: int = 32,
+             progress: bool = True, recon_algo: str = "qdrop", keep_fp: tuple[str, ...] | list[str] = ()) -> tuple[nn.Module, dict]:
+    """RepQ-ViT on ``n_calib`` images, then (``iters > 0``) block reconstruction on all of ``calib``."""
+    options = options or default_vit_options(model)
+    qcfg = make_quant_config("repq-vit", wbits, abits, keep_fp=list(keep_fp))
+    t0 = time.time()
+    torch.manual_seed(seed)
+    qmodel = build_quantized(model, qcfg, vit=options, example_input=calib[:1]).eval()
+    warn_plan(qmodel.dfq_plan)
+    small = calib[:n_calib]
+    reparam = reparameterize_layernorms(qmodel, small, qcfg.weight_init) if options.get("reparam_layernorm", True) else []
+    for m in qmodel.modules():
+        if isinstance(m, QuantLayer) and m.aq is not None and not m.aq.initialized:
+            m.aq.init_method = "psearch"
+    set_quant_state(qmodel, weights=True, acts=True)
+    with torch.no_grad():
+        qmodel(small)  # lazy range init of every remaining quantizer, in forward order
+    units: list = []
+    rcfg = None
+    if iters > 0:
+        rcfg = ReconConfig.preset(recon_algo, iters=iters, batch_size=batch_size, seed=seed, device=device)
+        units = reconstruct(qmodel, calib, rcfg, progress=progress)
+    info = {"quant": qcfg, "recon": rcfg, "units": units, "plan": qmodel.dfq_plan, "seconds": round(time.time() - t0, 1),
+            "reparameterized": reparam, "full_precision_layers": full_precision_report(qmodel)}
+    return qmodel.cpu().eval(), info

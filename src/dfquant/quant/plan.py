@@ -331,8 +331,9 @@ def make_plan(model: nn.Module, cfg: QuantConfig, example_input: torch.Tensor | 
                         "the shortcut reads the unquantized tensor")
     chosen = [c for c in chosen if c[0] in a.layer_set or a.unit_layers(a.single_io(c[0])[1])]
     chosen.sort(key=lambda c: a.first_op(c[0]))
-    if a.float_layers:
-        warn.append("kept in float: " + ", ".join(f"{k} ({v})" for k, v in a.float_layers.items()))
+    unasked = {k: v for k, v in a.float_layers.items() if v != "keep_fp"}
+    if unasked:
+        warn.append("kept in float: " + ", ".join(f"{k} ({v})" for k, v in unasked.items()))
     return _assign_bits(a, chosen, cfg, warn)
 
 
@@ -383,4 +384,4 @@ def _assign_bits(a: _Analysis, chosen: list[tuple[str, str]], cfg: QuantConfig, 
 def warn_plan(plan: QuantPlan) -> None:
     """Show the plan's warnings once, as Python warnings (the CLI prints them as ``warning:`` lines)."""
     for w in plan.warnings:
-        warnings.warn(w, stacklevel=3)
+        warnings.warn(f"quantization plan: {w}", UserWarning, stacklevel=3)

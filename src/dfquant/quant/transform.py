@@ -20,6 +20,7 @@ from dfquant.quant.algorithms import get_algorithm
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer
 from dfquant.quant.plan import QuantPlan, make_plan
 from dfquant.quant.quantizers import check_bits
+from dfquant.quant.vit import prepare_vit
 
 
 def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> QuantConfig:
@@ -45,8 +46,6 @@ def build_quantized(model: nn.Module, qcfg: QuantConfig, init: bool = True, vit:
     """Wrap ``model`` for quantization (ViTs get quantized attention first), laid out by ``plan``
     or by the plan of the (attention-patched) model's graph."""
     if vit is not None:
-        from dfquant.quant.vit import prepare_vit
-
         model = prepare_vit(model, qcfg, vit)
     if plan is None:
         plan = make_plan(model, qcfg, example_input, units)
