@@ -90,9 +90,16 @@ def test_cli_custom_model_quantize_reload_export(tmp_path):
                               "--calib", str(tmp_path / "cal.pt"), "--algo", "minmax", "--wbits", "8", "--abits", "8",
                               "--iters", "0", "--n", "32", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["export", str(out), "--no-verify"])
+    from PIL import Image
+
+    for c in range(10):  # an ImageNet-style val folder for the custom model's 10 outputs
+        (tmp_path / "val" / f"c{c}").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (25 * c, 100, 200 - 20 * c)).save(tmp_path / "val" / f"c{c}" / "0.png")
+    res = runner.invoke(app, ["eval", str(out), "--val", str(tmp_path / "val")])  # FP model rebuilt from the folder
+    assert res.exit_code == 0 and "quantized): top-1" in res.output, res.output
+    res = runner.invoke(app, ["export", str(out), "--val", str(tmp_path / "val"), "--n", "10"])
     assert res.exit_code == 0, res.output
-    assert (out / "model.onnx").exists()
+    assert (out / "model.onnx").exists() and "argmax agreement" in res.output
 
 
 def _fails(args, match, tmp_path):

@@ -12,7 +12,9 @@ def test_family(name):
     row = check_family(name)
     assert row["residual_units"] > 0                 # the graph found the residual blocks
     assert row["fold_rel_err"] < 1e-5
-    assert row["w8a8_agreement"] >= 90.0             # random weights: near-tied logits (see model_coverage.md)
+    # random weights give near-tied logits, so top-1 agreement is noisy (see model_coverage.md); the output
+    # SQNR measures the W8A8 error itself
+    assert row["w8a8_sqnr_db"] >= 20.0 and row["w8a8_agreement"] >= 80.0
     assert not [w for w in row["warnings"] if "could not group" in w]
 
 

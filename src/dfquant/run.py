@@ -115,8 +115,6 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     import torch
 
     from dfquant.data.calib import load_calibration
-    from dfquant.models.registry import get_model
-
     from dfquant.quant.bn import check_bn_mode
 
     bit_settings = [parse_bits(b) for b in cfg.bits]

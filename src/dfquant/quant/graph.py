@@ -112,12 +112,13 @@ class Graph:
 
 
 def is_leaf(m: nn.Module) -> bool:
-    """Modules recorded as one op: torch.nn's own layers (fx's default), every Conv/Linear/norm
-    subclass (so a library's conv subclass stays one op) and dfquant's quantizers."""
+    """Modules recorded as one op: torch.nn's own layers (fx's default), every Conv/Linear/BatchNorm
+    subclass (so a library's conv or norm-act layer stays one op) and dfquant's quantizers."""
     if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return False
     return (m.__module__.startswith("torch.nn") or isinstance(m, (UniformQuantizer, LogSqrt2Quantizer))
-            or isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or type(m) in (nn.BatchNorm2d, nn.LayerNorm))
+            or isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm))
+            or type(m) is nn.LayerNorm)
 
 
 def _fn_name(target: Any) -> str:

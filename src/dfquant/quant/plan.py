@@ -15,8 +15,9 @@ A plan says, before anything is quantized:
   branch and every entry layer read the same quantized tensor; other layers quantize their
   own input, and layers that read the same tensor share one quantizer. First and last layer
   and the second layer's input follow the algorithm's conventions (:class:`QuantConfig`).
-* **BN folding** — a Conv2d whose only consumer is a plain BatchNorm2d (data flow, not
-  names: a pre-activation block's BN, which precedes its conv, is not folded).
+* **BN folding** — a Conv2d whose only consumer is a BatchNorm2d (data flow, not names: a
+  pre-activation block's BN, which precedes its conv, is not folded); timm's BatchNormAct2d
+  folds its BN and keeps its activation.
 * **what stays float** — ``keep_fp`` globs, layer types QuantLayer does not implement
   (Conv1d/3d, transposed convs, subclasses with their own forward), layers the forward never
   calls; a warning names them, and any residual merge that could not be grouped.
@@ -43,6 +44,14 @@ POINTWISE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.Hard
                      nn.Dropout, nn.Hardsigmoid, nn.Sigmoid, nn.LeakyReLU, nn.Tanh, nn.Mish, nn.PReLU, nn.ELU)
 POINTWISE_FUNCTIONS = {"relu", "relu6", "hardtanh", "silu", "gelu", "hardswish", "sigmoid", "hardsigmoid", "batch_norm",
                        "dropout", "leaky_relu", "tanh", "mish", "elu"}
+
+
+# BatchNorm subclasses that are BN -> drop -> act (timm's norm-act layers): their BN folds, drop and act stay
+BN_ACT_CLASSES = {"timm.layers.norm_act.BatchNormAct2d"}
+
+
+def foldable_bn(m: nn.Module) -> bool:
+    return type(m) is nn.BatchNorm2d or f"{type(m).__module__}.{type(m).__name__}" in BN_ACT_CLASSES
 
 
 # Linear subclasses whose forward is F.linear (checked hints; other subclasses with their own forward stay float)
@@ -148,7 +157,7 @@ class _Analysis:
             self.calls_by_path.setdefault(c.path, []).append(key)
         self.float_layers: dict[str, str] = {}
         self.layers: list[str] = []
-        for name, idx in self.leaf_calls.items():  # execution order of first calls (dicts keep insertion order)
+        for name in self.leaf_calls:  # execution order of first calls (dicts keep insertion order)
             m = self.mods[name]
             if isinstance(m, nn.MultiheadAttention):
                 self.float_layers[name] = "MultiheadAttention is not quantized"
@@ -191,7 +200,7 @@ class _Analysis:
             if len(cons) != 1 or self.g.ops[cons[0]].kind != "module":
                 continue
             bn = self.g.ops[cons[0]].target
-            if type(self.mods[bn]) is nn.BatchNorm2d and len(self.leaf_calls[bn]) == 1 and op.outputs[0] not in self.g.outputs:
+            if foldable_bn(self.mods[bn]) and len(self.leaf_calls[bn]) == 1 and op.outputs[0] not in self.g.outputs:
                 pairs[name] = bn
         return pairs
 
@@ -214,7 +223,7 @@ class _Analysis:
             if owner is None:
                 layers = sorted({self.g.ops[i].target for i in region if self.g.ops[i].target in self.layer_set})
                 where = self.g.calls[common[-1]].path if common else "the model's forward"
-                loose.append(f"a residual add in {where or 'the model forward'} (branches: {', '.join(layers) or 'no layers'})")
+                loose.append(f"a residual add in {where} (branches: {', '.join(layers) or 'no layers'})")
             elif owner not in owners:
                 owners.append(owner)
         inner = [o for o in owners if not any(p != o and p.startswith(o + ".") for p in owners)]
@@ -327,8 +336,8 @@ def make_plan(model: nn.Module, cfg: QuantConfig, example_input: torch.Tensor | 
 
         visit("", model)
         if loose:
-            warn.append("could not group " + "; ".join(loose) + ": their layers are reconstructed one unit each and "
-                        "the shortcut reads the unquantized tensor")
+            warn.append("could not group " + "; ".join(loose) + ": their layers fall back to smaller units and "
+                        "the shortcut reads an unquantized tensor")
     chosen = [c for c in chosen if c[0] in a.layer_set or a.unit_layers(a.single_io(c[0])[1])]
     chosen.sort(key=lambda c: a.first_op(c[0]))
     unasked = {k: v for k, v in a.float_layers.items() if v != "keep_fp"}

@@ -69,7 +69,8 @@ def fold_bn(model: nn.Module, pairs: dict[str, str] | None = None, example_input
         conv.weight.mul_(scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
-        _set(model, bn_name, nn.Identity())
+        # a norm-act layer (timm BatchNormAct2d) keeps what follows its BN
+        _set(model, bn_name, nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act))
     return model
 
 
