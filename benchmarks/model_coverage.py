@@ -35,6 +35,15 @@ def main() -> None:
         r = check_family(name, n_eval=args.n_eval)
         rows.append(r)
         print(name, {k: v for k, v in r.items() if k != "warnings"}, flush=True)
+    import time
+
+    import torchvision
+
+    import dfquant
+
+    t0 = time.time()
+    dfquant.plan(torchvision.models.resnet50(), torch.zeros(1, 3, 224, 224))
+    rn50_plan_s = time.time() - t0
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     head = ("| model | units | residual units (input quantized once) | BN folded | fold rel. error | layers kept float "
             "| warnings | W8A8 agreement (%) | W8A8 output SQNR (dB) | plan time (s) | graph |\n|" + "---|" * 11 + "\n")
@@ -49,7 +58,9 @@ def main() -> None:
                f"torch {v.get('torch')}, torchvision {v.get('torchvision')}, timm {v.get('timm')}, "
                f"{torch.get_num_threads()} threads. Agreement: top-1 of the W8A8 `minmax` model (range init only, "
                f"32 random calibration images) vs the FP model on {args.n_eval} random inputs; with random weights many "
-               f"logits are near ties, so this is a lower bound.\n\n{head}{body}")
+               f"logits are near ties, so this is a lower bound; the output SQNR (signal to quantization noise of the "
+               f"logits) measures the W8A8 error itself. Planning torchvision ResNet-50 at 224x224 took "
+               f"{rn50_plan_s:.2f} s.\n\n{head}{body}")
 
 
 if __name__ == "__main__":
