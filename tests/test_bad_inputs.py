@@ -73,14 +73,15 @@ def test_bad_input_is_one_line_and_leaves_nothing(probe, fixtures, tmp_path, mon
 
 def test_requantizing_removes_stale_exports_and_refuses_nan(fixtures, tmp_path):
     from dfquant.io import read_json
-    from dfquant.quant.checkpoint import EXPORT_FILES, load_quantized, save_quantized
+    from dfquant.models.source import load_quantized_spec
+    from dfquant.quant.checkpoint import EXPORT_FILES, save_quantized
     from dfquant.quant.modules import QuantConfig
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(fixtures / "ckpt", ckpt)
     for name in EXPORT_FILES:
         (ckpt / name).write_text("from an earlier export")
-    spec, qmodel = load_quantized(ckpt)
+    spec, qmodel = load_quantized_spec(ckpt)
     meta = read_json(ckpt / "quant_config.json")
     qcfg = QuantConfig(**meta.pop("quant"))
     meta.pop("quantizers")

@@ -269,12 +269,12 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from dfquant.cli import app
-    from dfquant.models import registry
+    from dfquant.models import registry, source
     from dfquant.quant import checkpoint
     from dfquant.quant.api import make_quant_config
 
     # the checkpoint holds every weight; do not depend on committed zoo weights
-    monkeypatch.setattr(checkpoint, "get_model", lambda name, pretrained=True: registry.get_model(name, pretrained=False))
+    monkeypatch.setattr(source, "get_model", lambda name, pretrained=True: registry.get_model(name, pretrained=False))
     spec = registry.get_model("fmnist/resnet20", pretrained=False)
     ckpt = tmp_path / "ckpt"
     checkpoint.save_quantized(ckpt, spec, qmodels["w8a8"], make_quant_config("mse", 8, 8),
@@ -297,7 +297,7 @@ def test_vit_export_runs_in_default_onnxruntime(data, tmp_path):
     """RepQ-ViT W4A4 (log-sqrt2 softmax, asymmetric reparameterized inputs) at opset 21 loads
     in a default onnxruntime session (no signed DequantizeLinear feeding a Transpose)."""
     from dfquant.models import zoo
-    from dfquant.quant.vit import repq_vit
+    from dfquant.quant.api import repq_vit
 
     torch.manual_seed(0)
     qmodel, _ = repq_vit(zoo.vit(), data[0][:32], 4, 4, iters=0, progress=False)

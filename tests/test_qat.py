@@ -130,7 +130,8 @@ def test_qat_resume_matches_straight_run(tmp_path):
 def test_qat_lowers_distillation_loss_and_checkpoint_round_trip(resnet20, tmp_path):
     from dfquant.data.calib import load_calibration
     from dfquant.quant.api import make_quant_config
-    from dfquant.quant.checkpoint import load_quantized, save_quantized
+    from dfquant.models.source import load_quantized_spec
+    from dfquant.quant.checkpoint import save_quantized
 
     calib = load_calibration("real:A", resnet20, 64)
     q = prepare_nipq(resnet20.model, 2, 4, calib=calib, init_images=64)
@@ -167,7 +168,7 @@ def test_qat_lowers_distillation_loss_and_checkpoint_round_trip(resnet20, tmp_pa
     conv.wq.init_range(conv.layer.weight, method="minmax")
     qcfg = make_quant_config("genie-m", 2, 4, act_symmetric=False)
     save_quantized(tmp_path / "ck", resnet20, q, qcfg, {"algo": "nipq-qat"})
-    _, loaded = load_quantized(tmp_path / "ck")
+    _, loaded = load_quantized_spec(tmp_path / "ck")
     assert loaded.get_submodule("layer3.2.block.conv2").wq.bits == 3.0
     with torch.no_grad():
         assert torch.allclose(loaded(x), q.eval()(x), atol=1e-5)

@@ -30,6 +30,33 @@ def _renamed(old: str, new: str, old_value: Optional[T], value: T) -> T:
     return old_value
 
 
+MODEL_HELP = "registry name (fmnist/resnet20, torchvision/resnet50, timm/<name>) or path/to/file.py:factory / package.module:factory"
+WEIGHTS = typer.Option(None, help="file.py:factory models: state dict to load (.pt/.pth/.safetensors; `module.` prefixes and a nested state_dict key handled)")
+NUM_CLASSES = typer.Option(None, help="file.py:factory models: num_classes passed to the factory")
+CLASS_NAMES = typer.Option(None, help="file.py:factory models: text file, one class name per model output (the prompt vocabulary)")
+SIZE = typer.Option(None, help="file.py:factory models: input size (default: the timm data config, else 224)")
+MEAN = typer.Option(None, help="file.py:factory models: normalization mean, e.g. 0.485,0.456,0.406 (default: timm data config, else ImageNet)")
+STD = typer.Option(None, help="file.py:factory models: normalization std (default: timm data config, else ImageNet)")
+
+
+def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise DfqError(f"{what} {text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _spec(model: str, weights: Optional[Path], num_classes: Optional[int], class_names: Optional[Path],
+          size: Optional[int], mean: Optional[str], std: Optional[str], pretrained: bool = True):
+    """The ModelSpec of a registry name or of a file.py:factory model with the given options."""
+    from dfquant.models.source import resolve_model
+
+    return resolve_model(model, pretrained=pretrained, weights=weights, num_classes=num_classes, class_names=class_names,
+                         size=size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+
+
 def _threads(n: Optional[int]) -> None:
     import torch
 
@@ -88,10 +115,12 @@ def train_classifier_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="model name (fmnist/resnet20, torchvision/resnet18, ...) or a quantized checkpoint folder"),
+    model: str = typer.Argument(..., help=MODEL_HELP + ", or a quantized checkpoint folder"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (needed off the mini world)"),
     eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
     random_weights: bool = typer.Option(False, help="build the architecture without downloading weights"),
+    weights: Optional[Path] = WEIGHTS, num_classes: Optional[int] = NUM_CLASSES, class_names: Optional[Path] = CLASS_NAMES,
+    size: Optional[int] = SIZE, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     limit: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
@@ -100,16 +129,15 @@ def eval_cmd(
     check_options(**locals())
     _threads(threads)
     from dfquant.evaluate import evaluate
-    from dfquant.models.registry import get_model
 
     if model and Path(model).is_dir():  # Path("") is "."
-        from dfquant.quant.checkpoint import load_quantized
+        from dfquant.models.source import load_quantized_spec
 
-        spec, qmodel = load_quantized(Path(model))
+        spec, qmodel = load_quantized_spec(Path(model))
         acc = evaluate(spec, qmodel, val, eval_limit)
         typer.echo(f"{model} ({spec.name} quantized): top-1 {acc:.2f}%")
         return
-    spec = get_model(model, pretrained=not random_weights)
+    spec = _spec(model, weights, num_classes, class_names, size, mean, std, pretrained=not random_weights)
     acc = evaluate(spec, val_dir=val, limit=eval_limit)
     typer.echo(f"{model}: top-1 {acc:.2f}%")
 
@@ -255,8 +283,9 @@ def grid_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
-    model: str = typer.Argument(..., help="model name, e.g. fmnist/resnet20"),
-    calib: str = typer.Option(..., help="calibration source: real:A, a folder of images, or a distill .safetensors"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    calib: str = typer.Option(..., help="calibration source: real:A, a folder of images, or a .pt/.safetensors image tensor "
+                              "(already normalized, e.g. `dfq distill` output)"),
     wbits: float = typer.Option(4, help="weight bits (2..8, or 1.58 ternary)"),
     abits: float = typer.Option(4, help="activation bits (2..8)"),
     algo: str = typer.Option("genie-m", help=" | ".join(ALGOS)),
@@ -271,18 +300,47 @@ def quantize_cmd(
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
     eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
     device: str = typer.Option("cpu"),
+    keep_fp: list[str] = typer.Option([], help="module-name glob left in float (repeatable), e.g. 'head' or 'layer4.*'"),
+    units: Optional[str] = typer.Option(None, help="comma-separated module names to reconstruct as units (default: from the graph)"),
+    weights: Optional[Path] = WEIGHTS, num_classes: Optional[int] = NUM_CLASSES, class_names: Optional[Path] = CLASS_NAMES,
+    size: Optional[int] = SIZE, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
-    """Quantize a model with block reconstruction and print FP vs quantized top-1."""
+    """Quantize a model with block reconstruction and print FP vs quantized top-1 (when it has a test set or --val)."""
     check_options(**locals())
-    from dfquant.quant.api import run_quantize
+    from dfquant.jobs import run_quantize
 
     _threads(threads)
-    out = out or Path("runs/quantize") / f"{model.replace('/', '_')}-w{wbits:g}a{abits:g}-{algo}"
-    res = run_quantize(model, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device,
-                       joint_iters=joint_iters, bn_recalib=bn_recalib)
-    typer.echo(f"{model} W{wbits:g}A{abits:g} {algo}: FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}%  "
-               f"({res['seconds']:.0f}s) -> {out}")
+    spec = _spec(model, weights, num_classes, class_names, size, mean, std)
+    stem = Path(model.rpartition(":")[0]).stem + "_" + model.rpartition(":")[2] if ":" in model else model.replace("/", "_")
+    out = out or Path("runs/quantize") / f"{stem}-w{wbits:g}a{abits:g}-{algo}"
+    res = run_quantize(spec, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device,
+                       joint_iters=joint_iters, bn_recalib=bn_recalib, keep_fp=tuple(keep_fp),
+                       units=[u.strip() for u in units.split(",") if u.strip()] if units else None)
+    accuracy = (f"FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}%" if res["q_top1"] is not None
+                else "no test set (pass --val to evaluate)")
+    typer.echo(f"{model} W{wbits:g}A{abits:g} {algo}: {accuracy}  ({res['seconds']:.0f}s) -> {out}")
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    algo: str = typer.Option("genie-m", help=" | ".join(ALGOS)),
+    wbits: float = typer.Option(4), abits: float = typer.Option(4),
+    keep_fp: list[str] = typer.Option([], help="module-name glob left in float (repeatable)"),
+    units: Optional[str] = typer.Option(None, help="comma-separated module names to use as units"),
+    weights: Optional[Path] = WEIGHTS, num_classes: Optional[int] = NUM_CLASSES, class_names: Optional[Path] = CLASS_NAMES,
+    size: Optional[int] = SIZE, mean: Optional[str] = MEAN, std: Optional[str] = STD,
+) -> None:
+    """Show the quantization plan: units in execution order, each layer's role, bits and input quantizer, BN folds, float parts."""
+    import torch
+
+    from dfquant.api import plan
+
+    spec = _spec(model, weights, num_classes, class_names, size, mean, std, pretrained=False)
+    p = plan(spec.model, torch.zeros(1, *spec.input_size), wbits=wbits, abits=abits, algo=algo, keep_fp=tuple(keep_fp),
+             units=[u.strip() for u in units.split(",") if u.strip()] if units else None)
+    typer.echo(str(p))
 
 
 @app.command("distill")
@@ -380,7 +438,8 @@ def export_cmd(
     """Export a quantized checkpoint for deployment (the fake-quantized model only simulates integers)."""
     eval_limit = _renamed("--n", "--eval-limit", n, eval_limit)
     check_options(**locals())
-    from dfquant.quant.export import run_export, verification_error
+    from dfquant.jobs import run_export
+    from dfquant.quant.export import verification_error
 
     _threads(threads)
     rep = run_export(ckpt, format, out, verify, eval_limit, opset, val, fuse_bias, raise_on_failure=False)
@@ -522,7 +581,8 @@ def qat_cmd(
     """
     bn_recalib = _renamed("--bn-stats", "--bn-recalib", bn_stats, bn_recalib)
     check_options(**locals())
-    from dfquant.quant.nipq import check_qat_args, run_qat
+    from dfquant.jobs import run_qat
+    from dfquant.quant.nipq import check_qat_args
 
     _threads(threads)
     check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_recalib, budget_by)
@@ -581,6 +641,9 @@ def _quiet_progress_bars() -> None:
 
 def main() -> None:
     """Entry point: turn DfqError into one line on stderr and exit code 2, Ctrl-C into exit 130."""
+    import warnings
+
+    warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"  # one line, no source location
     # typer's own exceptions (vendored click or not): usage errors become one line too, not a framed panel
     click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     if not sys.stderr.isatty():

@@ -119,14 +119,14 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     import torch
 
     from dfquant.data.calib import load_calibration
-    from dfquant.models.registry import get_model
-
     from dfquant.quant.bn import check_bn_mode
 
     bit_settings = [parse_bits(b) for b in cfg.bits]
     check_bn_mode(cfg.bn_recalib, "bn_recalib")
     torch.manual_seed(cfg.seed)
-    spec = get_model(cfg.model)  # a bad model name or damaged weights must not leave a run folder behind
+    from dfquant.models.source import resolve_model
+
+    spec = resolve_model(cfg.model)  # a bad model name or damaged weights must not leave a run folder behind
     r = Run(cfg)
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())
@@ -157,10 +157,10 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
             res = read_json(qdir / "results.json")
             r.log(f"{tag}: cached, top-1 {res['q_top1']:.2f}%")
         else:
-            from dfquant.quant.api import run_quantize
+            from dfquant.jobs import run_quantize
 
             r.log(f"{tag}: quantizing with {algo}, {cfg.iters} iterations per block")
-            res = run_quantize(cfg.model, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
+            res = run_quantize(spec, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
                                qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1,
                                bn_recalib=cfg.bn_recalib)
             r.done(f"quant_{tag.upper()}", key)

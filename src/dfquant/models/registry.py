@@ -44,6 +44,7 @@ class ModelSpec:
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
     card: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # how to rebuild the model (saved with a quantized folder)
 
     @property
     def num_classes(self) -> int:
@@ -51,7 +52,9 @@ class ModelSpec:
 
     @property
     def is_vit(self) -> bool:
-        return any(type(m).__name__ in {"Attention", "WindowAttention"} for m in self.model.modules())
+        from dfquant.quant.transform import has_attention
+
+        return has_attention(self.model)
 
     @property
     def embedded(self) -> bool:
@@ -168,4 +171,5 @@ def get_model(name: str, pretrained: bool = True) -> ModelSpec:
     spec = _SOURCES[source](arch, pretrained)
     if pretrained:
         check_finite(spec.model.state_dict().items(), f"model {name}", "restore or re-train its weights")
+    spec.source = {"name": name}
     return spec

@@ -715,22 +715,6 @@ def export_int_state(qmodel: nn.Module, path: str | Path, metadata: dict[str, st
 FORMATS = {"onnx": ".onnx", "int-state": ".safetensors"}
 
 
-def _verify_images(spec, n: int, val: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` embedded test images of a zoo model, or ``n`` images spread evenly over ``val``."""
-    if val is None:
-        if not spec.embedded:
-            raise DfqError(f"{spec.name} has no embedded test set; pass --val /path/to/imagenet/val, or --no-verify")
-        from dfquant.evaluate import test_tensors
-
-        return test_tensors(spec, n)
-    from dfquant.data.folders import ImageFolder
-
-    ds = ImageFolder(val, spec.transform(), num_classes=spec.num_classes)
-    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique().tolist()
-    xs, ys = zip(*(ds[i] for i in idx))
-    return torch.stack(list(xs)), torch.tensor(list(ys))
-
-
 def verification_error(report: dict[str, Any]) -> DfqError | None:
     """The error ``dfq export`` exits with when the verification in ``report`` failed, else None."""
     v = report.get("verify")
@@ -747,49 +731,3 @@ def verification_error(report: dict[str, Any]) -> DfqError | None:
         f"{100 * v['mean_rel_diff']:.3f}% of the largest logit (tolerance {100 * LOGIT_MEAN_TOLERANCE:g}%). {near_tie}{bias}"
         f"One image is {100 / v['n']:.2f} points at --n {v['n']}: if near ties flipped, verify on more images "
         f"(--n 1000); otherwise report the model with {report['report_path']}")
-
-
-def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True,
-               n: int = 1000, opset: int = DEFAULT_OPSET, val: str | Path | None = None,
-               fuse_bias: bool = False, raise_on_failure: bool = True) -> dict[str, Any]:
-    """``dfq export``: load a quantized checkpoint, write ``fmt`` to ``out`` (default inside the
-    checkpoint folder), verify an ONNX export with onnxruntime on ``n`` test images, and
-    write ``export_report.json`` next to the output. Raises :class:`DfqError` (after writing
-    the report) when the verification fails, unless ``raise_on_failure`` is false (then see
-    :func:`verification_error`)."""
-    from dfquant.io import read_json, versions, write_json
-    from dfquant.quant.checkpoint import load_quantized
-
-    if fmt not in FORMATS:
-        raise DfqError(f"--format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
-    if verify and fmt == "onnx" and n < 1:
-        raise DfqError(f"--n {n} must be at least 1 (or pass --no-verify)")
-    ckpt_dir = Path(ckpt_dir)
-    default_name = "model.onnx" if fmt == "onnx" else "model_int.safetensors"
-    out = Path(out) if out is not None else ckpt_dir / default_name
-    if out.suffix != FORMATS[fmt]:
-        raise DfqError(f"--out {out} must end in {FORMATS[fmt]} for --format {fmt}")
-    spec, qmodel = load_quantized(ckpt_dir)
-    qmeta = read_json(ckpt_dir / "quant_config.json")
-    meta = {"model": spec.name, "checkpoint": str(ckpt_dir)}
-    meta.update({k: str(qmeta[k]) for k in ("algo", "wbits", "abits") if k in qmeta})
-    meta["quant_config"] = json.dumps(qmeta.get("quant", {}))
-    report: dict[str, Any] = {"checkpoint": str(ckpt_dir), "model": spec.name, "format": fmt, "output": str(out),
-                              **{k: qmeta.get(k) for k in ("algo", "wbits", "abits", "q_top1")}}
-    if fmt == "int-state":
-        report["export"] = export_int_state(qmodel, out, metadata=meta)
-    else:
-        report["export"] = export_onnx(qmodel, spec.input_size, out, opset, metadata=meta, fuse_bias=fuse_bias)
-        if verify:
-            images, labels = _verify_images(spec, n, val)
-            report["verify"] = verify_onnx(qmodel, out, images, labels)
-            report["tolerance"] = {"top1_diff_points": TOP1_TOLERANCE_POINTS, "mean_rel_diff": LOGIT_MEAN_TOLERANCE}
-    report["versions"] = versions()
-    report_path = out.parent / "export_report.json"
-    write_json(report_path, report)
-    report["report_path"] = str(report_path)
-    if raise_on_failure:
-        err = verification_error(report)
-        if err is not None:
-            raise err
-    return report
