@@ -102,8 +102,9 @@ def main() -> None:
                "genie-m preset now (all of the reference's settings); `faithful-X` = faithful with one former setting put back "
                "(act256: activation init on 256 images through rounded weights; cosineV: rounding lr decayed; randint: "
                "batches drawn with replacement).\n\nCommands:\n\n" + cmds
-               + "\n## Top-1 % by variant\n\nColumns: model, iterations per block, bits. time: wall seconds of "
-               "quantization plus evaluation on one thread, machine shared.\n\n"
+               + "\n## Top-1 % by variant\n\nRows: variant (the column header says calibration: every row uses the same "
+               "real split-A images). Columns: model, iterations per block, bits. The CSV's quant_seconds is the wall "
+               "time of quantization plus evaluation on one thread of a shared machine.\n\n"
                + pivot_table(agg, list(VARIANTS)) + f"\n![top-1 by variant]({out.with_suffix('.png').name})\n")
 
 

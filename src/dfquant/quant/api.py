@@ -3,10 +3,7 @@ calibration data and calls :func:`quantize_any`)."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -18,23 +15,6 @@ from dfquant.quant.transform import build_quantized, has_attention, make_quant_c
 from dfquant.quant.vit import default_vit_options, full_precision_report, reparameterize_layernorms
 
 __all__ = ["build_quantized", "make_quant_config", "quantize", "quantize_any", "repq_vit"]
-
-
-@contextlib.contextmanager
-def _quiet_units(progress: bool) -> Iterator[None]:
-    """Silence the per-unit iteration bars of :mod:`dfquant.quant.reconstruct` when ``progress`` is off
-    (its ``reconstruct_unit`` opens them unconditionally)."""
-    if progress:
-        yield
-        return
-    from dfquant.quant import reconstruct as rec
-
-    bar = rec.tqdm
-    rec.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        rec.tqdm = bar
 
 
 def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abits: float,
@@ -58,9 +38,8 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
     torch.manual_seed(seed)
     qmodel = build_quantized(model, qcfg, vit=vit, example_input=calib[:1], units=units)
     warn_plan(qmodel.dfq_plan)
-    with _quiet_units(progress):
-        summary = reconstruct(qmodel, calib, rcfg, trace=trace, progress=progress, units=qmodel.dfq_plan.unit_names()
-                              if rcfg.granularity == "block" else None)
+    summary = reconstruct(qmodel, calib, rcfg, trace=trace, progress=progress, units=qmodel.dfq_plan.unit_names()
+                          if rcfg.granularity == "block" else None)
     qmodel = qmodel.cpu().eval()
     n_bn = recalibrate_bn(qmodel, calib, bn_recalib, model)
     return qmodel, {"quant": qcfg, "recon": rcfg, "units": summary, "bn_recalib": bn_recalib, "bn_layers_reestimated": n_bn,
@@ -76,9 +55,8 @@ def quantize_any(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float,
     if vit is None and (algo == "repq-vit" or has_attention(model)):
         vit = default_vit_options(model)
     if algo == "repq-vit":
-        with _quiet_units(progress):
-            return repq_vit(model, calib, wbits, abits, vit, iters=iters, batch_size=batch_size, seed=seed,
-                            device=device, progress=progress, keep_fp=keep_fp)
+        return repq_vit(model, calib, wbits, abits, vit, iters=iters, batch_size=batch_size, seed=seed,
+                        device=device, progress=progress, keep_fp=keep_fp)
     return quantize(model, calib, algo, wbits, abits, iters, batch_size, seed, device, progress=progress, vit=vit,
                     bn_recalib=bn_recalib, keep_fp=keep_fp, units=units)
 
