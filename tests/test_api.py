@@ -121,3 +121,13 @@ def test_cli_bad_custom_models(tmp_path):
     _fails(["quantize", f"{bad}:flat", *out], r"fails on an input of shape \(1, 3, 224, 224\)", tmp_path)
     _fails(["quantize", f"{MODELS}:resnet_a", "--class-names", str(tmp_path / "names.txt"), *out],
            r"lists 2 classes but the model has 10 outputs", tmp_path)
+
+
+def test_recon_overrides_reach_the_reconstruction():
+    model = resnet_a().eval()
+    calib = torch.randn(32, 3, 32, 32)
+    _, report = dfquant.quantize(model, calib, wbits=4, abits=4, iters=1, progress=False,
+                                 recon={"round_weight": 0.5, "loss_reduction": "sample"})
+    assert report["recon"].round_weight == 0.5 and report["recon"].loss_reduction == "sample"
+    with pytest.raises(DfqError, match="unknown reconstruction setting.*roundweight"):
+        dfquant.quantize(model, calib, wbits=4, abits=4, iters=1, progress=False, recon={"roundweight": 1.0})

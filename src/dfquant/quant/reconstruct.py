@@ -20,7 +20,7 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -75,6 +75,10 @@ class ReconConfig:
         if recon is None:
             raise DfqError(f"{algo} does not use block reconstruction; pick one of "
                            f"{', '.join(a for a, v in ALGORITHMS.items() if v.recon is not None)}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise DfqError(f"unknown reconstruction setting(s) {', '.join(unknown)}; use fields of ReconConfig: "
+                           + ", ".join(f.name for f in fields(cls)))
         return cls(algo=algo, **{**recon, **overrides})
 
 
