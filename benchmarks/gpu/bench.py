@@ -99,6 +99,18 @@ def _cpu_name() -> str:
     return f"{model}, {torch.get_num_threads()} torch threads"
 
 
+def _images_per_second(batch, n_batches: int, batch_size: int, device) -> float:
+    """Images per second of ``n_batches`` calls of ``batch`` (``batch_size`` images each), after one untimed
+    warm-up call (allocator, cuDNN autotuning, ``torch.compile``)."""
+    batch()
+    _sync(device)
+    t0 = time.time()
+    for _ in range(n_batches):
+        batch()
+    _sync(device)
+    return batch_size * n_batches / (time.time() - t0)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -122,13 +134,7 @@ def _bench_generate(args, device: str, record) -> None:
             def batch() -> None:
                 pipe(prompts, num_inference_steps=steps, guidance_scale=3.5, height=size, width=size, output_type="np")
 
-            batch()  # warm-up (and compilation)
-            _sync(device)
-            t0 = time.time()
-            for _ in range(args.gen_batches):
-                batch()
-            _sync(device)
-            rate = args.gen_batch * args.gen_batches / (time.time() - t0)
+            rate = _images_per_second(batch, args.gen_batches, args.gen_batch, device)  # after a warm-up/compile call
             record("generate", f"{label} batch {args.gen_batch}, {steps} steps, compile {compiled}",
                    rate, "images/s")
 
@@ -169,13 +175,7 @@ def _bench_families(args, device: str, record) -> None:
             pipe(prompt=prompts, generator=gens, num_inference_steps=sample["steps"], guidance_scale=sample["guidance"],
                  height=sample["height"], width=sample["width"], output_type="np", **extra)
 
-        batch()  # warm-up
-        _sync(device)
-        t0 = time.time()
-        for _ in range(args.gen_batches):
-            batch()
-        _sync(device)
-        rate = args.family_batch * args.gen_batches / (time.time() - t0)
+        rate = _images_per_second(batch, args.gen_batches, args.family_batch, device)
         record("families", f"{name} ({how}) {sample['height']}px {dtype}, {sample['steps']} steps, guidance "
                f"{sample['guidance']}, batch {args.family_batch}", rate, "images/s")
         del pipe
