@@ -26,26 +26,37 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(_get(model, parent) if parent else model, attr, new)
 
 
-@torch.no_grad()
-def fold_bn(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm2d that directly follows a Conv2d (``convN``/``bnN`` pairs and Sequentials) into it."""
+def conv_bn_pairs(model: nn.Module, is_conv=lambda m: isinstance(m, nn.Conv2d)) -> list[tuple[str, str]]:
+    """(conv, BatchNorm2d) module-name pairs in which the BN directly follows the conv: adjacent
+    children of a Sequential, or ``convN``/``bnN`` attributes of one module. ``is_conv`` says what
+    counts as a conv (the ONNX exporter passes its wrapped layers)."""
     pairs = []
     for name, mod in model.named_modules():
         children = list(mod.named_children())
         for (n1, c1), (n2, c2) in zip(children, children[1:]):
-            if isinstance(c1, nn.Conv2d) and isinstance(c2, nn.BatchNorm2d):
+            if is_conv(c1) and isinstance(c2, nn.BatchNorm2d):
                 pairs.append((f"{name}.{n1}".lstrip("."), f"{name}.{n2}".lstrip(".")))
         for cname, c in children:
-            if isinstance(c, nn.Conv2d) and cname.startswith("conv") and hasattr(mod, "bn" + cname[4:]):
+            if is_conv(c) and cname.startswith("conv") and isinstance(getattr(mod, "bn" + cname[4:], None), nn.BatchNorm2d):
                 pairs.append((f"{name}.{cname}".lstrip("."), f"{name}.bn{cname[4:]}".lstrip(".")))
-    for conv_name, bn_name in dict.fromkeys(pairs):
-        conv, bn = _get(model, conv_name), _get(model, bn_name)
-        if not isinstance(bn, nn.BatchNorm2d):
-            continue
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        conv.weight.mul_(scale.view(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+    return list(dict.fromkeys(pairs))
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BatchNorm as ``x * k + c`` per channel: ``(k, c)``."""
+    k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return k, bn.bias - bn.running_mean * k
+
+
+@torch.no_grad()
+def fold_bn(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d that directly follows a Conv2d (``convN``/``bnN`` pairs and Sequentials) into it."""
+    for conv_name, bn_name in conv_bn_pairs(model):
+        conv = _get(model, conv_name)
+        k, c = bn_affine(_get(model, bn_name))
+        conv.weight.mul_(k.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(k)
+        conv.bias = nn.Parameter(bias * k + c)
         _set(model, bn_name, nn.Identity())
     return model
 
