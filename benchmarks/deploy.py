@@ -10,8 +10,9 @@ biases fused so onnxruntime can run QLinearConv), and per export
 * for the zoo models, top-1 of the deployed model next to the simulated (fake-quantized) one on
   ``--n`` Fashion-MNIST test images.
 
-Quantization is range initialization only (algorithm ``mse``, no reconstruction) on 64 real
-split-A images (zoo) or 32 random images (torchvision, random weights, 224 px): the point is
+Quantization is range initialization only, no reconstruction: algorithm ``mse`` on 64 real
+split-A images for the zoo models, ``minmax`` on 16 random images for the torchvision models
+(random weights, 224 px; the Lp range search would cost CPU-minutes per model): the point is
 speed, size and deployed-vs-simulated agreement, not accuracy. Rows go to <out>.csv as they are
 measured; <out>.md and <out>.png are written from the CSV (``--report-only`` rewrites them).
 """
@@ -65,7 +66,7 @@ def load(name: str):
         xa, _ = fmnist.load_split("A", limit=64)
         return spec, (xa - mean) / std
     torch.manual_seed(0)
-    return spec, torch.randn(32, *spec.input_size)
+    return spec, torch.randn(16, *spec.input_size)
 
 
 def quantized(spec, calib: torch.Tensor, wbits: int, abits: int):
@@ -76,13 +77,19 @@ def quantized(spec, calib: torch.Tensor, wbits: int, abits: int):
         from dfquant.quant.vit import default_vit_options
 
         vit = default_vit_options(spec.model)
-    qmodel, _ = quantize(copy.deepcopy(spec.model), calib, "mse", wbits, abits, iters=1, batch_size=len(calib),
+    algo = "mse" if spec.embedded else "minmax"  # the Lp range search costs CPU-minutes at 224 px
+    qmodel, _ = quantize(copy.deepcopy(spec.model), calib, algo, wbits, abits, iters=1, batch_size=len(calib),
                          progress=False, vit=vit)
     return qmodel
 
 
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
 def measure(name: str, runs: int, n: int, tmp: Path) -> list[dict]:
     spec, calib = load(name)
+    log(f"{name}: loaded")
     paths = {"FP32": tmp / "fp32.onnx"}
     E.export_onnx(spec.model, spec.input_size, paths["FP32"])
     qmodels = {}
@@ -90,7 +97,9 @@ def measure(name: str, runs: int, n: int, tmp: Path) -> list[dict]:
         qmodels[setting] = quantized(spec, calib, w, a)
         paths[setting] = tmp / f"{setting}.onnx"
         E.export_onnx(qmodels[setting], spec.input_size, paths[setting], fuse_bias=True)
+        log(f"{name}: {setting} quantized and exported")
     lat = E.measure_latency(paths, spec.input_size, (1, 32), runs)
+    log(f"{name}: timed")
     rows = []
     for setting, path in paths.items():
         rt = E.runtime_graph(path)
@@ -109,6 +118,7 @@ def measure(name: str, runs: int, n: int, tmp: Path) -> list[dict]:
             row.update(top1_sim=v["top1_torch"], top1_deployed=v["top1_onnx"], argmax_agreement=v["argmax_agreement"],
                        mean_rel_diff=v["mean_rel_diff"])
         rows.append(row)
+        log(f"{name}: {setting} graph and top-1 done")
     return rows
 
 
@@ -130,8 +140,8 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
         "so absolute latencies are noisy; the FP32 and quantized models ran interleaved in one process and "
         f"each ratio is FP32 median / quantized median over the same {runs} rounds, which cancels most of "
         "the shared load.", "",
-        "Quantization: range initialization only (`mse`, no reconstruction); zoo models calibrated on 64 real "
-        "split-A images, torchvision models (random weights, 224 px) on 32 random images. Exports: opset 21, "
+        "Quantization: range initialization only, no reconstruction: `mse` on 64 real split-A images for the "
+        "zoo models, `minmax` on 16 random images for the torchvision models (random weights, 224 px). Exports: opset 21, "
         "BatchNorm folded, biases fused (`fuse_bias=True`, the form onnxruntime turns into QLinearConv), "
         "weights of <= 4 bits packed as INT4/UINT4 on disk. Top-1 on "
         f"{n} Fashion-MNIST test images (zoo models only).", "",

@@ -206,18 +206,23 @@ def test_int4_weights_are_packed_on_disk(data, tmp_path):
     """A 4-bit weight costs half a byte on disk (packed INT4/UINT4) against 4 bytes in float32, and
     the runtime still gets the int8 weight its integer kernel takes."""
     model = _chain(data, 4, 4, width=256)  # the 4-bit layer (36,864 weights) dominates the file
-    q_path, fp_path = tmp_path / "w4.onnx", tmp_path / "fp.onnx"
+    q_path, q8_path, fp_path = tmp_path / "w4.onnx", tmp_path / "w8.onnx", tmp_path / "fp.onnx"
     summary = E.export_onnx(model, INPUT, q_path, fuse_bias=True)
     assert summary["weights"]["3"] in ("INT4", "UINT4") and summary["weights"]["0"].split()[0] in ("INT8", "UINT8")
     n4 = model[3].layer.weight.numel()
     (packed,) = [t for t in onnx.load(str(q_path)).graph.initializer if t.name == "3.weight_int_int4"]
     assert len(packed.raw_data) == n4 // 2
+    # the same layer in int8 (opset 20 has no INT4) and in float32: 1 and 4 bytes per weight
+    E.export_onnx(model, INPUT, q8_path, opset=20, fuse_bias=True)
     fp = copy.deepcopy(model)
     for i in (0, 3):
         fp[i] = fp[i].layer
     fp[6] = nn.Identity()
     E.export_onnx(fp, INPUT, fp_path)
-    assert fp_path.stat().st_size > 4 * n4 and fp_path.stat().st_size / q_path.stat().st_size > 6
+    size = {k: p.stat().st_size for k, p in (("w4", q_path), ("w8", q8_path), ("fp", fp_path))}
+    assert abs((size["w8"] - size["w4"]) - n4 / 2) < 0.02 * n4, size
+    assert size["fp"] - size["w4"] > 3.45 * n4, size  # 4 bytes -> 0.5 byte per weight, less per-channel scales
+    assert size["fp"] / size["w4"] > 4, size  # whole file, with the float classifier and the 8-bit first layer
     assert E.runtime_graph(q_path)["ops"].get("QLinearConv") == 2
     report = E.verify_onnx(model, q_path, data[1][:128], data[2][:128])
     assert report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE, report

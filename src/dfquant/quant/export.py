@@ -6,22 +6,28 @@ arithmetic stays in float32. Accuracies measured on them are what integer infere
 the same grids gives, but the PyTorch models themselves are neither smaller nor faster.
 This module writes what a deployment runtime consumes:
 
-* :func:`export_onnx` — an ONNX graph in QDQ form. Each quantized weight is stored as an
-  integer initializer followed by ``DequantizeLinear`` (per output channel, with zero points
-  for asymmetric grids): INT4/UINT4 for grids of at most 4 bits (ternary included) when the
-  opset is 21 or later, INT8/UINT8 otherwise. Each activation quantizer becomes
-  ``QuantizeLinear -> DequantizeLinear`` on int8 (signed grids) or uint8 (unsigned or
-  asymmetric grids); below 8 bits a ``Clip`` to the b-bit range comes first, because
-  QuantizeLinear saturates to the container's full range. What dfquant keeps in float
-  (BatchNorm when not folded, ReLU, pooling, residual additions, LayerNorm, GELU, softmax,
-  biases) stays float in the graph; which Q/DQ patterns a runtime turns into integer
-  kernels is the runtime's choice. RepQ-ViT's log-sqrt2 softmax quantizer has no QDQ form
-  and is written as elementwise ops (Div, Clip, Log, Round, Pow, Where).
+* :func:`export_onnx` — an ONNX graph in QDQ form, shaped for onnxruntime's integer kernels.
+  Each quantized weight is an integer initializer followed by ``DequantizeLinear`` per output
+  channel: int8 ``q - z`` with zero point 0 where it fits (scaled by a power of two, see
+  :class:`_ExportLayer`), else the grid's int8/uint8 container with per-channel zero points;
+  grids of at most 4 bits (ternary included) are stored packed as INT4/UINT4 at opset 21+.
+  BatchNorm left unfolded by the algorithm is folded into the weight scales and the bias.
+  Each activation quantizer becomes ``QuantizeLinear -> DequantizeLinear`` on int8 (signed
+  grids) or uint8 (unsigned or asymmetric grids); below 8 bits a ``Clip`` to the b-bit range
+  acts on the integer tensor between the two. With ``fuse_bias`` the Conv/Gemm nodes fit the
+  pattern onnxruntime turns into QLinearConv (:func:`runtime_graph` shows what it ran; nodes it
+  will run in float get their weights dequantized by constant ops it folds at load). What
+  dfquant keeps in float (ReLU, pooling, residual additions, LayerNorm, GELU, softmax) stays
+  float in the graph. RepQ-ViT's log-sqrt2 softmax quantizer has no QDQ form and is written as
+  elementwise ops (Div, Clip, Log, Round, Pow, Where).
 * :func:`export_int_state` — a safetensors file with the integer weights, their scales and
   zero points, the activation quantizers and every remaining float tensor (key names in
   its docstring).
 * :func:`verify_onnx` — runs the ONNX file in onnxruntime next to the fake-quantized
   PyTorch model and reports logit differences and top-1 agreement.
+* :func:`runtime_graph`, :func:`measure_latency`, :func:`deployment_gain` — what onnxruntime
+  makes of the file (integer vs float kernels, from its optimized graph) and what it buys over
+  float32 (size, interleaved latency).
 
 The exporter traces with torch's TorchScript-based ONNX exporter (``dynamo=False``), which
 writes opsets up to 20; later opsets are reached with ``onnx.version_converter``.
@@ -566,7 +572,9 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     ``opset >= 21`` and in INT8/UINT8 containers otherwise (the summary's ``weights`` says
     which per layer). Biases of quantized layers are float ``Add`` nodes after the
     Conv/MatMul; ``fuse_bias=True`` writes them as the Conv/Gemm bias input instead (the
-    canonical QDQ form, which lets a runtime round them to int32 — see :class:`_ExportLayer`).
+    canonical QDQ form, which onnxruntime turns into QLinearConv and rounds to int32 — see
+    :class:`_ExportLayer`). The summary's ``float_kernels`` maps each Conv/Gemm/MatMul the
+    runtime will run in float to the reason (also stored in the file's metadata).
     A module or operator ONNX cannot express raises :class:`DfqError` naming it.
     """
     _require_onnx()
