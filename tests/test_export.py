@@ -221,7 +221,7 @@ def test_int4_weights_are_packed_on_disk(data, tmp_path):
     E.export_onnx(fp, INPUT, fp_path)
     size = {k: p.stat().st_size for k, p in (("w4", q_path), ("w8", q8_path), ("fp", fp_path))}
     assert size["w8"] - size["w4"] > 0.45 * n4, size  # half a byte per weight saved, less the INT4 Cast chain
-    assert size["fp"] - size["w4"] > 3.45 * n4, size  # 4 bytes -> 0.5 byte per weight, less per-channel scales
+    assert size["fp"] - size["w4"] > 3.3 * n4, size  # 4 bytes -> 0.5 byte per weight (int8 would save 3), less overhead
     assert size["fp"] / size["w4"] > 4, size  # whole file, with the float classifier and the 8-bit first layer
     assert E.runtime_graph(q_path)["ops"].get("QLinearConv") == 2
     report = E.verify_onnx(model, q_path, data[1][:128], data[2][:128])
