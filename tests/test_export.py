@@ -393,11 +393,14 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
     checkpoint.save_quantized(ckpt, spec, qmodels["w8a8"], make_quant_config("mse", 8, 8),
                               {"algo": "mse", "wbits": 8, "abits": 8, "q_top1": 0.0})
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(ckpt), "--n", "64"])
+    res = runner.invoke(app, ["export", str(ckpt), "--n", "64", "--speed-runs", "2"])
     assert res.exit_code == 0, res.output
     assert "argmax agreement" in res.output
+    assert "smaller" in res.output and "speed-up batch 1:" in res.output and "--fuse-bias" in res.output
     rep = json.loads((ckpt / "export_report.json").read_text())
     assert rep["verify"]["n"] == 64 and rep["verify"]["passed"] and rep["export"]["opset"] == 21
+    dep = rep["deployment"]
+    assert dep["size_ratio"] > 3 and set(dep["latency"]) == {"1", "32"} and dep["runtime_graph"]["integer"] == 0
     assert (ckpt / "model.onnx").exists()
     res = runner.invoke(app, ["export", str(ckpt), "--format", "int-state", "--out", str(tmp_path / "w.safetensors")])
     assert res.exit_code == 0, res.output
