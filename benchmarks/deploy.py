@@ -169,8 +169,8 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
               "would change the model that was calibrated and evaluated.",
               "* The integer kernels themselves run in NHWC; between them and the float (NCHWc) convolutions "
               "onnxruntime inserts layout changes, QuantizeLinear and DequantizeLinear on every activation. Where "
-              "half of the convolutions stay float, these conversions cost more than the int8 arithmetic saves, "
-              "which is why the quantized ResNets are not faster than FP32 here. W8A8 is slower than W4A4 because "
+              "many convolutions stay float, these conversions most likely cost more than the int8 arithmetic "
+              "saves (not profiled op by op here). W8A8 is slower than W4A4 because "
               "8-bit asymmetric weight grids do not fit int8 with zero point 0 and run as uint8 with per-channel "
               "zero points (u8u8 kernels); grids of at most 6 bits are written as int8 with zero point 0.",
               "* The goal (W8A8/W4A4 ResNet-50 2x faster than FP32 at batch 32) is therefore **not reached**; "
