@@ -772,9 +772,9 @@ def _float_kernel_weights(model) -> dict[str, str]:
             # a grid of its own choosing. Kept behind DequantizeLinear, the weight stays dfquant's.
             continue
         dq = prod.get(node.input[1]) if len(node.input) > 1 else None
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
-            continue
-        weight = inits.get(dq.input[0]) or inits.get(dq.input[0].replace("_from_int4", "_int4"))
+        weight = inits.get(dq.input[0]) or inits.get(dq.input[0].replace("_from_int4", "_int4")) if dq else None
+        if dq is None or dq.op_type != "DequantizeLinear" or weight is None:
+            continue  # not a constant weight (e.g. the key of an attention MatMul)
         scale = numpy_helper.to_array(inits[dq.input[1]])
         zp = numpy_helper.to_array(inits[dq.input[2]]).astype("float32") if len(dq.input) > 2 else scale * 0
         shape = [-1] + [1] * (len(weight.dims) - 1) if scale.ndim == 1 else []
