@@ -134,8 +134,8 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
         f"Command: `{command}`", "",
         f"CPU: {flags}", "",
         f"Versions: torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
-        f"onnx {__import__('onnx').__version__}. Threads: onnxruntime intra-op = torch threads = "
-        f"{torch.get_num_threads()}.", "",
+        f"onnx {__import__('onnx').__version__}. Threads: onnxruntime intra-op threads = torch threads "
+        "(OMP_NUM_THREADS in the command).", "",
         "**The machine was shared** with other jobs during the run (load average far above its core count), "
         "so absolute latencies are noisy; the FP32 and quantized models ran interleaved in one process and "
         f"each ratio is FP32 median / quantized median over the same {runs} rounds, which cancels most of "
@@ -166,7 +166,9 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
               "(Genie/BRECQ/QDrop conventions) keeps the residual sum in float, so the last Conv of every residual "
               "block and its downsample Conv feed a float Add and have no integer kernel in onnxruntime; so do the "
               "first Conv (float image input, Genie) and the classifier (float logits). Quantizing those outputs "
-              "would change the model that was calibrated and evaluated.",
+              "would change the model that was calibrated and evaluated. In MobileNetV2 a ReLU6 (Clip 0..6) sits "
+              "between most Convs and their QuantizeLinear; onnxruntime drops it only when the quantizer's range "
+              "lies inside 0..6, otherwise the Conv stays float (folding ReLU6 into the activation grid is not done).",
               "* The integer kernels themselves run in NHWC; between them and the float (NCHWc) convolutions "
               "onnxruntime inserts layout changes, QuantizeLinear and DequantizeLinear on every activation. Where "
               "many convolutions stay float, these conversions most likely cost more than the int8 arithmetic "
@@ -213,10 +215,15 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     csv_path = out.with_suffix(".csv")
-    command = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = (f"OMP_NUM_THREADS={torch.get_num_threads()} PYTHONPATH=src python "
+               + " ".join(shlex.quote(a) for a in sys.argv))
     flags = cpu_flags()
-    if not args.report_only:
+    cmd_path = out.parent / (out.name + ".command.txt")  # the measuring command, kept for --report-only
+    if args.report_only:
+        command = cmd_path.read_text().strip()
+    else:
         out.parent.mkdir(parents=True, exist_ok=True)
+        write_text(cmd_path, command + "\n")
         with open(csv_path, "w", newline="") as fh:
             csv.DictWriter(fh, FIELDS).writeheader()
         for name in args.models:
