@@ -81,7 +81,7 @@ def _kernel_weights(path) -> dict[str, torch.Tensor]:
     graph optimizations off (so DequantizeLinear, the INT4 Cast chains and the Cast/Mul
     dequantization of float kernels are all evaluated as written)."""
     model = onnx.load(str(path))
-    names = {n.input[1]: n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    names = {n.input[1]: n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
     for t in names:
         model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
@@ -126,7 +126,7 @@ def test_onnx_round_trip(qmodels, data, tmp_path, which):
     weights = _kernel_weights(path)
     bns = dict(conv_bn_pairs(qmodel, lambda m: isinstance(m, QuantLayer)))
     for name, m in layers.items():
-        w = weights[_scope(name) + ("/Conv" if isinstance(m.layer, nn.Conv2d) else "/Gemm")]
+        w = weights[_scope(name) + "/Conv"] if isinstance(m.layer, nn.Conv2d) else weights[_scope(name) + "/MatMul"].T
         ref = m.qweight().detach()
         if name in bns:
             k, _ = bn_affine(qmodel.get_submodule(bns[name]))
