@@ -180,6 +180,11 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
               "* top-1 sim → deployed: the fused (integer-kernel) form rounds biases to int32 (step s_x·s_w) and "
               "requantizes in integer arithmetic, which the simulation does not model; the unfused default export "
               "of `dfq export` matches the simulation within float noise (tests/test_export.py)."]
+    broken = [f"{r['model']} {r['setting']}" for r in rows if r["argmax_agreement"] and float(r["argmax_agreement"]) < 90]
+    if broken:
+        lines += ["", f"**Open bug:** the fused (integer-kernel) export of {', '.join(broken)} disagrees with the "
+                  "simulation (deployed top-1 near chance), while the unfused export of the same model matches it; "
+                  "the cause is not found yet, so those rows' latencies are of a graph that computes wrong outputs."]
     if missing:
         lines += ["", f"Not measured in this run (time limit of the shared machine): {', '.join(missing)}."]
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
