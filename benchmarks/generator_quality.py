@@ -28,7 +28,7 @@ from dfquant.data import fmnist
 from dfquant.data.folders import load_folder_images
 from dfquant.evaluate import top1_tensors
 from dfquant.generate.grid import contact_sheets
-from dfquant.generate.pipeline import generate, load_pipeline, preset_for
+from dfquant.generate.pipeline import generate, load_pipeline, sampling
 from dfquant.io import write_json, write_text
 from dfquant.models.registry import get_model
 from dfquant.prompts import make_manifest, read_manifest
@@ -51,16 +51,15 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     spec = get_model("fmnist/resnet20")
-    preset = preset_for(args.generator)
-    steps = args.steps or preset["steps"]
     pipe = load_pipeline(args.generator)
     pipe.set_progress_bar_config(disable=True)
+    sample = sampling(args.generator, pipe, args.steps)
+    steps, guidance = sample["steps"], sample["guidance"]
     rows = make_manifest(fmnist.CLASS_NAMES, args.n, "single", seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "single"
         t0 = time.time()
-        generate(rows, pipe, folder, steps=steps, guidance=preset["guidance"], height=preset["size"],
-                 width=preset["size"], batch_size=64, generator_id=args.generator)
+        generate(rows, pipe, folder, batch_size=64, generator_id=args.generator, **sample)
         gen_seconds = time.time() - t0
         images = load_folder_images(folder, spec.transform())
         labels = torch.tensor([r.classes[0] for r in read_manifest(folder / "manifest.jsonl")])
@@ -76,15 +75,14 @@ def main() -> None:
         # speed: same prompts and settings, batched generate() vs a per-image __call__ loop
         k = args.speed_images
         t0 = time.time()
-        generate(rows[:k], pipe, Path(tmp) / "speed", steps=steps, guidance=preset["guidance"], height=preset["size"],
-                 width=preset["size"], batch_size=k, generator_id=args.generator, progress=False)
+        generate(rows[:k], pipe, Path(tmp) / "speed", batch_size=k, generator_id=args.generator, progress=False, **sample)
         batched = k / (time.time() - t0)
         t0 = time.time()
         for r in rows[:k]:
-            pipe(r.prompt, num_inference_steps=steps, guidance_scale=preset["guidance"], height=preset["size"],
-                 width=preset["size"], generator=torch.Generator().manual_seed(r.seed))
+            pipe(r.prompt, num_inference_steps=steps, guidance_scale=guidance, height=sample["height"],
+                 width=sample["width"], generator=torch.Generator().manual_seed(r.seed))
         plain = k / (time.time() - t0)
-    res = {"generator": args.generator, "steps": steps, "guidance": preset["guidance"], "n": args.n,
+    res = {"generator": args.generator, "steps": steps, "guidance": guidance, "n": args.n,
            "classifier_agreement_top1": round(agreement, 2), "per_class_agreement": per_class,
            "fd_generated_vs_test": round(frechet(f_gen, f_test), 3), "fd_splitB_vs_test": round(frechet(f_b, f_test), 3),
            "images_per_s_generate_full_run": round(args.n / gen_seconds, 2),

@@ -36,7 +36,7 @@ from dfquant.evaluate import evaluate  # noqa: E402
 from dfquant.io import atomic_path, write_text  # noqa: E402
 from dfquant.models.registry import get_model, zoo_dir  # noqa: E402
 from dfquant.quant.api import quantize_any  # noqa: E402
-from dfquant.quant.nipq import run_qat  # noqa: E402
+from dfquant.jobs import run_qat  # noqa: E402
 from dfquant.run import parse_bits  # noqa: E402
 from calib_cache import cached_source  # noqa: E402
 from resumable_csv import append_row, log_command, open_results  # noqa: E402

@@ -20,7 +20,7 @@ import timm
 import torch
 
 from dfquant.io import write_text
-from dfquant.quant.vit import repq_vit
+from dfquant.quant.api import repq_vit
 
 MODELS = ["deit_small_patch16_224", "vit_small_patch16_224", "swin_tiny_patch4_window7_224"]
 

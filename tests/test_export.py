@@ -11,13 +11,12 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import numpy_helper  # noqa: E402
-
 from dfquant.errors import DfqError  # noqa: E402
 from dfquant.quant import export as E  # noqa: E402
 from dfquant.quant.modules import QuantLayer, act_quantizers  # noqa: E402
 from dfquant.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer  # noqa: E402
-from dfquant.quant.transform import bn_affine, conv_bn_pairs  # noqa: E402
+from dfquant.quant.plan import bn_folds  # noqa: E402
+from dfquant.quant.transform import bn_affine  # noqa: E402
 
 INPUT = (3, 32, 32)
 
@@ -92,7 +91,7 @@ def _kernel_weights(path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("which", ["w4a4", "w8a8"])
-def test_onnx_round_trip(qmodels, data, tmp_path, which):
+def test_onnx_round_trip(qmodels, fp_model, data, tmp_path, which):
     qmodel = qmodels[which]
     path = tmp_path / "model.onnx"
     summary = E.export_onnx(qmodel, INPUT, path)
@@ -124,7 +123,16 @@ def test_onnx_round_trip(qmodels, data, tmp_path, which):
     assert ops.count("Add") == 9 + len(layers)  # + 9 residual additions
     # the weights the kernels see: the fake-quantized weights, times the folded BN scale
     weights = _kernel_weights(path)
-    bns = dict(conv_bn_pairs(qmodel, lambda m: isinstance(m, QuantLayer)))
+    # which BN follows which conv: the float model's data flow, in qmodel's names; Genie-M kept them all
+    clean = E.clean_names(qmodel)
+    qname: dict[str, str] = {}
+    for q, c in clean.items():
+        qname.setdefault(c, q)
+    fp_folds = bn_folds(fp_model)
+    bns = {name: qname[fp_folds[clean[name]]] for name in layers if clean[name] in fp_folds
+           and isinstance(qmodel.get_submodule(qname[fp_folds[clean[name]]]), nn.BatchNorm2d)}
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in fp_model.modules())
+    assert len(bns) == (n_bn if which == "w4a4" else 0), bns
     for name, m in layers.items():
         w = weights[_scope(name) + "/Conv"] if isinstance(m.layer, nn.Conv2d) else weights[_scope(name) + "/MatMul"].T
         ref = m.qweight().detach()
@@ -384,18 +392,18 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from dfquant.cli import app
-    from dfquant.models import registry
+    from dfquant.models import registry, source
     from dfquant.quant import checkpoint
     from dfquant.quant.api import make_quant_config
 
     # the checkpoint holds every weight; do not depend on committed zoo weights
-    monkeypatch.setattr(checkpoint, "get_model", lambda name, pretrained=True: registry.get_model(name, pretrained=False))
+    monkeypatch.setattr(source, "get_model", lambda name, pretrained=True: registry.get_model(name, pretrained=False))
     spec = registry.get_model("fmnist/resnet20", pretrained=False)
     ckpt = tmp_path / "ckpt"
     checkpoint.save_quantized(ckpt, spec, qmodels["w8a8"], make_quant_config("mse", 8, 8),
                               {"algo": "mse", "wbits": 8, "abits": 8, "q_top1": 0.0})
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(ckpt), "--n", "64", "--speed-runs", "2"])
+    res = runner.invoke(app, ["export", str(ckpt), "--eval-limit", "64", "--speed-runs", "2"])
     assert res.exit_code == 0, res.output
     assert "argmax agreement" in res.output
     assert "smaller" in res.output and "speed-up batch 1:" in res.output and "--fuse-bias" in res.output
@@ -415,7 +423,7 @@ def test_vit_export_runs_in_default_onnxruntime(data, tmp_path):
     """RepQ-ViT W4A4 (log-sqrt2 softmax, asymmetric reparameterized inputs) at opset 21 loads
     in a default onnxruntime session (no signed DequantizeLinear feeding a Transpose)."""
     from dfquant.models import zoo
-    from dfquant.quant.vit import repq_vit
+    from dfquant.quant.api import repq_vit
 
     torch.manual_seed(0)
     qmodel, _ = repq_vit(zoo.vit(), data[0][:32], 4, 4, iters=0, progress=False)

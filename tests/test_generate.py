@@ -117,7 +117,7 @@ def test_load_pipeline_options_and_errors(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(DfqError, match="dfq train-generator"):
         gp.load_pipeline("mini")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DfqError, match="huggingface-cli download dfquant-test/not-cached"):
+    with pytest.raises(DfqError, match="not in the Hugging Face cache; run `hf download dfquant-test/not-cached`"):
         gp.load_pipeline("dfquant-test/not-cached")
     assert gp.preset_for("stabilityai/sd-turbo")["guidance"] == 0.0 and gp.preset_for("sd15")["steps"] == 50
     assert gp.preset_for(str(tiny_dir))["size"] is None  # a folder uses its UNet's native size

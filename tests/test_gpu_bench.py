@@ -27,14 +27,17 @@ def test_without_gpu_says_so_and_writes_nothing(bench, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_smoke_runs_both_parts(bench, tmp_path):
+def test_smoke_runs_every_part(bench, tmp_path):
     out = tmp_path / "gpu"
     assert bench.main(["--smoke", "--gen-steps", "1", "--gen-batch", "2", "--gen-batches", "1", "--compile", "off",
-                       "--out", str(out)]) == 0
+                       "--family-batch", "1", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     gen = [r for r in rows if r["part"] == "generate"]
     recon = [r for r in rows if r["part"] == "recon"]
     assert len(gen) == 1 and float(gen[0]["value"]) > 0
+    families = [r["setting"].split()[0] for r in rows if r["part"] == "families" and float(r["value"]) > 0]
+    assert families == ["sd15", "sd-turbo", "sdxl-turbo", "sd35-medium", "pixart-sigma", "sana", "flux-schnell",
+                        "flux2-klein"]
     blocks = [r for r in recon if "layer" in r["setting"]]
     assert len(blocks) == 8  # resnet18: 4 stages x 2 BasicBlocks
     assert any("peak host RSS" in r["setting"] and float(r["value"]) > 0 for r in recon)

@@ -130,7 +130,8 @@ def test_qat_resume_matches_straight_run(tmp_path):
 def test_qat_lowers_distillation_loss_and_checkpoint_round_trip(resnet20, tmp_path):
     from dfquant.data.calib import load_calibration
     from dfquant.quant.api import make_quant_config
-    from dfquant.quant.checkpoint import load_quantized, save_quantized
+    from dfquant.models.source import load_quantized_spec
+    from dfquant.quant.checkpoint import save_quantized
 
     calib = load_calibration("real:A", resnet20, 64)
     q = prepare_nipq(resnet20.model, 2, 4, calib=calib, init_images=64)
@@ -167,7 +168,7 @@ def test_qat_lowers_distillation_loss_and_checkpoint_round_trip(resnet20, tmp_pa
     conv.wq.init_range(conv.layer.weight, method="minmax")
     qcfg = make_quant_config("genie-m", 2, 4, act_symmetric=False)
     save_quantized(tmp_path / "ck", resnet20, q, qcfg, {"algo": "nipq-qat"})
-    _, loaded = load_quantized(tmp_path / "ck")
+    _, loaded = load_quantized_spec(tmp_path / "ck")
     assert loaded.get_submodule("layer3.2.block.conv2").wq.bits == 3.0
     with torch.no_grad():
         assert torch.allclose(loaded(x), q.eval()(x), atol=1e-5)
@@ -212,7 +213,7 @@ def test_qat_argument_checks():
     for args, msg in [((9, 4, 10, 1e-4, False, None, 64, 32), "--wbits 9"), ((2, 1.58, 10, 1e-4, False, None, 64, 32), "--abits"),
                       ((2, 4, 10, 0.0, False, None, 64, 32), "--lr"), ((2, 4, 10, 1e-4, False, 3.0, 64, 32), "--learn-bits"),
                       ((2, 4, 10, 1e-4, True, None, 64, 32), "--avg-bits above 2"), ((2, 4, 10, 1e-4, False, None, 16, 32), "--n 16"),
-                      ((2, 4, 10, 1e-4, False, None, 64, 32, "batch"), "--bn-stats"),
+                      ((2, 4, 10, 1e-4, False, None, 64, 32, "batch"), "--bn-recalib"),
                       ((2, 4, 10, 1e-4, False, None, 64, 32, "relative", "bops"), "add --learn-bits"),
                       ((2, 4, 10, 1e-4, True, 3.0, 64, 32, "relative", "flops"), "--budget-by flops")]:
         with pytest.raises(DfqError, match=msg):

@@ -84,11 +84,12 @@ def test_nan_loss_stops_with_block_name(resnet20, calib):
 
 
 def test_checkpoint_round_trip(resnet20, calib, tmp_path):
-    from dfquant.quant.checkpoint import load_quantized, save_quantized
+    from dfquant.models.source import load_quantized_spec
+    from dfquant.quant.checkpoint import save_quantized
 
     qmodel, info = quantize(resnet20.model, calib, "genie-m", 3, 3, iters=3, progress=False)
     save_quantized(tmp_path, resnet20, qmodel, info["quant"], {})
-    _, loaded = load_quantized(tmp_path)
+    _, loaded = load_quantized_spec(tmp_path)
     x = calib[:16]
     assert torch.allclose(loaded(x), qmodel(x), atol=1e-5)
 
@@ -160,3 +161,88 @@ def test_relative_bn_recalibration_matches_fp_statistics_after_quantization(resn
     assert (recal - fp).abs().max() < 1e-3 < (before - fp).abs().max()
     with pytest.raises(DfqError, match="not one of relative, absolute, none"):
         quantize(resnet20.model, x, "genie-m", 4, 4, iters=1, progress=False, bn_recalib="yes")
+
+
+def _conv_unit(seed: int = 0):
+    """One 3x3 conv as a reconstruction unit, W4, no activation quantizer (so the loss is hand-computable)."""
+    from dfquant.quant.modules import QuantConfig
+
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    return conv, QuantLayer(copy.deepcopy(conv), 4, None, QuantConfig())
+
+
+def test_block_loss_matches_reference_formula():
+    """Iteration 0's objective equals Genie's reconstruct.py computed by hand:
+    (y_q - y).pow(2).sum(1).mean() + round_weight * sum (1 - |2 h(V) - 1|^beta)."""
+    from dfquant.quant.reconstruct import ReconConfig, reconstruct_unit
+
+    conv, unit = _conv_unit()
+    x_q, x_fp = torch.randn(8, 3, 6, 6), torch.randn(8, 3, 6, 6)
+    y_fp = conv(x_fp).detach() + 0.1 * torch.randn(8, 5, 6, 6)
+    s0 = unit.wq.scale.detach().view(-1, 1, 1, 1)
+    rest = conv.weight.detach() / s0 - torch.floor(conv.weight.detach() / s0)
+    # h(V) starts at the fractional remainder: iteration 0 computes conv(x_q, s * (clamp(floor + rest + z) - z)),
+    # the FP weights wherever the clip range does not cut them
+    z = unit.wq.zero_point.view(-1, 1, 1, 1)
+    w_soft = s0 * (torch.clamp(torch.floor(conv.weight.detach() / s0) + rest + z, 0, 15) - z)
+    y_soft = torch.nn.functional.conv2d(x_q, w_soft, conv.bias.detach(), padding=1)
+    rec_hand = (y_soft - y_fp).pow(2).sum(1).mean()
+    trace: list = []
+    cfg = ReconConfig.preset("genie-m", iters=1, batch_size=8, warmup=0.0, drop_prob=0.0)
+    reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, "conv", trace)
+    beta = 2.0  # the reference LinearTempDecay at count 1 of 1 iteration (warm-up 0): end temperature
+    round_hand = 1.0 * (1 - (2 * rest - 1).abs().pow(beta)).sum()
+    assert cfg.round_weight == 1.0
+    assert trace[0]["rec_loss"] == pytest.approx(rec_hand.item(), rel=1e-4)
+    assert trace[0]["round_loss"] == pytest.approx(round_hand.item(), rel=1e-4)
+    # the old reduction summed over C*H*W: H*W (= 36) times the reference's reconstruction term
+    from dfquant.quant.reconstruct import recon_loss
+
+    out = y_soft
+    assert recon_loss(out, y_fp, "sample").item() == pytest.approx(36 * recon_loss(out, y_fp).item(), rel=1e-5)
+    tokens = torch.randn(2, 4, 6)  # (N, tokens, D): the sum runs over D
+    assert recon_loss(tokens, torch.zeros_like(tokens)).item() == pytest.approx(tokens.pow(2).sum(-1).mean().item())
+
+
+def test_reference_schedules_and_sampling():
+    """Beta follows the reference LinearTempDecay; Genie's batches cover every image once per epoch;
+    the rounding learning rate stays constant while the step sizes decay (cosine to 0)."""
+    from dfquant.quant.reconstruct import ReconConfig, _Batches, _Beta, _optimizer
+
+    beta = _Beta(100, 0.2, 20.0, 2.0)
+    assert beta(18) is None and beta(19) == pytest.approx(20.0) and beta(99) == pytest.approx(2.0)
+    assert beta(59) == pytest.approx(2 + 18 * (1 - (60 - 20) / 80))
+    b = _Batches(10, 4, "epoch", 0)
+    epoch = torch.cat([b.next(), b.next()])
+    assert len(set(epoch.tolist())) == 8  # without replacement within an epoch (the 2 left over start the next)
+    conv, unit = _conv_unit(1)
+    softs = [unit.enable_soft_rounding(True)]
+    for schedule, v_lr in (("constant", 1e-3), ("cosine", 0.5e-3)):
+        groups, opt, sched = _optimizer(softs, [], ReconConfig.preset("genie-m", iters=20, rounding_schedule=schedule))
+        for _ in range(10):
+            opt.step()
+            sched.step()
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([v_lr, 0.5e-4])
+    with pytest.raises(DfqError, match="sampling 'shuffle' is not one of"):
+        ReconConfig.preset("genie-m", sampling="shuffle")
+
+
+def test_fused_quantizer_keeps_the_loss_curve(resnet20, monkeypatch):
+    """The fused fake-quant node (speed) gives the same Genie-M loss curve as plain autograd, batch for batch."""
+    import dfquant.quant.quantizers as quantizers
+    from dfquant.quant.reconstruct import ReconConfig, reconstruct_unit
+
+    q = quantize_model(resnet20.model, make_quant_config("genie-m", 2, 4))
+    x = torch.randn(16, 16, 32, 32).relu()
+    with torch.no_grad():
+        y = resnet20.model.layer1[1](x)
+    curves = []
+    for fused in (True, False):
+        monkeypatch.setattr(quantizers, "FUSED", fused)
+        unit, trace = copy.deepcopy(q.layer1[1]), []
+        torch.manual_seed(0)  # the QDrop masks
+        reconstruct_unit(unit, x, x + 0.05, y, ReconConfig.preset("genie-m", iters=25, batch_size=8, warmup=0.0), "b", trace)
+        curves.append(torch.tensor([[t["rec_loss"], t["round_loss"], t["grad_norm"]] for t in trace]))
+    assert torch.allclose(curves[0], curves[1], rtol=1e-3, atol=1e-6)
+    assert curves[0][:, 0].std() > 0  # the curve moves: the comparison is not between constants

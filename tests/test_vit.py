@@ -5,7 +5,8 @@ import torch
 from dfquant.errors import DfqError
 from dfquant.quant.api import build_quantized, make_quant_config
 from dfquant.quant.modules import QuantLayer, set_quant_state
-from dfquant.quant.vit import QuantAttention, repq_vit, reparameterize_layernorms
+from dfquant.quant.api import repq_vit
+from dfquant.quant.vit import QuantAttention, reparameterize_layernorms
 
 
 def _tiny_vit():

@@ -5,6 +5,13 @@ Part ``generate``: a random-weight SD v1.5 architecture (``dfquant.generate.arch
 PNDM scheduler), guidance 3.5 (so the UNet runs on a doubled batch, as in calibration-set generation), with
 and without ``torch.compile`` of the UNet. Reports images/s after one warm-up batch.
 
+Part ``families``: images/s of each generator family at its preset (steps, guidance, dtype)
+and native resolution, batch ``--family-batch``, after one warm-up batch. Families with a
+written-out architecture (sd15, sd-turbo, sdxl-turbo, sd35-medium, flux-schnell) are built with
+random weights at their published sizes (``random_pipeline``); the others (pixart-sigma, sana,
+flux2-klein) are timed only when their weights are in the Hugging Face cache, else skipped with
+a line saying so. ``--smoke`` runs every family's tiny random pipeline at 32 px instead.
+
 Part ``recon``: torchvision ResNet-50 (random weights, ``--recon-images`` random-normal
 images at 224 px; timing does not depend on pixel content) quantized W4A4 with Genie-M,
 ``--recon-iters`` iterations per block, batch 32. Reports seconds per block (input capture
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import resource
 import shlex
 import sys
@@ -35,7 +43,10 @@ FIELDS = ["part", "device", "setting", "value", "unit"]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["generate", "recon"], choices=["generate", "recon"])
+    ap.add_argument("--parts", nargs="+", default=["generate", "families", "recon"],
+                    choices=["generate", "families", "recon"])
+    ap.add_argument("--families", nargs="+", default=None, help="preset names (default: all but mini)")
+    ap.add_argument("--family-batch", type=int, default=4)
     ap.add_argument("--gen-steps", nargs="+", type=int, default=[25, 50])
     ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--gen-batches", type=int, default=3, help="timed batches per setting (after one warm-up)")
@@ -62,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "generate" in args.parts:
         _bench_generate(args, device, record)
+    if "families" in args.parts:
+        _bench_families(args, device, record)
     if "recon" in args.parts:
         _bench_recon(args, device, record)
     out = Path(args.out)
@@ -118,6 +131,57 @@ def _bench_generate(args, device: str, record) -> None:
             rate = args.gen_batch * args.gen_batches / (time.time() - t0)
             record("generate", f"{label} batch {args.gen_batch}, {steps} steps, compile {compiled}",
                    rate, "images/s")
+
+
+def _bench_families(args, device: str, record) -> None:
+    import gc
+
+    from dfquant.errors import DfqError
+    from dfquant.generate.architectures import ARCHITECTURES, TINY, random_pipeline, tiny_pipeline
+    from dfquant.generate.pipeline import PRESETS, call_kwargs, load_pipeline, place, sampling
+
+    names = args.families or [n for n in PRESETS if n != "mini"]
+    for name in names:
+        preset = PRESETS[name]
+        dtype = "float32" if args.smoke else preset["gpu_dtype"]
+        if args.smoke:
+            pipe, how = (tiny_pipeline(name), "tiny random") if name in TINY else (None, "")
+        elif name in ARCHITECTURES:
+            pipe, how = random_pipeline(name, dtype=dtype, device=device), "random weights, published size"
+        else:
+            os.environ["HF_HUB_OFFLINE"] = "1"  # cached weights only: never wait on (or download from) the hub
+            try:
+                pipe, how = load_pipeline(name, dtype, device), "hub weights"
+            except DfqError as exc:
+                print(f"{name}: skipped ({exc})", flush=True)
+                continue
+        if pipe is None:
+            continue
+        if not args.smoke and name in ARCHITECTURES:
+            place(pipe, device)  # VAE slicing (and offload if it does not fit), as dfq generate does
+        sample = sampling(name, pipe, 1 if args.smoke else None, None, 32 if args.smoke else None,
+                          32 if args.smoke else None)
+        prompts = ["a photo of a kite and a vulture"] * args.family_batch
+        extra = call_kwargs(pipe, sample["call"])
+
+        def batch() -> None:
+            gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+            pipe(prompt=prompts, generator=gens, num_inference_steps=sample["steps"], guidance_scale=sample["guidance"],
+                 height=sample["height"], width=sample["width"], output_type="np", **extra)
+
+        batch()  # warm-up
+        _sync(device)
+        t0 = time.time()
+        for _ in range(args.gen_batches):
+            batch()
+        _sync(device)
+        rate = args.family_batch * args.gen_batches / (time.time() - t0)
+        record("families", f"{name} ({how}) {sample['height']}px {dtype}, {sample['steps']} steps, guidance "
+               f"{sample['guidance']}, batch {args.family_batch}", rate, "images/s")
+        del pipe
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _bench_recon(args, device: str, record) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import typer
 
 from dfquant.errors import DfqError
 from dfquant.quant.algorithms import ALGOS
+from dfquant.validate import check_options
 
+T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-free post-training quantization of image classifiers.")
 
@@ -18,6 +20,41 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _require_safetensors(out: Path) -> None:
     if out.suffix != ".safetensors":
         raise DfqError(f"--out {out} must end in .safetensors")
+
+
+def _renamed(old: str, new: str, old_value: Optional[T], value: T) -> T:
+    """An old option spelling keeps working, with one line naming the option that replaces it."""
+    if old_value is None:
+        return value
+    typer.echo(f"warning: {old} is deprecated; use {new}", err=True)
+    return old_value
+
+
+MODEL_HELP = "registry name (fmnist/resnet20, torchvision/resnet50, timm/<name>) or path/to/file.py:factory / package.module:factory"
+WEIGHTS = typer.Option(None, help="file.py:factory models: state dict to load (.pt/.pth/.safetensors; `module.` prefixes and a nested state_dict key handled)")
+NUM_CLASSES = typer.Option(None, help="file.py:factory models: num_classes passed to the factory")
+CLASS_NAMES = typer.Option(None, help="file.py:factory models: text file, one class name per model output (the prompt vocabulary)")
+SIZE = typer.Option(None, help="file.py:factory models: input size (default: the timm data config, else 224)")
+MEAN = typer.Option(None, help="file.py:factory models: normalization mean, e.g. 0.485,0.456,0.406 (default: timm data config, else ImageNet)")
+STD = typer.Option(None, help="file.py:factory models: normalization std (default: timm data config, else ImageNet)")
+
+
+def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise DfqError(f"{what} {text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _spec(model: str, weights: Optional[Path], num_classes: Optional[int], class_names: Optional[Path],
+          size: Optional[int], mean: Optional[str], std: Optional[str], pretrained: bool = True):
+    """The ModelSpec of a registry name or of a file.py:factory model with the given options."""
+    from dfquant.models.source import resolve_model
+
+    return resolve_model(model, pretrained=pretrained, weights=weights, num_classes=num_classes, class_names=class_names,
+                         size=size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
 
 
 def _threads(n: Optional[int]) -> None:
@@ -55,6 +92,7 @@ def train_classifier_cmd(
     With --symreg/--satnl it trains a quantization-robust variant into --out DIR; use it as
     fmnist/<arch>@DIR in the other commands (e.g. `dfq quantize fmnist/resnet20@DIR ...`).
     """
+    check_options(**locals())
     from dfquant.models import zoo
     from dfquant.models.registry import zoo_dir
     from dfquant.models.train import train_classifier
@@ -77,24 +115,30 @@ def train_classifier_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="model name (fmnist/resnet20, torchvision/resnet18, ...) or a quantized checkpoint folder"),
+    model: str = typer.Argument(..., help=MODEL_HELP + ", or a quantized checkpoint folder"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (needed off the mini world)"),
-    limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
+    eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
     random_weights: bool = typer.Option(False, help="build the architecture without downloading weights"),
+    weights: Optional[Path] = WEIGHTS, num_classes: Optional[int] = NUM_CLASSES, class_names: Optional[Path] = CLASS_NAMES,
+    size: Optional[int] = SIZE, mean: Optional[str] = MEAN, std: Optional[str] = STD,
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    limit: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
     """Print top-1 accuracy on the model's test set."""
+    eval_limit = _renamed("--limit", "--eval-limit", limit, eval_limit)
+    check_options(**locals())
+    _threads(threads)
     from dfquant.evaluate import evaluate
-    from dfquant.models.registry import get_model
 
-    if Path(model).is_dir():
-        from dfquant.quant.checkpoint import load_quantized
+    if model and Path(model).is_dir():  # Path("") is "."
+        from dfquant.models.source import load_quantized_spec
 
-        spec, qmodel = load_quantized(Path(model))
-        acc = evaluate(spec, qmodel, val, limit)
+        spec, qmodel = load_quantized_spec(Path(model))
+        acc = evaluate(spec, qmodel, val, eval_limit)
         typer.echo(f"{model} ({spec.name} quantized): top-1 {acc:.2f}%")
         return
-    spec = get_model(model, pretrained=not random_weights)
-    acc = evaluate(spec, val_dir=val, limit=limit)
+    spec = _spec(model, weights, num_classes, class_names, size, mean, std, pretrained=not random_weights)
+    acc = evaluate(spec, val_dir=val, limit=eval_limit)
     typer.echo(f"{model}: top-1 {acc:.2f}%")
 
 
@@ -107,6 +151,7 @@ def train_generator_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Train the embedded mini text-to-image generator on Fashion-MNIST split B."""
+    check_options(**locals())
     from dfquant.generate.mini import train_generator
     from dfquant.generate.pipeline import mini_generator_dir
 
@@ -147,6 +192,7 @@ def prompts_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Write a prompt manifest: one row per image with its prompt, classes and seed."""
+    check_options(**locals())
     from dfquant.prompts import class_similarity, make_manifest, write_manifest
 
     _threads(threads)
@@ -165,7 +211,7 @@ def prompts_cmd(
 @app.command("generate")
 def generate_cmd(
     manifest: Path = typer.Argument(..., help="prompt manifest from `dfq prompts`"),
-    generator: str = typer.Option("mini", help="mini, a diffusers pipeline folder, or a hub id (sd15, sd-turbo, owner/name)"),
+    generator: str = typer.Option("mini", help="mini, a preset (sd15, sd-turbo, sdxl-turbo, sd35-medium, pixart-sigma, sana, flux-schnell, flux2-klein), a diffusers folder or a hub id"),
     out: Path = typer.Option(..., help="image folder to write (re-run the same command to resume)"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the generator's preset)"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale (default: preset)"),
@@ -173,7 +219,7 @@ def generate_cmd(
     width: Optional[int] = typer.Option(None, help="image width (default: preset)"),
     batch_size: int = typer.Option(32, help="prompts per pipeline call"),
     scheduler: Optional[str] = typer.Option(None, help="ddim, dpm, euler, euler-a, pndm or lcm (default: the pipeline's own)"),
-    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16"),
+    dtype: str = typer.Option("auto", help="auto (the family's preset dtype on a GPU, float32 on the CPU), float32, float16 or bfloat16"),
     device: Optional[str] = typer.Option(None, help="torch device (default: accelerate's choice for this process)"),
     prompt_embeds: Optional[Path] = typer.Option(None, help="learned embeddings from `dfq learn-prompts` (learned manifests)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
@@ -184,37 +230,35 @@ def generate_cmd(
     each process renders its share. (accelerate's own --cpu flag starts one process only; on a GPU
     machine pass --device cpu to dfq for CPU workers.)
     """
+    check_options(**locals())
     import os
 
     import torch
     from accelerate import PartialState
 
-    from dfquant.generate.pipeline import ALIASES, generate, load_pipeline, native_size, preset_for
+    from dfquant.generate.pipeline import ALIASES, generate, load_pipeline, preset_for, sampling
     from dfquant.prompts import read_manifest
 
     _threads(threads)
     rows = read_manifest(manifest)
-    preset = preset_for(generator)
-    steps = steps if steps is not None else preset["steps"]
-    lo, hi = preset["steps_range"]
     # Without an accelerator, accelerate only forms a CPU process group when told cpu=True;
     # otherwise every launched process would think it is alone and render every image.
     has_accel = torch.cuda.is_available() or torch.backends.mps.is_available()
     state = PartialState(cpu=device == "cpu" or (device is None and not has_accel))
     if "WORLD_SIZE" in os.environ and state.num_processes != int(os.environ["WORLD_SIZE"]):
         raise DfqError(f"launched {os.environ['WORLD_SIZE']} processes but accelerate formed a group of {state.num_processes}; pass --device cpu")
-    if not lo <= steps <= hi and state.is_main_process:
-        typer.echo(f"warning: {generator} is meant for {lo}-{hi} steps, got {steps}", err=True)
     pipe = load_pipeline(generator, dtype, device or str(state.device), scheduler)
-    size = preset["size"] or native_size(pipe)
+    args = sampling(generator, pipe, steps, guidance, height, width)
+    lo, hi = preset_for(generator, type(pipe).__name__)["steps_range"]
+    if not lo <= args["steps"] <= hi and state.is_main_process:
+        typer.echo(f"warning: {generator} is meant for {lo}-{hi} steps, got {args['steps']}", err=True)
     embeds = None
     if prompt_embeds is not None:
         from dfquant.generate.learned import load_embeddings, rows_embeddings
 
         embeds = rows_embeddings(rows, load_embeddings(prompt_embeds))
-    path = generate(rows, pipe, out, steps=steps, guidance=preset["guidance"] if guidance is None else guidance,
-                    height=height or size, width=width or size, batch_size=batch_size,
-                    generator_id=ALIASES.get(generator, generator), state=state, prompt_embeds=embeds)
+    path = generate(rows, pipe, out, batch_size=batch_size, generator_id=ALIASES.get(generator, generator), state=state,
+                    prompt_embeds=embeds, **args)
     if state.is_main_process:
         typer.echo(f"{len(rows)} images in {out} ({path.name} written)")
 
@@ -223,19 +267,25 @@ def generate_cmd(
 def grid_cmd(
     folder: Path = typer.Argument(..., help="image folder written by `dfq generate`"),
     out: Optional[Path] = typer.Option(None, help="sheet PNG (default: <folder>_grid.png beside the folder)"),
-    n: int = typer.Option(64, help="images per sheet"),
+    per_sheet: int = typer.Option(64, help="images per sheet"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    n: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --per-sheet"),
 ) -> None:
     """Contact sheet of generated images with their prompts; one sheet per prompt strategy."""
+    per_sheet = _renamed("--n", "--per-sheet", n, per_sheet)
+    check_options(**locals())
     from dfquant.generate.grid import contact_sheets
 
-    for path in contact_sheets(folder, out, n):
+    _threads(threads)
+    for path in contact_sheets(folder, out, per_sheet):
         typer.echo(str(path))
 
 
 @app.command("quantize")
 def quantize_cmd(
-    model: str = typer.Argument(..., help="model name, e.g. fmnist/resnet20"),
-    calib: str = typer.Option(..., help="calibration source: real:A, a folder of images, or a distill .safetensors"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    calib: str = typer.Option(..., help="calibration source: real:A, a folder of images, or a .pt/.safetensors image tensor "
+                              "(already normalized, e.g. `dfq distill` output)"),
     wbits: float = typer.Option(4, help="weight bits (2..8, or 1.58 ternary)"),
     abits: float = typer.Option(4, help="activation bits (2..8)"),
     algo: str = typer.Option("genie-m", help=" | ".join(ALGOS)),
@@ -250,17 +300,47 @@ def quantize_cmd(
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
     eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
     device: str = typer.Option("cpu"),
+    keep_fp: list[str] = typer.Option([], help="module-name glob left in float (repeatable), e.g. 'head' or 'layer4.*'"),
+    units: Optional[str] = typer.Option(None, help="comma-separated module names to reconstruct as units (default: from the graph)"),
+    weights: Optional[Path] = WEIGHTS, num_classes: Optional[int] = NUM_CLASSES, class_names: Optional[Path] = CLASS_NAMES,
+    size: Optional[int] = SIZE, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
-    """Quantize a model with block reconstruction and print FP vs quantized top-1."""
-    from dfquant.quant.api import run_quantize
+    """Quantize a model with block reconstruction and print FP vs quantized top-1 (when it has a test set or --val)."""
+    check_options(**locals())
+    from dfquant.jobs import run_quantize
 
     _threads(threads)
-    out = out or Path("runs/quantize") / f"{model.replace('/', '_')}-w{wbits:g}a{abits:g}-{algo}"
-    res = run_quantize(model, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device,
-                       joint_iters=joint_iters, bn_recalib=bn_recalib)
-    typer.echo(f"{model} W{wbits:g}A{abits:g} {algo}: FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}%  "
-               f"({res['seconds']:.0f}s) -> {out}")
+    spec = _spec(model, weights, num_classes, class_names, size, mean, std)
+    stem = Path(model.rpartition(":")[0]).stem + "_" + model.rpartition(":")[2] if ":" in model else model.replace("/", "_")
+    out = out or Path("runs/quantize") / f"{stem}-w{wbits:g}a{abits:g}-{algo}"
+    res = run_quantize(spec, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device,
+                       joint_iters=joint_iters, bn_recalib=bn_recalib, keep_fp=tuple(keep_fp),
+                       units=[u.strip() for u in units.split(",") if u.strip()] if units else None)
+    accuracy = (f"FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}%" if res["q_top1"] is not None
+                else "no test set (pass --val to evaluate)")
+    typer.echo(f"{model} W{wbits:g}A{abits:g} {algo}: {accuracy}  ({res['seconds']:.0f}s) -> {out}")
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    algo: str = typer.Option("genie-m", help=" | ".join(ALGOS)),
+    wbits: float = typer.Option(4), abits: float = typer.Option(4),
+    keep_fp: list[str] = typer.Option([], help="module-name glob left in float (repeatable)"),
+    units: Optional[str] = typer.Option(None, help="comma-separated module names to use as units"),
+    weights: Optional[Path] = WEIGHTS, num_classes: Optional[int] = NUM_CLASSES, class_names: Optional[Path] = CLASS_NAMES,
+    size: Optional[int] = SIZE, mean: Optional[str] = MEAN, std: Optional[str] = STD,
+) -> None:
+    """Show the quantization plan: units in execution order, each layer's role, bits and input quantizer, BN folds, float parts."""
+    import torch
+
+    from dfquant.api import plan
+
+    spec = _spec(model, weights, num_classes, class_names, size, mean, std, pretrained=False)
+    p = plan(spec.model, torch.zeros(1, *spec.input_size), wbits=wbits, abits=abits, algo=algo, keep_fp=tuple(keep_fp),
+             units=[u.strip() for u in units.split(",") if u.strip()] if units else None)
+    typer.echo(str(p))
 
 
 @app.command("distill")
@@ -275,6 +355,7 @@ def distill_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Synthesize calibration images by BN-statistics inversion (Genie-D / ZeroQ baseline)."""
+    check_options(**locals())
     from dfquant.io import save_tensors
     from dfquant.models.registry import get_model
     from dfquant.quant.distill import distill
@@ -292,7 +373,7 @@ def run_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML run config (see configs/); options below override it"),
     model: Optional[str] = typer.Option(None),
     source: Optional[str] = typer.Option(None, help="generated | real | distill | a folder of images"),
-    strategy: Optional[str] = typer.Option(None, help="single | template | mixup"),
+    strategy: Optional[str] = typer.Option(None, help="single | template | mixup | learned"),
     k: Optional[int] = typer.Option(None, help="classes per mixup prompt"),
     pairing: Optional[str] = typer.Option(None, help="random | similar | dissimilar"),
     n: Optional[int] = typer.Option(None, help="calibration images"),
@@ -310,6 +391,7 @@ def run_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Run prompts -> generate -> quantize -> evaluate, reusing finished stages."""
+    check_options(**locals())
     from dfquant.run import RunConfig, results_table, run
 
     _threads(threads)
@@ -329,10 +411,13 @@ def run_cmd(
 def report_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="folders written by dfq run"),
     out: Path = typer.Option(Path("report"), help="output folder for report.md and its PNGs"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Write a Markdown report (accuracy table, accuracy vs bits, sample grids, analyses)."""
+    check_options(**locals())
     from dfquant.report import write_report
 
+    _threads(threads)
     typer.echo(f"wrote {write_report(run_dirs, out)}")
 
 
@@ -341,8 +426,8 @@ def export_cmd(
     ckpt: Path = typer.Argument(..., help="quantized checkpoint folder written by `dfq quantize`"),
     format: str = typer.Option("onnx", "--format", help="onnx (QuantizeLinear/DequantizeLinear graph) | int-state (safetensors of integer weights + scales)"),
     out: Optional[Path] = typer.Option(None, help="output file (default: CKPT/model.onnx or CKPT/model_int.safetensors)"),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="onnx: run onnxruntime next to the fake-quantized model on --n test images"),
-    n: int = typer.Option(1000, help="test images for --verify (at 256 a single near-tie flip is 0.39 points > the 0.1-point bound)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="onnx: run onnxruntime next to the fake-quantized model on --eval-limit test images"),
+    eval_limit: int = typer.Option(1000, help="test images for --verify (at 256 a single near-tie flip is 0.39 points > the 0.1-point bound)"),
     opset: int = typer.Option(21, help="ONNX opset; 21+ stores weights of <= 4 bits as INT4/UINT4, 13..20 in int8 containers"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder for --verify (off the mini world)"),
     fuse_bias: bool = typer.Option(False, help="onnx: biases as the Conv/Gemm bias input (runtimes may round them to int32, "
@@ -350,12 +435,16 @@ def export_cmd(
     speed_runs: int = typer.Option(10, help="onnx: time the export against float32 in onnxruntime over this many "
                                             "interleaved runs at batch 1 and 32 (0: skip)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    n: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
     """Export a quantized checkpoint for deployment (the fake-quantized model only simulates integers)."""
-    from dfquant.quant.export import run_export, verification_error
+    eval_limit = _renamed("--n", "--eval-limit", n, eval_limit)
+    check_options(**locals())
+    from dfquant.jobs import run_export
+    from dfquant.quant.export import verification_error
 
     _threads(threads)
-    rep = run_export(ckpt, format, out, verify, n, opset, val, fuse_bias, raise_on_failure=False,
+    rep = run_export(ckpt, format, out, verify, eval_limit, opset, val, fuse_bias, raise_on_failure=False,
                      speed_runs=speed_runs)
     exp = rep["export"]
     if format == "onnx":
@@ -408,6 +497,7 @@ def analyze_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """The paper's analyses: gradient-norm traces, generalization gap, t-SNE of features."""
+    check_options(**locals())
     from dfquant.analysis.studies import generalization_gap, gradnorm_study, tsne_study
     from dfquant.data import fmnist
     from dfquant.data.calib import load_calibration
@@ -492,26 +582,31 @@ def qat_cmd(
     n: int = typer.Option(1024, help="calibration images"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
-    bn_stats: str = typer.Option("relative", help="BN re-estimation after hardening: relative (shift measured on CALIB, "
-                                                  "applied to the FP statistics), absolute (CALIB statistics) or none"),
+    bn_recalib: str = typer.Option("relative", help="BN re-estimation after hardening: relative (shift measured on CALIB, "
+                                                    "applied to the FP statistics), absolute (CALIB statistics) or none; "
+                                                    "on by default here as QAT moves weights far from the FP model"),
     act_reinit: bool = typer.Option(False, "--act-reinit/--no-act-reinit",
                                     help="re-run the activation range search after hardening (replaces NIPQ's learned clip ranges)"),
     out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/qat/<model>-w<W>a<A>-nipq)"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
     eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    bn_stats: Optional[str] = typer.Option(None, hidden=True, help="deprecated: --bn-recalib"),
 ) -> None:
     """Data-free QAT with NIPQ: distill from the FP model on the calibration set (no labels), then harden.
 
     Re-running the same command resumes from OUT/qat_resume.pt.
     """
-    from dfquant.quant.nipq import check_qat_args, run_qat
+    bn_recalib = _renamed("--bn-stats", "--bn-recalib", bn_stats, bn_recalib)
+    check_options(**locals())
+    from dfquant.jobs import run_qat
+    from dfquant.quant.nipq import check_qat_args
 
     _threads(threads)
-    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_recalib, budget_by)
     out = out or Path("runs/qat") / f"{model.replace('/', '_').replace('@', '_')}-w{wbits:g}a{abits:g}-nipq"
     res = run_qat(model, calib, wbits, abits, out, iters, lr, learn_bits, avg_bits, n, batch_size, seed, val, eval_limit,
-                  bn_stats, act_reinit, budget_by=budget_by)
+                  bn_recalib, act_reinit, budget_by=budget_by)
     bits = (f", mean weight bits {res['avg_weight_bits_learned']:.2f}" + (" (BOPs-weighted)" if budget_by == "bops" else "")
             if learn_bits else "")
     typer.echo(f"{model} W{wbits:g}A{abits:g} NIPQ QAT: FP top-1 {res['fp_top1']:.2f}%  before QAT {res['init_top1']:.2f}%  "
@@ -529,29 +624,65 @@ def learn_prompts_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Learn multi-mode prompt embeddings per class (class, embedding- and feature-diversity terms)."""
+    check_options(**locals())
     from dfquant.generate.learned import learn_prompts, save_embeddings
-    from dfquant.generate.pipeline import load_pipeline
+    from dfquant.generate.pipeline import load_pipeline, sampling
     from dfquant.models.registry import get_model
 
     _threads(threads)
     _require_safetensors(out)
     spec = get_model(model)
     pipe = load_pipeline(generator)
-    embeds = learn_prompts(pipe, spec, modes, iters, steps, guidance, lr, seed=seed)
+    args = sampling(generator, pipe)
+    embeds = learn_prompts(pipe, spec, modes, iters, steps, guidance, lr, seed=seed, size=args["height"], call=args["call"])
     save_embeddings(out, embeds, spec.class_names, {"model": model, "generator": generator, "iters": iters, "seed": seed})
     typer.echo(f"wrote {tuple(embeds.shape)} prompt embeddings to {out}")
 
 
+def _quiet_progress_bars() -> None:
+    """Off a terminal (a log file, a pipe, CI) tqdm's redraws are ``\r`` and cursor codes, nested bars
+    worse; switch every bar off there (``dfq run`` logs its own lines). Bars are created with an explicit
+    ``disable=``, which tqdm's TQDM_DISABLE default cannot override, hence the wrapper."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "_dfq_quiet", False):
+        return
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    quiet_init._dfq_quiet = True  # type: ignore[attr-defined]
+    tqdm.std.tqdm.__init__ = quiet_init
+
+
 def main() -> None:
-    """Entry point: turn DfqError into one line on stderr and exit code 2."""
+    """Entry point: turn DfqError into one line on stderr and exit code 2, Ctrl-C into exit 130."""
+    import warnings
+
+    warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"  # one line, no source location
+    # typer's own exceptions (vendored click or not): usage errors become one line too, not a framed panel
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    if not sys.stderr.isatty():
+        _quiet_progress_bars()
     try:
-        app()
+        code = app(prog_name="dfq", standalone_mode=False)  # typer returns 130 for Ctrl-C
     except DfqError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        # one line even when the error crossed a DataLoader worker, which prepends the worker's traceback
+        typer.echo("error: " + str(exc).strip().splitlines()[-1].removeprefix("dfquant.errors.DfqError: "), err=True)
         sys.exit(2)
+    except click_exception as exc:
+        message = exc.format_message()
+        if message:  # empty: `dfq` alone, whose help was just printed
+            ctx = getattr(exc, "ctx", None)
+            typer.echo(f"error: {message}" + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""), err=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:
         typer.echo("interrupted; re-run the same command to resume", err=True)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
+from dfquant.errors import DfqError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -44,8 +46,34 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike, fix: str = "delete it and re-run the command that wrote it") -> Any:
+    """Parse a JSON file; a damaged one is a :class:`DfqError` naming the file and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DfqError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); {fix}") from None
+
+
+def load_tensors(path: str | os.PathLike, fix: str = "delete it and re-run the command that wrote it") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or foreign one is a :class:`DfqError` naming the file and ``fix``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise DfqError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); {fix}") from None
+
+
+def load_torch(path: str | os.PathLike, fix: str = "delete it to start over") -> Any:
+    """``torch.load`` of a resume file this project wrote (trusted, so weights_only=False); a damaged one
+    (an interrupted copy, a full disk) is a :class:`DfqError` naming the file and ``fix``."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise DfqError(f"{path} is damaged and cannot be resumed from ({str(exc).splitlines()[0]}); {fix}") from None
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -88,12 +88,19 @@ def _ranked_groups(sim: np.ndarray, n: int, k: int, similar: bool, rng: np.rando
 
 
 def class_similarity(class_names: Sequence[str], tokenizer, text_encoder) -> np.ndarray:
-    """Cosine similarity of the generator's pooled text embeddings of "a photo of a {cls}"."""
+    """Cosine similarity of the generator's text embeddings of "a photo of a {cls}": CLIP's pooled
+    output where the encoder has one (SD, SDXL, Flux's CLIP), else its projected text embedding
+    (SD3), else the mean of the last hidden states over real tokens (T5, Gemma, Qwen)."""
     with torch.no_grad():
-        ids = tokenizer([f"a photo of a {c}" for c in class_names], padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        emb = text_encoder(ids.to(text_encoder.device)).pooler_output.float().cpu()
-    emb = torch.nn.functional.normalize(emb, dim=-1)
+        enc = tokenizer([f"a photo of a {c}" for c in class_names], padding="max_length", truncation=True,
+                        max_length=min(tokenizer.model_max_length, 512), return_tensors="pt")
+        out = text_encoder(enc.input_ids.to(text_encoder.device), output_hidden_states=True)
+        emb = getattr(out, "pooler_output", None)
+        emb = emb if emb is not None else getattr(out, "text_embeds", None)
+        if emb is None:
+            mask = enc.attention_mask.to(out.hidden_states[-1].device).unsqueeze(-1).to(out.hidden_states[-1].dtype)
+            emb = (out.hidden_states[-1] * mask).sum(1) / mask.sum(1)
+    emb = torch.nn.functional.normalize(emb.float().cpu(), dim=-1)
     return (emb @ emb.T).numpy()
 
 
@@ -145,5 +152,5 @@ def read_manifest(path: str | Path) -> list[PromptRow]:
     try:  # generated-image manifests carry extra keys (file, generator, settings)
         return [PromptRow(**{k: v for k, v in json.loads(line).items() if k in keys})
                 for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, TypeError) as exc:
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
         raise DfqError(f"{path} is not a dfq prompt manifest ({exc}); recreate it with `dfq prompts`") from None

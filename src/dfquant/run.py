@@ -9,7 +9,6 @@ the same config only does what is missing, and an interrupted one resumes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -36,10 +35,10 @@ class RunConfig:
     pairing: str = "random"
     n: int = 1024
     generator: str = "mini"
-    steps: int | None = None         # None: the generator preset (mini 25, sd15 50, sd-turbo 1)
+    steps: int | None = None         # None: the generator preset (mini 25, sd15 50, sd-turbo 1, ...)
     guidance: float | None = None
     scheduler: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"              # auto: the family's preset dtype on a GPU, float32 on the CPU
     gen_batch_size: int = 64
     distill_method: str = "genie"
     distill_iters: int = 500
@@ -56,18 +55,23 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides: Any) -> "RunConfig":
-        data: dict[str, Any] = {}
-        if path is not None:
-            p = Path(path)
+        """Read ``path`` (YAML), apply the non-None ``overrides`` and validate types and ranges
+        (:func:`dfquant.validate.run_config`) before anything is written."""
+        from dfquant.validate import run_config
+
+        data: Any = {}
+        p = Path(path) if path is not None else None
+        if p is not None:
             if not p.is_file():
                 raise DfqError(f"config {p} not found; pass a YAML file (see configs/)")
-            data = yaml.safe_load(p.read_text()) or {}
-            unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-            if unknown:
-                raise DfqError(f"unknown key(s) {', '.join(sorted(unknown))} in {p}; valid keys: "
-                               + ", ".join(f.name for f in dataclasses.fields(cls)))
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                mark = getattr(exc, "problem_mark", None)
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(exc, "problem", None) or type(exc).__name__
+                raise DfqError(f"{p} is not valid YAML ({problem}{at}); fix that line (see configs/demo.yaml)") from None
+        return run_config(data, p, overrides)
 
 
 def parse_bits(tag: str) -> tuple[float, float]:
@@ -115,17 +119,17 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     import torch
 
     from dfquant.data.calib import load_calibration
-    from dfquant.models.registry import get_model
-
     from dfquant.quant.bn import check_bn_mode
 
     bit_settings = [parse_bits(b) for b in cfg.bits]
     check_bn_mode(cfg.bn_recalib, "bn_recalib")
+    torch.manual_seed(cfg.seed)
+    from dfquant.models.source import resolve_model
+
+    spec = resolve_model(cfg.model)  # a bad model name or damaged weights must not leave a run folder behind
     r = Run(cfg)
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())
-    torch.manual_seed(cfg.seed)
-    spec = get_model(cfg.model)
     algo = cfg.algo if cfg.algo != "auto" else ("repq-vit" if spec.is_vit else "genie-m")
     r.log(f"run {r.dir}: {cfg.model} source={cfg.source} strategy={cfg.strategy} algo={algo} bits={cfg.bits}")
 
@@ -153,10 +157,10 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
             res = read_json(qdir / "results.json")
             r.log(f"{tag}: cached, top-1 {res['q_top1']:.2f}%")
         else:
-            from dfquant.quant.api import run_quantize
+            from dfquant.jobs import run_quantize
 
             r.log(f"{tag}: quantizing with {algo}, {cfg.iters} iterations per block")
-            res = run_quantize(cfg.model, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
+            res = run_quantize(spec, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
                                qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1,
                                bn_recalib=cfg.bn_recalib)
             r.done(f"quant_{tag.upper()}", key)
@@ -201,7 +205,7 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
             raise DfqError(f"source {cfg.source!r} is not generated, real, distill or an existing folder of images")
         return _key("folder", str(Path(cfg.source).resolve())), cfg.source
 
-    from dfquant.generate.pipeline import generate, load_pipeline, preset_for
+    from dfquant.generate.pipeline import generate, load_pipeline, preset_for, resolve_dtype, sampling
     from dfquant.prompts import class_similarity, make_manifest, write_manifest
 
     manifest = r.dir / "prompts.jsonl"
@@ -230,18 +234,21 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
         if not r.cached("learn_prompts", ekey, epath):
             pipe = pipe or load_pipeline(cfg.generator, cfg.dtype, cfg.device, cfg.scheduler)
             r.log(f"learn-prompts: {cfg.modes} modes per class, {cfg.learn_iters} steps")
-            save_embeddings(epath, learn_prompts(pipe, spec, cfg.modes, cfg.learn_iters, guidance=guidance,
-                                                 seed=cfg.seed, progress=progress), spec.class_names, {"model": cfg.model})
+            args = sampling(cfg.generator, pipe, steps, guidance)
+            save_embeddings(epath, learn_prompts(pipe, spec, cfg.modes, cfg.learn_iters, guidance=args["guidance"],
+                                                 seed=cfg.seed, progress=progress, size=args["height"], call=args["call"]),
+                            spec.class_names, {"model": cfg.model})
             r.done("learn_prompts", ekey)
         embeds = load_embeddings(epath)
-    gkey = _key("generate", pkey, ekey, cfg.generator, steps, guidance, cfg.scheduler, cfg.dtype)
+    gkey = _key("generate", pkey, ekey, cfg.generator, steps, guidance, cfg.scheduler,
+                resolve_dtype(cfg.dtype, preset, cfg.device))
     if not r.cached("generate", gkey, images / "manifest.jsonl"):
-        from dfquant.generate.pipeline import native_size
         from dfquant.prompts import read_manifest
 
         pipe = pipe or load_pipeline(cfg.generator, cfg.dtype, cfg.device, cfg.scheduler)
-        size = preset["size"] if cfg.generator in ("mini", "sd15", "sd-turbo") else native_size(pipe)
-        r.log(f"generate: {cfg.n} images with {cfg.generator}, {steps} steps, guidance {guidance}, {size}px")
+        args = sampling(cfg.generator, pipe, steps, guidance)
+        r.log(f"generate: {cfg.n} images with {cfg.generator}, {args['steps']} steps, guidance {args['guidance']}, "
+              f"{args['height']}px")
         t0 = time.time()
         rows = read_manifest(manifest)
         row_embeds = None
@@ -249,8 +256,8 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
             from dfquant.generate.learned import rows_embeddings
 
             row_embeds = rows_embeddings(rows, embeds)
-        generate(rows, pipe, images, steps=steps, guidance=guidance, height=size, width=size,
-                 batch_size=cfg.gen_batch_size, generator_id=cfg.generator, prompt_embeds=row_embeds, progress=progress)
+        generate(rows, pipe, images, batch_size=cfg.gen_batch_size, generator_id=cfg.generator, prompt_embeds=row_embeds,
+                 progress=progress, **args)
         r.done("generate", gkey)
         r.log(f"generate: done in {time.time() - t0:.0f}s")
     return gkey, str(images)

@@ -3,8 +3,9 @@
 Sources:
   * ``real`` / ``real:A``  — N random images of Fashion-MNIST split A (zoo models only;
     the real-data upper bound);
-  * a ``.safetensors`` file with an ``images`` tensor (e.g. ``dfq distill`` output),
-    already in the model's normalized input space;
+  * a ``.safetensors`` file with an ``images`` tensor (e.g. ``dfq distill`` output), or a ``.pt``
+    file saved with ``torch.save`` (a tensor, or a dict with ``images``), already in the model's
+    normalized input space;
   * a folder of images (``dfq generate`` output or any image folder), passed through
     the model's own preprocessing.
 """
@@ -20,7 +21,15 @@ from dfquant.models.registry import ModelSpec
 
 
 def load_calibration(source: str | Path, spec: ModelSpec, n: int = 1024, seed: int = 0) -> torch.Tensor:
-    src = str(source)
+    """``n`` calibration images from ``source``; fewer than ``n`` available is an error, not a silent shortfall."""
+    images = _load(str(source), spec, n, seed)
+    if len(images) < n:
+        raise DfqError(f"calibration source {source} holds {len(images)} images but --n {n} asks for {n}; "
+                       f"pass --n {len(images)} or add images")
+    return images
+
+
+def _load(src: str, spec: ModelSpec, n: int, seed: int) -> torch.Tensor:
     if src.startswith("real"):
         split = src.partition(":")[2] or "A"
         if not spec.embedded:
@@ -32,19 +41,35 @@ def load_calibration(source: str | Path, spec: ModelSpec, n: int = 1024, seed: i
         x, _ = fmnist.load_split(split, limit=n, seed=seed)
         return spec.normalize(x)
     path = Path(src)
-    if path.suffix == ".safetensors":
+    if path.suffix in (".safetensors", ".pt", ".pth"):
         if not path.is_file():
-            raise DfqError(f"{path} not found; create it with `dfq distill`")
-        from safetensors.torch import load_file
-
-        images = load_file(str(path)).get("images")
-        if images is None:
-            raise DfqError(f"{path} has no 'images' tensor; create it with `dfq distill`")
+            raise DfqError(f"{path} not found; pass an existing file (or create one with `dfq distill`)")
+        images = _tensor_file(path)
         if tuple(images.shape[1:]) != tuple(spec.input_size):
-            raise DfqError(f"{path} holds images of shape {tuple(images.shape[1:])} but {spec.name} takes {spec.input_size}; distill for this model")
-        return images[:n]
+            raise DfqError(f"{path} holds images of shape {tuple(images.shape[1:])} but {spec.name} takes {spec.input_size}; "
+                           "save images at the model's input size")
+        return images[:n].float()
     if path.is_dir():
         from dfquant.data.folders import load_folder_images
 
         return load_folder_images(path, spec.transform(), limit=n)
-    raise DfqError(f"calibration source {src!r} not found; pass real:A, a folder of images, or a .safetensors from `dfq distill`")
+    raise DfqError(f"calibration source {src!r} not found; pass real:A, a folder of images, or a .pt/.safetensors image tensor")
+
+
+def _tensor_file(path: Path) -> torch.Tensor:
+    """The image tensor of a ``.safetensors`` / ``torch.save`` file: the ``images`` entry, or its only tensor."""
+    if path.suffix == ".safetensors":
+        from dfquant.io import load_tensors
+
+        content = load_tensors(path, fix="save the images again (or re-create them with `dfq distill`)")
+    else:
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise DfqError(f"{path} is not a tensor file saved with torch.save ({type(exc).__name__})") from None
+    if isinstance(content, dict):
+        tensors = {k: v for k, v in content.items() if isinstance(v, torch.Tensor)}
+        content = tensors.get("images", next(iter(tensors.values())) if len(tensors) == 1 else None)
+    if not isinstance(content, torch.Tensor) or content.dim() != 4:
+        raise DfqError(f"{path} must hold one (N, C, H, W) image tensor (or an 'images' entry); save it with torch.save(images, PATH)")
+    return content

@@ -48,15 +48,18 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            return self.transform(im.convert("RGB")), label
+        return self.transform(open_rgb(path)), label
 
 
 def load_folder_images(root: str | Path, transform: Callable[[Image.Image], torch.Tensor], limit: int | None = None) -> torch.Tensor:
     """Load a flat (or nested) folder of calibration images into one tensor batch."""
-    files = list_images(root)[:limit]
-    out = []
-    for p in files:
-        with Image.open(p) as im:
-            out.append(transform(im.convert("RGB")))
-    return torch.stack(out)
+    return torch.stack([transform(open_rgb(p)) for p in list_images(root)[:limit]])
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image fully (so a truncated file fails here, naming itself, not deep in a transform)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise DfqError(f"{path} is not a readable image ({str(exc).splitlines()[0]}); delete or replace it") from None

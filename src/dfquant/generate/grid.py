@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from dfquant.errors import DfqError
+from dfquant.data.folders import open_rgb
 from dfquant.io import atomic_path
 
 _CELL_MIN, _CELL_MAX, _PAD, _LINES = 96, 256, 4, 3
@@ -23,7 +24,10 @@ def _entries(folder: Path) -> list[dict]:
     """Manifest rows (file, prompt, strategy); an unfinished folder falls back to its PNGs without captions."""
     manifest = folder / "manifest.jsonl"
     if manifest.is_file():
-        rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise DfqError(f"{manifest} is not valid JSON lines ({exc}); re-run `dfq generate` to rewrite it") from None
         return [r | {"file": r.get("file", f"{r['index']:06d}.png")} for r in rows if (folder / r.get("file", f"{r['index']:06d}.png")).is_file()]
     files = sorted(p.name for p in folder.glob("*.png") if re.fullmatch(r"\d{6}\.png", p.name))
     return [{"file": f, "prompt": "", "strategy": ""} for f in files]
@@ -44,8 +48,7 @@ def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
 
 
 def _sheet(folder: Path, entries: list[dict], out: Path) -> None:
-    with Image.open(folder / entries[0]["file"]) as im:
-        w0, h0 = im.size
+    w0, h0 = open_rgb(folder / entries[0]["file"]).size
     side = max(w0, h0)  # small images grow by an integer factor (crisp pixels), large ones shrink to _CELL_MAX
     scale = math.ceil(_CELL_MIN / side) if side < _CELL_MIN else min(1.0, _CELL_MAX / side)
     cw, ch = max(1, round(w0 * scale)), max(1, round(h0 * scale))
@@ -59,9 +62,8 @@ def _sheet(folder: Path, entries: list[dict], out: Path) -> None:
     draw = ImageDraw.Draw(sheet)
     for i, e in enumerate(entries):
         x, y = _PAD + (i % cols) * (cw + _PAD), _PAD + (i // cols) * (ch + cap_h + _PAD)
-        with Image.open(folder / e["file"]) as im:
-            resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
-            sheet.paste(im.convert("RGB").resize((cw, ch), resample), (x, y))
+        resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+        sheet.paste(open_rgb(folder / e["file"]).resize((cw, ch), resample), (x, y))
         if captions:
             for j, line in enumerate(_wrap(e.get("prompt", ""), draw, font, cw)):
                 draw.text((x, y + ch + j * line_h), line, fill="black", font=font)

@@ -7,7 +7,7 @@ CLIPTextModel + CLIPTokenizer, DDIM scheduler — at toy width: 32x32 RGB images
   2. the UNet and the text encoder jointly, epsilon prediction on scaled VAE latents,
      captions drawn from the prompt templates (single-class and GenQ-style adjectives),
      10% empty captions so classifier-free guidance works.
-Saved with ``save_pretrained`` (safetensors) and loaded with ``StableDiffusionPipeline.from_pretrained``.
+Saved with ``save_pretrained`` (safetensors) and loaded like any generator (``AutoPipelineForText2Image``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ and a missing cache is reported with the command that fills it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,7 +22,10 @@ from torch import nn
 
 from dfquant.data import fmnist
 from dfquant.errors import DfqError
+from dfquant.hub import download_hint, offline
+from dfquant.io import load_tensors, read_json
 from dfquant.models import zoo
+from dfquant.validate import check_finite
 
 FMNIST_MEAN = (0.2190, 0.2190, 0.2190)
 FMNIST_STD = (0.3318, 0.3318, 0.3318)
@@ -42,6 +44,7 @@ class ModelSpec:
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
     card: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # how to rebuild the model (saved with a quantized folder)
 
     @property
     def num_classes(self) -> int:
@@ -49,7 +52,9 @@ class ModelSpec:
 
     @property
     def is_vit(self) -> bool:
-        return any(type(m).__name__ in {"Attention", "WindowAttention"} for m in self.model.modules())
+        from dfquant.quant.transform import has_attention
+
+        return has_attention(self.model)
 
     @property
     def embedded(self) -> bool:
@@ -75,7 +80,7 @@ def zoo_dir() -> Path:
 
 def zoo_card(arch: str, folder: Path | None = None) -> dict[str, Any]:
     path = (folder or zoo_dir()) / f"fmnist_{arch}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path, fix=f"restore it or re-train with `dfq train-classifier fmnist/{arch}`") if path.exists() else {}
 
 
 def _fmnist(arch: str, pretrained: bool) -> ModelSpec:
@@ -93,19 +98,17 @@ def _fmnist(arch: str, pretrained: bool) -> ModelSpec:
 
         apply_satnl(model, **card["satnl"])
     if pretrained:
-        from safetensors.torch import load_file
-
         path = (wdir or zoo_dir()) / f"fmnist_{arch}.safetensors"
         if not path.exists():
             raise DfqError(f"no weights for fmnist/{arch} at {path}; train them with `dfq train-classifier fmnist/{arch}`")
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(load_tensors(path, fix=f"re-train it with `dfq train-classifier fmnist/{arch}`"))
     return ModelSpec(name, model.eval(), (3, fmnist.SIZE, fmnist.SIZE), FMNIST_MEAN, FMNIST_STD,
                      list(fmnist.CLASS_NAMES), interpolation="bilinear", crop_pct=1.0, card=card)
 
 
 def _offline_hint(name: str, exc: Exception) -> DfqError:
     source, _, arch = name.partition("/")
-    fix = (f"`huggingface-cli download timm/{arch}`" if source == "timm" else
+    fix = (download_hint(f"timm/{arch}") if source == "timm" else
            f"`python -c \"import torchvision; torchvision.models.get_model('{arch}', weights='DEFAULT')\"` (fills the torch hub cache)")
     return DfqError(f"weights for {name} are not cached and cannot be downloaded ({type(exc).__name__}); "
                     f"on a machine with internet run {fix}, or pass --random-weights")
@@ -139,6 +142,8 @@ def _timm(arch: str, pretrained: bool) -> ModelSpec:
     base = arch.split(".")[0]
     if not timm.list_models(base) and not timm.is_model(base):
         raise DfqError(f"unknown timm model {arch!r}; see timm.list_models()")
+    if pretrained:
+        offline()  # no network: answer from the cache at once instead of retrying for a minute
     try:
         model = timm.create_model(arch, pretrained=pretrained)
     except Exception as exc:  # noqa: BLE001
@@ -163,4 +168,8 @@ def get_model(name: str, pretrained: bool = True) -> ModelSpec:
     source, _, arch = name.partition("/")
     if source not in _SOURCES or not arch:
         raise DfqError(f"unknown model name {name!r}; use one of: " + ", ".join(list_models()))
-    return _SOURCES[source](arch, pretrained)
+    spec = _SOURCES[source](arch, pretrained)
+    if pretrained:
+        check_finite(spec.model.state_dict().items(), f"model {name}", "restore or re-train its weights")
+    spec.source = {"name": name}
+    return spec

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from dfquant.data import fmnist
 from dfquant.evaluate import top1_tensors
-from dfquant.io import save_tensors, versions, write_json
+from dfquant.io import load_torch, save_tensors, versions, write_json
 from dfquant.models import zoo
 from dfquant.models.registry import FMNIST_MEAN, FMNIST_STD
+from dfquant.validate import check_finite
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -74,7 +75,7 @@ def train_classifier(arch: str, out_dir: Path, epochs: int, batch_size: int = 12
     ckpt = out_dir / f".fmnist_{arch}.resume.pt"
     start = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = load_torch(ckpt)
         model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"]); start = state["epoch"]
     t0 = time.time()
@@ -107,6 +108,7 @@ def train_classifier(arch: str, out_dir: Path, epochs: int, batch_size: int = 12
         "versions": versions(),
         **robust,
     }
+    check_finite(model.state_dict().items(), f"the trained fmnist/{arch}", "nothing was written; lower --lr")
     save_tensors(out_dir / f"fmnist_{arch}.safetensors", model.state_dict())
     write_json(out_dir / f"fmnist_{arch}.json", card)
     ckpt.unlink(missing_ok=True)

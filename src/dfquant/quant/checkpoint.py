@@ -1,20 +1,27 @@
 """Quantized checkpoints: ``model.safetensors`` (full state incl. quantizer parameters) +
-``quant_config.json`` (model name, configs, non-tensor quantizer state, results)."""
+``quant_config.json`` (configs, the quantization plan, non-tensor quantizer state, results, and
+``model_source``: how to rebuild the full-precision model, which the caller resolves).
+
+Loading needs the full-precision architecture (:func:`load_quantized` takes it); the plan saved
+with the checkpoint lays it out exactly as it was quantized, without tracing it again.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from dfquant.errors import DfqError
-from dfquant.io import read_json, save_tensors, write_json
-from dfquant.models.registry import ModelSpec, get_model
+from dfquant.io import load_tensors, read_json, save_tensors, write_json
 from dfquant.quant.modules import QuantConfig, QuantLayer
+from dfquant.quant.plan import QuantPlan
 from dfquant.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from dfquant.quant.transform import build_quantized
+from dfquant.validate import check_finite
 
 
 def quantizer_state(qmodel: nn.Module) -> dict[str, dict]:
@@ -29,26 +36,56 @@ def quantizer_state(qmodel: nn.Module) -> dict[str, dict]:
     return out
 
 
-def save_quantized(out_dir: Path, spec: ModelSpec, qmodel: nn.Module, qcfg: QuantConfig, meta: dict) -> None:
-    """Write the checkpoint atomically (config last, so a folder with a config is complete)."""
+# What `dfq export` writes into a checkpoint folder by default: a rewritten checkpoint makes them stale.
+EXPORT_FILES = ("model.onnx", "model_int.safetensors", "export_report.json")
+
+
+def save_quantized(out_dir: Path, spec: Any, qmodel: nn.Module, qcfg: QuantConfig, meta: dict) -> None:
+    """Write the checkpoint atomically (config last, so a folder with a config is complete).
+
+    ``spec`` is the model's :class:`~dfquant.models.registry.ModelSpec` (its ``name``, and ``source``
+    and preprocessing, which say how to rebuild and feed the FP model). Refuses non-finite tensors
+    (nothing is written then), and removes the exports of a previous checkpoint in the same folder,
+    which would otherwise sit beside weights they no longer match."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}  # a shared input quantizer appears twice
+    check_finite(state.items(), f"the quantized {spec.name}",
+                 "nothing was written; check the calibration images and lower the learning rates or --iters")
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in qmodel.state_dict().items()}
+    for name in EXPORT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
     save_tensors(out_dir / "model.safetensors", state, metadata={"model": spec.name})
-    write_json(out_dir / "quant_config.json", {"model": spec.name, "quant": asdict(qcfg),
+    source = dict(getattr(spec, "source", None) or {"name": spec.name})
+    preprocess = {k: getattr(spec, k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "class_names")
+                  if hasattr(spec, k)}
+    plan = getattr(qmodel, "dfq_plan", None)
+    write_json(out_dir / "quant_config.json", {"model": spec.name, "model_source": source, "preprocess": preprocess,
+                                                "quant": asdict(qcfg), "plan": plan.to_dict() if plan else None,
                                                 "quantizers": quantizer_state(qmodel), **meta})
 
 
-def load_quantized(ckpt_dir: Path) -> tuple[ModelSpec, nn.Module]:
-    """Rebuild a quantized model from :func:`save_quantized` output."""
-    cfg_path = ckpt_dir / "quant_config.json"
+def read_record(ckpt_dir: Path) -> dict:
+    """The ``quant_config.json`` of a checkpoint folder; a one-line error when there is none."""
+    cfg_path = Path(ckpt_dir) / "quant_config.json"
     if not cfg_path.exists():
         raise DfqError(f"{ckpt_dir} is not a quantized checkpoint (no quant_config.json); create one with `dfq quantize`")
-    meta = read_json(cfg_path)
-    spec = get_model(meta["model"], pretrained=False)  # every tensor comes from the checkpoint
-    qcfg = QuantConfig(**meta["quant"])
-    from dfquant.quant.api import build_quantized
+    meta = read_json(cfg_path, fix="re-create the checkpoint with `dfq quantize`")
+    if not isinstance(meta, dict) or not {"model", "quant", "quantizers"} <= set(meta):
+        raise DfqError(f"{cfg_path} lacks the model/quant/quantizers entries of a checkpoint; re-create it with `dfq quantize`")
+    return meta
 
-    qmodel = build_quantized(spec.model, qcfg, init=False, vit=meta.get("vit"))
+
+def load_quantized(ckpt_dir: Path, model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
+    """Rebuild the quantized model of ``ckpt_dir`` on the full-precision architecture ``model``
+    (its weights are replaced by the checkpoint's)."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_record(ckpt_dir)
+    qcfg = QuantConfig(**meta["quant"])
+    plan = QuantPlan.from_dict(meta["plan"]) if meta.get("plan") else None  # older folders: plan from the graph
+    try:
+        qmodel = build_quantized(model, qcfg, init=False, vit=meta.get("vit"), plan=plan, example_input=example_input)
+    except AttributeError as exc:  # the plan names a module this architecture lacks
+        raise DfqError(f"checkpoint {ckpt_dir} does not fit the model passed ({exc}); pass the architecture it was made from") from None
     qstate = meta["quantizers"]
     for name, m in qmodel.named_modules():
         st = qstate.get(name)
@@ -63,7 +100,8 @@ def load_quantized(ckpt_dir: Path) -> tuple[ModelSpec, nn.Module]:
             if isinstance(m, UniformQuantizer):
                 m.signed = st["signed"]
                 m.bits = st.get("bits", m.bits)  # per-layer bit-widths (mixed precision from `dfq qat --learn-bits`)
-    state = load_file(str(ckpt_dir / "model.safetensors"))
+    state = load_tensors(ckpt_dir / "model.safetensors", fix="re-create the checkpoint with `dfq quantize`")
+    check_finite(state.items(), f"checkpoint {ckpt_dir}", "re-create it with `dfq quantize`")
     for name, m in qmodel.named_modules():  # per-channel buffers/params must take the saved shapes
         for pname in ("scale", "zero_point"):
             key = f"{name}.{pname}" if name else pname
@@ -72,5 +110,6 @@ def load_quantized(ckpt_dir: Path) -> tuple[ModelSpec, nn.Module]:
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DfqError(f"checkpoint {ckpt_dir} does not match {meta['model']} ({len(missing)} missing, "
-                       f"{len(unexpected)} unexpected tensors); re-run `dfq quantize`")
-    return spec, qmodel.eval()
+                       f"{len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[0]}); pass the architecture "
+                       "it was quantized from, or re-run `dfq quantize`")
+    return qmodel.eval()

@@ -57,7 +57,8 @@ from dfquant.errors import DfqError
 from dfquant.io import atomic_path, save_tensors
 from dfquant.quant.modules import QuantBlock, QuantLayer
 from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer
-from dfquant.quant.transform import bn_affine, conv_bn_pairs
+from dfquant.quant.plan import bn_folds
+from dfquant.quant.transform import bn_affine, remove_bn
 
 DEFAULT_OPSET = 21          # first opset with INT4/UINT4 (4-bit weights stored packed)
 MIN_OPSET = 13              # per-axis QuantizeLinear/DequantizeLinear
@@ -396,14 +397,39 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def export_module(qmodel: nn.Module, fuse_bias: bool = False) -> nn.Module:
+def _unfolded_bn(qmodel: nn.Module, example_input: torch.Tensor | None) -> dict[str, str]:
+    """Quantized conv -> the BatchNorm2d its output flows into alone, as ``qmodel`` module names:
+    the pairs the quantization plan folds (:func:`~dfquant.quant.plan.bn_folds`: data flow, not
+    names), here among the BatchNorms the algorithm kept. The graph is traced on a view of
+    ``qmodel`` without its QuantLayer/QuantBlock wrappers (the model the plan was made on);
+    the view shares every tensor, so it costs no weight copies."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules()):
+        return {}
+    memo: dict[int, Any] = {id(t): t for t in (*qmodel.parameters(), *qmodel.buffers())}
+    view = copy.deepcopy(qmodel, memo)
+    wrappers = [(n, m) for n, m in view.named_modules() if n and isinstance(m, (QuantLayer, QuantBlock))]
+    for name, m in sorted(wrappers, key=lambda nm: len(nm[0]), reverse=True):  # innermost first
+        _set(view, name, m.layer if isinstance(m, QuantLayer) else m.block)
+    view_names = {id(m): n for n, m in view.named_modules()}
+    to_q: dict[str, str] = {}  # view name -> qmodel name (a QuantLayer stands for the conv it wraps)
+    for name, m in qmodel.named_modules():
+        copied = memo.get(id(m.layer if isinstance(m, QuantLayer) else m))
+        if copied is not None and id(copied) in view_names:
+            to_q.setdefault(view_names[id(copied)], name)
+    return {to_q[c]: to_q[b] for c, b in bn_folds(view, example_input).items()
+            if isinstance(qmodel.get_submodule(to_q[c]), QuantLayer)}
+
+
+def export_module(qmodel: nn.Module, fuse_bias: bool = False, example_input: torch.Tensor | None = None) -> nn.Module:
     """A copy of ``qmodel`` in which every quantizer is an explicit integer/QDQ construct.
 
-    BatchNorms that follow a quantized Conv are folded into it. Its forward equals the
-    fake-quantized model's up to float rounding; tracing it with
+    BatchNorms that follow a quantized Conv are folded into it (``example_input`` is needed
+    only for a model torch.fx cannot trace, as for the quantization plan). Its forward equals
+    the fake-quantized model's up to float rounding; tracing it with
     ``torch.onnx.export(..., dynamo=False)`` yields the QDQ graph.
     """
     _check_supported(qmodel)
+    folds = _unfolded_bn(qmodel, example_input)
     emodel = copy.deepcopy(qmodel).eval()
     for name, m in list(emodel.named_modules()):
         if isinstance(m, QuantLayer):
@@ -411,9 +437,9 @@ def export_module(qmodel: nn.Module, fuse_bias: bool = False) -> nn.Module:
     # BatchNorm kept unfolded by the algorithm (Genie-M) sits between the Conv and the next
     # QuantizeLinear, where no runtime fuses it into an integer kernel: fold it into the
     # per-channel weight scales and the bias (the integers stay the same)
-    for conv_name, bn_name in conv_bn_pairs(emodel, lambda m: isinstance(m, _ExportLayer) and m.conv):
+    for conv_name, bn_name in folds.items():
         emodel.get_submodule(conv_name).fold_bn(*bn_affine(emodel.get_submodule(bn_name)))
-        _set(emodel, bn_name, nn.Identity())
+        remove_bn(emodel, bn_name)
     for name, m in list(emodel.named_modules()):
         if type(m).__name__ == "QuantAttention" and isinstance(m.k_q, UniformQuantizer) and m.k_q.enabled:
             # QuantAttention transposes k after quantizing it. Quantizing the transposed tensor
@@ -584,8 +610,8 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     if not MIN_OPSET <= opset <= max_opset:
         raise DfqError(f"--opset {opset} is not supported; use {MIN_OPSET}..{max_opset} "
                        f"({INT4_MIN_OPSET}+ stores 4-bit weights as INT4)")
-    emodel = export_module(qmodel, fuse_bias)
     example = torch.zeros(2, *input_size)
+    emodel = export_module(qmodel, fuse_bias, example)
     trace_opset = min(opset, TORCHSCRIPT_MAX_OPSET)
     buf = io.BytesIO()
     try:
@@ -968,22 +994,6 @@ def export_int_state(qmodel: nn.Module, path: str | Path, metadata: dict[str, st
 FORMATS = {"onnx": ".onnx", "int-state": ".safetensors"}
 
 
-def _verify_images(spec, n: int, val: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` embedded test images of a zoo model, or ``n`` images spread evenly over ``val``."""
-    if val is None:
-        if not spec.embedded:
-            raise DfqError(f"{spec.name} has no embedded test set; pass --val /path/to/imagenet/val, or --no-verify")
-        from dfquant.evaluate import test_tensors
-
-        return test_tensors(spec, n)
-    from dfquant.data.folders import ImageFolder
-
-    ds = ImageFolder(val, spec.transform(), num_classes=spec.num_classes)
-    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique().tolist()
-    xs, ys = zip(*(ds[i] for i in idx))
-    return torch.stack(list(xs)), torch.tensor(list(ys))
-
-
 def verification_error(report: dict[str, Any]) -> DfqError | None:
     """The error ``dfq export`` exits with when the verification in ``report`` failed, else None."""
     v = report.get("verify")
@@ -1000,53 +1010,3 @@ def verification_error(report: dict[str, Any]) -> DfqError | None:
         f"{100 * v['mean_rel_diff']:.3f}% of the largest logit (tolerance {100 * LOGIT_MEAN_TOLERANCE:g}%). {near_tie}{bias}"
         f"One image is {100 / v['n']:.2f} points at --n {v['n']}: if near ties flipped, verify on more images "
         f"(--n 1000); otherwise report the model with {report['report_path']}")
-
-
-def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True,
-               n: int = 1000, opset: int = DEFAULT_OPSET, val: str | Path | None = None,
-               fuse_bias: bool = False, raise_on_failure: bool = True, speed_runs: int = 10) -> dict[str, Any]:
-    """``dfq export``: load a quantized checkpoint, write ``fmt`` to ``out`` (default inside the
-    checkpoint folder), verify an ONNX export with onnxruntime on ``n`` test images, and
-    write ``export_report.json`` next to the output. An ONNX export is also timed against the
-    same architecture in float32 (``speed_runs`` interleaved runs at batch 1 and 32; 0 skips it):
-    ``report["deployment"]`` is :func:`deployment_gain`. Raises :class:`DfqError` (after writing
-    the report) when the verification fails, unless ``raise_on_failure`` is false (then see
-    :func:`verification_error`)."""
-    from dfquant.io import read_json, versions, write_json
-    from dfquant.quant.checkpoint import load_quantized
-
-    if fmt not in FORMATS:
-        raise DfqError(f"--format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
-    if verify and fmt == "onnx" and n < 1:
-        raise DfqError(f"--n {n} must be at least 1 (or pass --no-verify)")
-    ckpt_dir = Path(ckpt_dir)
-    default_name = "model.onnx" if fmt == "onnx" else "model_int.safetensors"
-    out = Path(out) if out is not None else ckpt_dir / default_name
-    if out.suffix != FORMATS[fmt]:
-        raise DfqError(f"--out {out} must end in {FORMATS[fmt]} for --format {fmt}")
-    spec, qmodel = load_quantized(ckpt_dir)
-    qmeta = read_json(ckpt_dir / "quant_config.json")
-    meta = {"model": spec.name, "checkpoint": str(ckpt_dir)}
-    meta.update({k: str(qmeta[k]) for k in ("algo", "wbits", "abits") if k in qmeta})
-    meta["quant_config"] = json.dumps(qmeta.get("quant", {}))
-    report: dict[str, Any] = {"checkpoint": str(ckpt_dir), "model": spec.name, "format": fmt, "output": str(out),
-                              **{k: qmeta.get(k) for k in ("algo", "wbits", "abits", "q_top1")}}
-    if fmt == "int-state":
-        report["export"] = export_int_state(qmodel, out, metadata=meta)
-    else:
-        report["export"] = export_onnx(qmodel, spec.input_size, out, opset, metadata=meta, fuse_bias=fuse_bias)
-        if verify:
-            images, labels = _verify_images(spec, n, val)
-            report["verify"] = verify_onnx(qmodel, out, images, labels)
-            report["tolerance"] = {"top1_diff_points": TOP1_TOLERANCE_POINTS, "mean_rel_diff": LOGIT_MEAN_TOLERANCE}
-        if speed_runs > 0:
-            report["deployment"] = deployment_gain(spec.model, out, spec.input_size, (1, 32), speed_runs)
-    report["versions"] = versions()
-    report_path = out.parent / "export_report.json"
-    write_json(report_path, report)
-    report["report_path"] = str(report_path)
-    if raise_on_failure:
-        err = verification_error(report)
-        if err is not None:
-            raise err
-    return report

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
+from dfquant.io import load_torch
 from dfquant.quant.modules import QuantLayer, act_quantizers, set_quant_state, train_keep_bn
 from dfquant.quant.transform import recon_units
 
@@ -64,7 +65,7 @@ def joint_finetune(qmodel: nn.Module, calib: torch.Tensor, iters: int, batch_siz
     gen = torch.Generator().manual_seed(seed)
     start, losses = 0, []
     if resume is not None and resume.exists():
-        state = torch.load(resume, weights_only=False)
+        state = load_torch(resume)
         qmodel.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"]); start, losses = state["step"], state["losses"]
     train_keep_bn(qmodel)

@@ -1,7 +1,8 @@
 """Quantized layers and the model transform with the literature's conventions.
 
 Every ``Conv2d``/``Linear`` becomes a :class:`QuantLayer` (per-channel weight quantizer +
-per-tensor input quantizer). Residual blocks are wrapped in :class:`QuantBlock`, which
+per-tensor input quantizer). Residual blocks (found from the graph, :mod:`dfquant.quant.plan`)
+are wrapped in :class:`QuantBlock`, which
 quantizes the block input once so the identity branch of the residual addition and the
 block's entry convolutions all see the same quantized tensor (their own input quantizers
 are switched off) — the residual path is quantized, as in Genie/QDrop.
@@ -17,14 +18,6 @@ from torch import nn
 
 from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer
 
-# block class name -> names of sub-modules that consume the block input directly
-BLOCK_ENTRIES: dict[str, tuple[str, ...]] = {
-    "BasicBlock": ("conv1", "downsample.0"),
-    "Bottleneck": ("conv1", "downsample.0"),
-    "InvertedResidual": ("conv.0.0",),
-}
-
-
 @dataclass
 class QuantConfig:
     """Bit-widths and conventions of one quantization run (a preset fills the conventions)."""
@@ -38,7 +31,7 @@ class QuantConfig:
     act_init: str = "mse"
     act_symmetric: bool = True       # signed iff the calibration data has negatives
     fold_bn: bool = False
-    keep_fp: list[str] = field(default_factory=list)  # module names left in full precision
+    keep_fp: list[str] = field(default_factory=list)  # module-name globs left in full precision
 
 
 def _act_quantizer(bits: float, cfg: QuantConfig) -> UniformQuantizer:

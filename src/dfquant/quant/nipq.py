@@ -39,9 +39,7 @@ The result is a plain :class:`~dfquant.quant.quantizers.UniformQuantizer` model 
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -50,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
+from dfquant.io import load_torch
 from dfquant.quant.bn import check_bn_args, check_bn_mode, recalibrate_bn
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, act_quantizers, train_keep_bn
 from dfquant.quant.quantizers import UniformQuantizer, check_bits, round_ste
@@ -434,7 +433,7 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
            "budget_by": qmodel.budget_by, "batch_size": batch_size,
            "penalty": penalty, "temperature": temperature, "augment": augment, "seed": seed, "n_calib": len(calib)}
     if resume is not None and Path(resume).exists():
-        state = torch.load(resume, weights_only=False)
+        state = load_torch(resume)
         if state.get("key") != key:
             raise DfqError(f"{resume} belongs to a QAT run with other settings ({state.get('key')}); "
                            "delete it or choose another output folder")
@@ -542,7 +541,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
 def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits: bool, avg_bits: float | None,
                    n: int, batch_size: int, bn_stats: str = "relative", budget_by: str = "size") -> None:
     """Validate ``dfq qat`` options before any slow work (DfqError naming the fix)."""
-    check_bn_mode(bn_stats, "--bn-stats")
+    check_bn_mode(bn_stats, "--bn-recalib")
     check_budget_by(budget_by, "--budget-by")
     if budget_by != "size" and not learn_bits:
         raise DfqError(f"--budget-by {budget_by} weighs the learned bit-widths; add --learn-bits (or drop --budget-by)")
@@ -563,59 +562,3 @@ def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits
     if learn_bits and (avg_bits if avg_bits is not None else wbits) <= BIT_RANGE[0]:
         raise DfqError(f"--learn-bits with an average of {BIT_RANGE[0]:g} bits leaves nothing to distribute; "
                        "pass --avg-bits above 2 (e.g. --avg-bits 3)")
-
-
-def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out: Path, iters: int = 2000,
-            lr: float = 1e-4, learn_bits: bool = False, avg_bits: float | None = None, n: int = 1024,
-            batch_size: int = 32, seed: int = 0, val=None, eval_limit: int | None = None, bn_stats: str = "relative",
-            act_reinit: bool = False, progress: bool = True, calib: torch.Tensor | None = None,
-            fp_top1: float | None = None, save: bool = True, budget_by: str = "size") -> dict:
-    """``dfq qat``: NIPQ data-free QAT, finalize, evaluate FP / init / QAT top-1, write checkpoint + results.json."""
-    from dfquant.data.calib import load_calibration
-    from dfquant.evaluate import evaluate
-    from dfquant.io import versions, write_json
-    from dfquant.models.registry import get_model
-
-    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)
-    budget = (avg_bits if avg_bits is not None else float(wbits)) if learn_bits else None
-    spec = get_model(model_name)
-    if spec.is_vit:
-        raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with `dfq quantize --algo repq-vit`")
-    calib = load_calibration(calib_source, spec, n, seed) if calib is None else calib
-    if len(calib) < batch_size:
-        raise DfqError(f"calibration source {calib_source} gave {len(calib)} images, fewer than the batch size {batch_size}")
-    if fp_top1 is None:
-        fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
-    t0 = time.time()
-    torch.manual_seed(seed)
-    qmodel = prepare_nipq(spec.model, wbits, abits, learn_bits=learn_bits, init_bits=budget, calib=calib,
-                          budget_by=budget_by)
-    t_eval = time.time()
-    init_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
-    t0 += time.time() - t_eval  # "seconds" counts preparation, training and finalization only
-    out = Path(out)
-    losses = qat_distill(qmodel, spec.model, calib, iters, lr, budget, batch_size=batch_size, seed=seed,
-                         resume=(out / "qat_resume.pt") if save else None, progress=progress)
-    info = finalize(qmodel, calib, budget, fp_model=spec.model, bn_stats=bn_stats, act_reinit=act_reinit)
-    seconds = round(time.time() - t0, 1)
-    q_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
-    k = max(1, min(50, len(losses) // 10))
-    meta = {"algo": "nipq-qat", "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
-            "iters": iters, "lr": lr, "learn_bits": learn_bits, "avg_bits_budget": budget, "batch_size": batch_size,
-            "seed": seed, "act_reinit": act_reinit, "fp_top1": fp_top1,
-            "init_top1": init_top1, "q_top1": q_top1, "seconds": seconds,
-            "kl_first": sum(losses[:k]) / k if losses else None, "kl_last": sum(losses[-k:]) / k if losses else None,
-            **info, "versions": versions()}
-    if save:
-        from dfquant.quant.checkpoint import save_quantized
-
-        qcfg = copy.copy(qmodel.nipq_config)
-        qcfg.act_symmetric = False  # NIPQ activation grids are affine (zero point 0 for non-negative inputs)
-        save_quantized(out, spec, qmodel, qcfg, meta)
-        write_json(out / "results.json", {k_: meta[k_] for k_ in (
-            "algo", "wbits", "abits", "calib", "n_calib", "iters", "lr", "learn_bits", "avg_bits_budget", "seed",
-            "budget_by", "bn_stats", "act_reinit", "fp_top1", "init_top1", "q_top1", "avg_weight_bits_all",
-            "avg_weight_bits_learned",
-            "kl_first", "kl_last", "seconds")})
-    meta["qmodel"] = qmodel
-    return meta

@@ -19,6 +19,7 @@ from torch import nn
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 MSE_SAMPLE = 2**23  # per-tensor MSE search looks at most this many elements (every mini-world tensor is smaller)
 TERNARY = 1.58
+FUSED = True  # per-tensor quantizers train through :class:`_FakeQuant`; False: plain autograd (tests compare both)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +93,14 @@ class UniformQuantizer(nn.Module):
         if not self.initialized:
             self.init_range(x, method=self.init_method)
         shape = self._shape(x)
+        drop = self.training and self.drop_prob > 0
+        if FUSED and self.channel_axis is None and torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
+            # reconstruction's hot path: one fused autograd node instead of ~8 (same values and gradients)
+            keep = torch.rand_like(x) < self.drop_prob if drop else None
+            qmin, qmax = self.qrange
+            return _FakeQuant.apply(x, self.scale, self.zero_point, qmin, qmax, keep)
         out = self.quantize(x, self.scale.view(shape), self.zero_point.view(shape))
-        if self.training and self.drop_prob > 0:
+        if drop:
             out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
         return out
 
@@ -174,6 +181,44 @@ class UniformQuantizer(nn.Module):
         return f"bits={self.bits}, {axis}, symmetric={self.symmetric}, signed={self.signed}"
 
 
+class _FakeQuant(torch.autograd.Function):
+    """Per-tensor ``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` with QDrop's drop, as one autograd node.
+
+    Gradients are exactly those autograd derives for :meth:`UniformQuantizer.quantize` followed by
+    ``torch.where(keep, x, q)``: the straight-through estimator passes ``x``'s gradient where the value is
+    kept in full precision or lies strictly inside the clip range (``torch.clamp``'s rule), and the
+    step's gradient is LSQ's ``(c - z) - x / s`` inside the range and ``c - z`` at or beyond a bound, summed over the
+    elements that were quantized. Saving one boolean pass-through mask and one step-gradient factor instead of
+    autograd's chain of ~8 intermediate tensors makes block reconstruction about twice as fast on CPU, where
+    these elementwise passes cost more than the convolutions (``benchmarks/results/recon_speed.md``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                keep: torch.Tensor | None) -> torch.Tensor:
+        u = x / scale
+        v = torch.round(u).add_(zero_point)
+        c = v.clamp(qmin, qmax)
+        inside = (v > qmin).logical_and_(v < qmax)  # where torch.clamp passes gradients (bounds excluded)
+        c.sub_(zero_point)
+        out = c * scale
+        ds = torch.where(inside, c - u, c)  # d out / d scale per element
+        if keep is not None:
+            ds.masked_fill_(keep, 0.0)
+            inside.logical_or_(keep)
+            out = torch.where(keep, x, out)
+        ctx.save_for_backward(inside, ds)
+        ctx.scale_shape = scale.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        passes, ds = ctx.saved_tensors
+        grad_x = grad * passes if ctx.needs_input_grad[0] else None
+        grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).view(ctx.scale_shape) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_s, None, None, None, None
+
+
 class SoftRoundingWeight(nn.Module):
     """Learned rounding of a weight tensor on a frozen integer floor.
 
@@ -192,8 +237,9 @@ class SoftRoundingWeight(nn.Module):
         shape = quantizer._shape(weight)
         s0 = quantizer.scale.detach().view(shape)
         self.register_buffer("w_floor", torch.floor(weight.detach() / s0))
-        rest = (weight.detach() / s0 - self.w_floor).clamp(0.01, 0.99)
-        # invert the rectified sigmoid so that h(V) starts at the fractional remainder
+        rest = weight.detach() / s0 - self.w_floor
+        # invert the rectified sigmoid so that h(V) starts at the fractional remainder (finite on [0, 1]
+        # because the stretch (gamma, zeta) = (-0.1, 1.1) reaches beyond it)
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.q.scale.requires_grad_(learn_scale)
         self.hard = False

@@ -3,7 +3,7 @@
 For each unit (residual block, conv-norm-act stack, or single layer) in forward order:
   1. cache the unit's input in the partly quantized model (x_q), and its input and output
      in the full-precision model (x_fp, y_fp);
-  2. initialize the unit's activation quantizers (Genie: on the first training batch through the
+  2. initialize the unit's activation quantizers (Genie: on the first calibration batch through the
      soft weights; BRECQ/QDrop: on the first 256 quantized inputs);
   3. optimize ``lp_loss(unit_q(x), y_fp) + round_weight * rounding term``, where the loss sums the
      squared error over channels and averages it over batch and positions (the reference codes'
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 from torch import nn
@@ -55,7 +57,7 @@ class ReconConfig:
     loss_reduction: str = "channel"   # channel: sum over channels, mean over batch and positions | sample: sum over C*H*W
     rounding_schedule: str = "constant"  # constant (reference) | cosine (the rounding lr decays with the steps')
     sampling: str = "epoch"          # epoch: reshuffle once per pass (Genie) | randperm (BRECQ) | randint (QDrop)
-    act_init: str = "first-batch"    # first-batch: first training batch through soft weights + QDrop (Genie)
+    act_init: str = "first-batch"    # first-batch: first calibration batch through soft weights + QDrop (Genie)
                                      # | images: the first act_init_images quantized inputs, rounded weights
     act_init_images: int = 256
     cache_ram_gb: float = DEFAULT_BUDGET_GB
@@ -73,6 +75,10 @@ class ReconConfig:
         if recon is None:
             raise DfqError(f"{algo} does not use block reconstruction; pick one of "
                            f"{', '.join(a for a, v in ALGORITHMS.items() if v.recon is not None)}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise DfqError(f"unknown reconstruction setting(s) {', '.join(unknown)}; use fields of ReconConfig: "
+                           + ", ".join(f.name for f in fields(cls)))
         return cls(algo=algo, **{**recon, **overrides})
 
 
@@ -110,6 +116,9 @@ def recon_loss(out: torch.Tensor, target: torch.Tensor, reduction: str = "channe
     return err.sum(-1 if err.dim() == 3 else 1).mean()
 
 
+_RATE_FROM, _RATE_ITERS = 3, 20  # the iterations timed for the run-time estimate (after allocator warm-up)
+
+
 class _Batches:
     """Batch indices in the reference codes' orders (see :attr:`ReconConfig.sampling`)."""
 
@@ -130,8 +139,12 @@ class _Batches:
 
 
 def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: str = "unit",
-                     trace: list | None = None) -> dict:
-    """Initialize and (optionally) optimize one unit in place; return its loss summary."""
+                     trace: list | None = None, progress: bool = True,
+                     on_rate: Callable[[float], None] | None = None) -> dict:
+    """Initialize and (optionally) optimize one unit in place; return its loss summary.
+
+    ``on_rate`` is called once with the measured seconds per iteration (iterations 3..23), so the caller
+    can tell the user early how long the whole run will take."""
     dev = torch.device(cfg.device)
     n = len(x_q)
     batches = _Batches(n, cfg.batch_size, cfg.sampling, cfg.seed)
@@ -139,10 +152,10 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
 
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unit's training input (QDrop: element-wise mix of quantized and FP input) and target."""
-        xq = x_q[idx].to(dev)
+        xq = x_q.index_select(0, idx).to(dev)  # row copies: several times faster than x_q[idx] on CPU
         if cfg.drop_prob > 0:
-            xq = torch.where(torch.rand_like(xq) < cfg.drop_prob, x_fp[idx].to(dev), xq)
-        return xq, y_fp[idx].to(dev)
+            xq = torch.where(torch.rand_like(xq) < cfg.drop_prob, x_fp.index_select(0, idx).to(dev), xq)
+        return xq, y_fp.index_select(0, idx).to(dev)
 
     def eval_loss() -> float:
         with torch.no_grad():
@@ -162,31 +175,28 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
            and isinstance(q.scale, nn.Parameter)]
     for q in aqs:
         q.drop_prob = cfg.drop_prob
-    first = None
     if cfg.act_init == "first-batch":
-        # Genie: activation steps start from the first training batch, passed through the block with soft
-        # (near full-precision) weights and QDrop, i.e. exactly the distribution training then sees
-        first = batch(batches.next())
+        # Genie initialises the activation steps while it captures the block's inputs: on the first calibration
+        # batch (in order, the quantized input x_q), through the soft (near full-precision) weights with QDrop's
+        # random drop inside the block
         train_keep_bn(unit)
         with torch.no_grad():
-            unit(first[0])
+            unit(x_q[: min(cfg.batch_size, n)].to(dev))
         unit.eval()
     before = eval_loss()
-    groups = [{"params": [s.V for s in softs], "lr": cfg.lr_rounding, "decay": cfg.rounding_schedule == "cosine"}]
-    if cfg.learn_weight_scale:
-        groups.append({"params": [s.q.scale for s in softs], "lr": cfg.lr_weight_scale, "decay": True})
-    if aqs:
-        groups.append({"params": [q.scale for q in aqs], "lr": cfg.lr_act_scale, "decay": True})
-    opt = torch.optim.Adam(groups)
-    cosine = lambda it: 0.5 * (1 + math.cos(math.pi * it / cfg.iters))  # noqa: E731  (CosineAnnealingLR, eta_min 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine if g["decay"] else (lambda it: 1.0) for g in groups])
+    groups, opt, sched = _optimizer(softs, aqs, cfg)
     beta = _Beta(cfg.iters, cfg.warmup, *cfg.beta)
     train_keep_bn(unit)
-    bar = tqdm(range(cfg.iters), desc=f"recon {name}", leave=False, mininterval=1.0)
+    bar = tqdm(range(cfg.iters), desc=f"recon {name}", leave=False, mininterval=1.0, disable=not progress)
+    t_rate = 0.0
     try:
         for it in bar:
-            xq, y = first if first is not None else batch(batches.next())
-            first = None
+            if on_rate is not None and it in (_RATE_FROM, _RATE_FROM + _RATE_ITERS):
+                if it == _RATE_FROM:
+                    t_rate = time.perf_counter()
+                else:
+                    on_rate((time.perf_counter() - t_rate) / _RATE_ITERS)
+            xq, y = batch(batches.next())
             rec = recon_loss(unit(xq), y, cfg.loss_reduction)
             b = beta(it)
             rnd = cfg.round_weight * sum(s.rounding_loss(b) for s in softs) if b is not None else torch.zeros(())
@@ -197,7 +207,8 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if trace is not None:
-                trace.append({"unit": name, "iter": it, "rec_loss": rec.item(), "grad_norm": _grad_norm(groups)})
+                trace.append({"unit": name, "iter": it, "rec_loss": rec.item(), "round_loss": float(rnd.detach()),
+                              "grad_norm": _grad_norm(groups)})
             opt.step()
             sched.step()
             for s in softs:  # keep learned steps positive
@@ -214,6 +225,28 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
     for s in softs:
         s.harden()
     return {"unit": name, "loss_before": before, "loss_after": eval_loss(), "iters": cfg.iters}
+
+
+def _optimizer(softs: list, aqs: list, cfg: ReconConfig):
+    """Adam over the soft bits V, the weight steps (Genie-M) and the activation steps. As in the reference
+    codes, only the step sizes follow a cosine decay to 0; V keeps its learning rate unless
+    ``rounding_schedule="cosine"`` (dfquant's former schedule)."""
+    groups = [{"params": [s.V for s in softs], "lr": cfg.lr_rounding, "decay": cfg.rounding_schedule == "cosine"}]
+    if cfg.learn_weight_scale:
+        groups.append({"params": [s.q.scale for s in softs], "lr": cfg.lr_weight_scale, "decay": True})
+    if aqs:
+        groups.append({"params": [q.scale for q in aqs], "lr": cfg.lr_act_scale, "decay": True})
+    opt = torch.optim.Adam(groups)
+
+    def cosine(it: int) -> float:  # CosineAnnealingLR(T_max=iters, eta_min=0) in closed form
+        return 0.5 * (1 + math.cos(math.pi * it / cfg.iters))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine if g["decay"] else (lambda it: 1.0) for g in groups])
+    return groups, opt, sched
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _grad_norm(groups: list[dict]) -> float:
@@ -243,12 +276,25 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     units = recon_units(qmodel, cfg.granularity) if units is None else list(units)
     fp_units = {u: fp_model.get_submodule(u) for u in units}
     # FP targets for as many upcoming units as fit half the RAM budget, one (early-stopped) pass per chunk
-    chunks = plan_chunks(units, {k: v * len(calib) for k, v in io_bytes_per_image(fp_model, fp_units, calib[:1].to(dev)).items()},
-                         cfg.cache_ram_gb * 2**30 / 2)
+    unit_bytes = {k: v * len(calib) for k, v in io_bytes_per_image(fp_model, fp_units, calib[:1].to(dev)).items()}
+    chunks = plan_chunks(units, unit_bytes, cfg.cache_ram_gb * 2**30 / 2)
     fp_caches: dict = {}
     summary = []
     t0 = time.time()
     bar = tqdm(units, desc=f"{cfg.algo}", disable=not progress)
+
+    def announce(seconds_per_iter: float) -> None:
+        """Scale the first trained unit's (``name``'s) rate to every unit by activation size (on CPU the
+        elementwise quantizer passes dominate a step) and say it once, so a 20,000-iteration CPU run is no
+        surprise."""
+        first = max(unit_bytes.get(name, 1), 1)
+        total = seconds_per_iter * cfg.iters * sum(max(1.0, unit_bytes.get(u, 0) / first) for u in units)
+        tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {cfg.iters} iterations); "
+                   "lower --iters for a quicker, coarser run", file=sys.stderr)
+        nonlocal rate_cb
+        rate_cb = None
+
+    rate_cb: Callable[[float], None] | None = announce if progress else None
     for name in bar:
         t_unit = time.time()
         if name not in fp_caches:
@@ -257,7 +303,7 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
         unit = qmodel.get_submodule(name)
         x_q, _ = capture(qmodel, unit, calib, 64, outputs=False, device=dev, budget_gb=cfg.cache_ram_gb)
         x_fp, y_fp = fp_caches.pop(name)
-        s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace)
+        s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace, progress, rate_cb)
         del x_q, x_fp, y_fp
         s["seconds"] = round(time.time() - t_unit, 2)  # capture of the unit's input + its optimization
         summary.append(s)

@@ -1,9 +1,11 @@
-"""Turn a full-precision classifier into a fake-quantized one (:func:`quantize_model`).
+"""Turn a full-precision classifier into a fake-quantized one by its plan (:func:`quantize_model`).
 
 Conventions (switchable through :class:`~dfquant.quant.modules.QuantConfig` presets):
 first and last layer weights at 8 bit, the image input unquantized (Genie) or 8-bit,
 the last layer's input 8-bit, the second layer's input 8-bit for BRECQ/Genie-M (not
-QDrop), per-channel weights, per-tensor activations, optional BN folding.
+QDrop), per-channel weights, per-tensor activations, optional BN folding. Which layers
+form a unit, which inputs are quantized once for a whole block and which BatchNorm folds
+into which conv come from the model's graph (:mod:`dfquant.quant.plan`), not from names.
 """
 
 from __future__ import annotations
@@ -13,33 +15,46 @@ import copy
 import torch
 from torch import nn
 
-from dfquant.quant.modules import BLOCK_ENTRIES, QuantBlock, QuantConfig, QuantLayer
+from dfquant.errors import DfqError
+from dfquant.quant.algorithms import get_algorithm
+from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer
+from dfquant.quant.plan import QuantPlan, bn_folds, make_plan
+from dfquant.quant.quantizers import check_bits
+from dfquant.quant.vit import prepare_vit
 
 
+def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> QuantConfig:
+    """The preset conventions for ``algo`` at WxAy."""
+    for b, what in ((wbits, "--wbits"), (abits, "--abits")):
+        try:
+            check_bits(b)
+        except ValueError:
+            raise DfqError(f"{what} {b} is not supported; use an integer from 2 to 8 (or 1.58 for ternary weights)") from None
+    if abits == 1.58:
+        raise DfqError("ternary (1.58) applies to weights only; use --abits 2..8")
+    return QuantConfig(wbits=wbits, abits=abits, **{**get_algorithm(algo).quant, **overrides})
 
-def _get(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
+
+def has_attention(model: nn.Module) -> bool:
+    """True for models with (timm) attention modules, which get quantized attention (:mod:`dfquant.quant.vit`)."""
+    return any(type(m).__name__ in {"Attention", "WindowAttention"} for m in model.modules())
+
+
+def build_quantized(model: nn.Module, qcfg: QuantConfig, init: bool = True, vit: dict | None = None,
+                    plan: QuantPlan | None = None, example_input: torch.Tensor | None = None,
+                    units: list[str] | None = None) -> nn.Module:
+    """Wrap ``model`` for quantization (ViTs get quantized attention first), laid out by ``plan``
+    or by the plan of the (attention-patched) model's graph."""
+    if vit is not None:
+        model = prepare_vit(model, qcfg, vit)
+    if plan is None:
+        plan = make_plan(model, qcfg, example_input, units)
+    return quantize_model(model, qcfg, init=init, plan=plan)
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
-    setattr(_get(model, parent) if parent else model, attr, new)
-
-
-def conv_bn_pairs(model: nn.Module, is_conv=lambda m: isinstance(m, nn.Conv2d)) -> list[tuple[str, str]]:
-    """(conv, BatchNorm2d) module-name pairs in which the BN directly follows the conv: adjacent
-    children of a Sequential, or ``convN``/``bnN`` attributes of one module. ``is_conv`` says what
-    counts as a conv (the ONNX exporter passes its wrapped layers)."""
-    pairs = []
-    for name, mod in model.named_modules():
-        children = list(mod.named_children())
-        for (n1, c1), (n2, c2) in zip(children, children[1:]):
-            if is_conv(c1) and isinstance(c2, nn.BatchNorm2d):
-                pairs.append((f"{name}.{n1}".lstrip("."), f"{name}.{n2}".lstrip(".")))
-        for cname, c in children:
-            if is_conv(c) and cname.startswith("conv") and isinstance(getattr(mod, "bn" + cname[4:], None), nn.BatchNorm2d):
-                pairs.append((f"{name}.{cname}".lstrip("."), f"{name}.bn{cname[4:]}".lstrip(".")))
-    return list(dict.fromkeys(pairs))
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,51 +63,49 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return k, bn.bias - bn.running_mean * k
 
 
+def remove_bn(model: nn.Module, bn_name: str) -> None:
+    """Take a folded BatchNorm out of ``model``; a norm-act layer (timm BatchNormAct2d) keeps what follows its BN."""
+    bn = model.get_submodule(bn_name)
+    _set(model, bn_name, nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act))
+
+
 @torch.no_grad()
-def fold_bn(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm2d that directly follows a Conv2d (``convN``/``bnN`` pairs and Sequentials) into it."""
-    for conv_name, bn_name in conv_bn_pairs(model):
-        conv = _get(model, conv_name)
-        k, c = bn_affine(_get(model, bn_name))
+def fold_bn(model: nn.Module, pairs: dict[str, str] | None = None, example_input: torch.Tensor | None = None) -> nn.Module:
+    """Fold BatchNorm2d into the conv that feeds it, in place: ``pairs`` (conv -> BN names), by default
+    every pair the data flow shows (a conv whose only consumer is the BN, :func:`bn_folds`)."""
+    if pairs is None:
+        pairs = bn_folds(model, example_input)
+    for conv_name, bn_name in pairs.items():
+        conv = model.get_submodule(conv_name)
+        k, c = bn_affine(model.get_submodule(bn_name))
         conv.weight.mul_(k.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(k)
         conv.bias = nn.Parameter(bias * k + c)
-        _set(model, bn_name, nn.Identity())
+        remove_bn(model, bn_name)
     return model
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig, init: bool = True) -> nn.Module:
-    """Return a fake-quantized copy of ``model`` (the original is left untouched).
+def quantize_model(model: nn.Module, cfg: QuantConfig, init: bool = True, plan: QuantPlan | None = None,
+                   example_input: torch.Tensor | None = None) -> nn.Module:
+    """Return a fake-quantized copy of ``model`` laid out by ``plan`` (default: :func:`make_plan`);
+    the original is left untouched. The plan travels with the copy as ``qmodel.dfq_plan``.
 
     ``init=False`` skips the weight range search (used when loading a saved checkpoint).
     """
+    plan = plan if plan is not None else make_plan(model, cfg, example_input)
     qmodel = copy.deepcopy(model).eval()
-    if cfg.fold_bn:
-        fold_bn(qmodel)
-    layers = [n for n, m in qmodel.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in cfg.keep_fp]
-    if not layers:
-        raise ValueError("model has no Conv2d/Linear layer to quantize")
-    first, last = layers[0], layers[-1]
-    blocks = [n for n, m in qmodel.named_modules() if type(m).__name__ in BLOCK_ENTRIES]
-    entries = {f"{b}.{e}" for b in blocks for e in BLOCK_ENTRIES[type(_get(qmodel, b)).__name__]}
-    second = layers[1] if len(layers) > 1 else None
-    for name in layers:
-        wbits = cfg.first_last_bits if name in (first, last) else cfg.wbits
-        if name == first:
-            abits = cfg.first_last_bits if cfg.quantize_first_input else None
-        elif name == last:
-            abits = cfg.first_last_bits
-        elif name in entries:
-            abits = None  # the enclosing QuantBlock quantizes this input
-        else:
-            abits = cfg.second_input_bits if (name == second and cfg.second_input_bits) else cfg.abits
-        layer = _get(qmodel, name)
-        ql = QuantLayer(layer, wbits, abits, cfg) if init else _uninit(layer, wbits, abits, cfg)
+    fold_bn(qmodel, plan.folds)
+    made: dict[str, QuantLayer] = {}
+    for name, lp in plan.layers.items():
+        layer = qmodel.get_submodule(name)
+        ql = QuantLayer(layer, lp.wbits, lp.abits, cfg) if init else _uninit(layer, lp.wbits, lp.abits, cfg)
+        if lp.input.startswith("shared "):
+            ql.aq = made[lp.input.split(" ", 1)[1]].aq  # one quantizer for a tensor several layers read
+        made[name] = ql
         _set(qmodel, name, ql)
-    for b in sorted(blocks, key=len, reverse=True):
-        is_second = second is not None and f"{b}." in second + "." and second.startswith(b + ".")
-        abits = cfg.second_input_bits if (is_second and cfg.second_input_bits) else cfg.abits
-        _set(qmodel, b, QuantBlock(_get(qmodel, b), abits, cfg))
+    for name, bits in sorted(plan.blocks().items(), key=lambda kv: len(kv[0]), reverse=True):
+        _set(qmodel, name, QuantBlock(qmodel.get_submodule(name), bits, cfg))
+    qmodel.dfq_plan = plan
     return qmodel
 
 
@@ -103,17 +116,8 @@ def _uninit(layer: nn.Module, wbits: float, abits: float | None, cfg: QuantConfi
 
 
 def recon_units(qmodel: nn.Module, granularity: str = "block") -> list[str]:
-    """Reconstruction units in forward order: QuantBlocks (and torchvision conv-norm-act
-    stacks) for ``block``, every QuantLayer for ``layer``; leftover layers are their own unit."""
-    names = [n for n, m in qmodel.named_modules()]
-    units: list[str] = []
-    covered: list[str] = []
-    for n in names:
-        m = _get(qmodel, n) if n else qmodel
-        if any(n.startswith(c + ".") for c in covered):
-            continue
-        if granularity == "block" and (isinstance(m, QuantBlock) or type(m).__name__ in {"Conv2dNormActivation", "Block", "SwinTransformerBlock"}):
-            units.append(n); covered.append(n)
-        elif isinstance(m, QuantLayer):
-            units.append(n); covered.append(n)
-    return units
+    """Reconstruction units of a model made by :func:`quantize_model`, in execution order: the
+    plan's units for ``block``, every quantized layer for ``layer``."""
+    if granularity == "layer":
+        return [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
+    return qmodel.dfq_plan.unit_names()

@@ -12,13 +12,13 @@ RepQ-ViT (Li et al. 2023) then:
     into the LayerNorm affine and the next linear layer (the FP function is unchanged);
   * quantizes post-softmax values with the log-sqrt2 quantizer (levels 2^(-k/2));
   * initializes the other activation ranges by percentile search, on 32 images, with
-    no gradient steps — optionally followed by block reconstruction.
+    no gradient steps — optionally followed by block reconstruction
+    (:func:`dfquant.quant.api.repq_vit` runs these steps).
 """
 
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch import nn
@@ -137,36 +137,6 @@ def reparameterize_layernorms(qmodel: nn.Module, calib: torch.Tensor, weight_ini
         aq.set_params(s_t.view(1), z_t.view(1))
         lin.aq = aq
     return [name for _, _, name in pairs]
-
-
-def repq_vit(model: nn.Module, calib: torch.Tensor, wbits: float, abits: float, options: dict | None = None,
-             iters: int = 0, batch_size: int = 32, seed: int = 0, device: str = "cpu", n_calib: int = 32,
-             progress: bool = True, recon_algo: str = "qdrop") -> tuple[nn.Module, dict]:
-    """RepQ-ViT on ``n_calib`` images, then (``iters > 0``) block reconstruction on all of ``calib``."""
-    from dfquant.quant.api import build_quantized, make_quant_config
-    from dfquant.quant.reconstruct import ReconConfig, reconstruct
-
-    options = options or default_vit_options(model)
-    qcfg = make_quant_config("repq-vit", wbits, abits)
-    t0 = time.time()
-    torch.manual_seed(seed)
-    qmodel = build_quantized(model, qcfg, vit=options).eval()
-    small = calib[:n_calib]
-    reparam = reparameterize_layernorms(qmodel, small, qcfg.weight_init) if options.get("reparam_layernorm", True) else []
-    for m in qmodel.modules():
-        if isinstance(m, QuantLayer) and m.aq is not None and not m.aq.initialized:
-            m.aq.init_method = "psearch"
-    set_quant_state(qmodel, weights=True, acts=True)
-    with torch.no_grad():
-        qmodel(small)  # lazy range init of every remaining quantizer, in forward order
-    units: list = []
-    rcfg = None
-    if iters > 0:
-        rcfg = ReconConfig.preset(recon_algo, iters=iters, batch_size=batch_size, seed=seed, device=device)
-        units = reconstruct(qmodel, calib, rcfg, progress=progress)
-    info = {"quant": qcfg, "recon": rcfg, "units": units, "seconds": round(time.time() - t0, 1),
-            "reparameterized": reparam, "full_precision_layers": full_precision_report(qmodel)}
-    return qmodel.cpu().eval(), info
 
 
 def full_precision_report(qmodel: nn.Module) -> list[str]:

@@ -1,0 +1,112 @@
+"""Reconstruction fidelity: dfquant's former Genie-M maths against the reference codes' maths, and each change alone.
+
+Every row quantizes a zoo model with Genie-M on real split-A calibration images (``real:A``, 1024 images,
+seed 0) and evaluates it on the test set. The variants differ only in :class:`~dfquant.quant.reconstruct.ReconConfig`
+fields:
+
+* ``old``: what dfquant computed before issue 17: the error summed over C*H*W per image (``sample``), rounding
+  weight 0.01, the rounding learning rate decayed with the step sizes, batches drawn with replacement, activation
+  steps initialised on 256 images through rounded weights;
+* ``old+loss``: ``old`` with the reference loss reduction only (sum over channels, mean over batch and positions);
+* ``old+rw``: ``old`` with Genie's rounding weight 1.0 only;
+* ``old+loss+rw``: both (the issue's middle row);
+* ``faithful``: the genie-m preset as it is now (both, plus a constant rounding learning rate, epoch shuffling and
+  Genie's first-batch activation init);
+* ``faithful-act256`` / ``faithful-cosineV`` / ``faithful-randint``: ``faithful`` with one former setting put back
+  (activation init on 256 images through rounded weights / the rounding lr decayed / sampling with replacement).
+
+Rows are appended to ``<out>.csv`` as they finish (an interrupted study resumes); ``<out>.md`` and ``<out>.png`` are
+rewritten at the end, with every command that produced rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from calib_cache import cached_source
+from resumable_csv import append_row, log_command, open_results
+from dfquant.data.calib import load_calibration
+from dfquant.evaluate import evaluate
+from dfquant.io import write_text
+from dfquant.models.registry import get_model
+from dfquant.quant.api import quantize
+from dfquant.report import accuracy_vs_bits, aggregate, pivot_table
+from dfquant.run import parse_bits
+
+OLD = dict(loss_reduction="sample", round_weight=0.01, rounding_schedule="cosine", sampling="randint",
+           act_init="images", act_init_images=256)
+VARIANTS: dict[str, dict] = {
+    "old": OLD,
+    "old+loss": {**OLD, "loss_reduction": "channel"},
+    "old+rw": {**OLD, "round_weight": 1.0},
+    "old+loss+rw": {**OLD, "loss_reduction": "channel", "round_weight": 1.0},
+    "faithful": {},
+    # the faithful preset with one of the remaining former settings put back (which of them matters)
+    "faithful-act256": {"act_init": "images", "act_init_images": 256},
+    "faithful-cosineV": {"rounding_schedule": "cosine"},
+    "faithful-randint": {"sampling": "randint"},
+}
+FIELDS = ["model", "strategy", "algo", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "quant_seconds"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["fmnist/resnet20", "fmnist/mobilenetv2"])
+    ap.add_argument("--bits", nargs="+", default=["W4A4", "W3A3", "W2A4"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="benchmarks/results/recon_fidelity")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite <out>.md/.png from the CSV")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    csv_path = out.with_suffix(".csv")
+    done = open_results(csv_path, FIELDS, lambda r: (r["model"], r["strategy"], r["bits"], r["iters"], r["seed"]))
+    cmds = log_command(out, record=not args.report_only)
+    for model in [] if args.report_only else args.models:
+        spec = get_model(model)
+        calib = load_calibration(cached_source(spec, "real", args.seed, args.n), spec, args.n, args.seed)
+        fp_top1 = None
+        for bits in args.bits:
+            for variant in args.variants:
+                if (model, variant, bits, str(args.iters), str(args.seed)) in done:
+                    continue
+                fp_top1 = evaluate(spec, progress=False) if fp_top1 is None else fp_top1
+                t0 = time.time()
+                qmodel, _ = quantize(spec.model, calib, "genie-m", *parse_bits(bits), iters=args.iters, seed=args.seed,
+                                     progress=False, **VARIANTS[variant])
+                row = {"model": model, "strategy": variant, "algo": f"genie-m {args.iters} it", "bits": bits,
+                       "seed": args.seed, "n_calib": len(calib), "iters": args.iters, "fp_top1": round(fp_top1, 2),
+                       "q_top1": round(evaluate(spec, qmodel, progress=False), 2),
+                       "quant_seconds": round(time.time() - t0, 1)}
+                print(row, flush=True)
+                append_row(csv_path, FIELDS, row)
+    with open(csv_path) as fh:
+        rows = [{**r, "q_top1": float(r["q_top1"]), "fp_top1": float(r["fp_top1"])} for r in csv.DictReader(fh)]
+    agg = aggregate(rows)
+    accuracy_vs_bits(agg, out.with_suffix(".png"))
+    write_text(out.with_suffix(".md"), f"# {out.name}: Genie-M reconstruction maths, former vs reference\n\n"
+               "Real split-A calibration (1024 images), seed 0, full 10k test set, CPU. Variants (see the script's "
+               "docstring): `old` = dfquant before issue 17 (error summed over C*H*W, rounding weight 0.01, rounding lr "
+               "decayed, sampling with replacement, activation init on 256 images); `+loss` = reference loss reduction "
+               "(sum over channels, mean over batch and positions); `+rw` = rounding weight 1.0; `faithful` = the "
+               "genie-m preset now (all of the reference's settings); `faithful-X` = faithful with one former setting put back "
+               "(act256: activation init on 256 images through rounded weights; cosineV: rounding lr decayed; randint: "
+               "batches drawn with replacement).\n\nCommands:\n\n" + cmds
+               + "\n## Top-1 % by variant\n\nRows: variant (the column header says calibration: every row uses the same "
+               "real split-A images). Columns: model, iterations per block, bits. The CSV's quant_seconds is the wall "
+               "time of quantization plus evaluation on one thread of a shared machine.\n\n"
+               + pivot_table(agg, list(VARIANTS)) + f"\n![top-1 by variant]({out.with_suffix('.png').name})\n")
+
+
+if __name__ == "__main__":
+    main()

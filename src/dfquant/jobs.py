@@ -1,0 +1,190 @@
+"""Command-line jobs: resolve a model and its data, run the library, evaluate, write folders.
+
+These are what ``dfq quantize`` / ``dfq export`` / ``dfq run`` do; they know the model registry,
+the data sets and evaluation, which the library in :mod:`dfquant.quant` does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfquant.errors import DfqError
+from dfquant.models.registry import ModelSpec
+
+
+def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float, algo: str, iters: int, n: int,
+                 batch_size: int, seed: int, out, val=None, eval_limit: int | None = None, device: str = "cpu",
+                 progress: bool = True, calib: torch.Tensor | None = None, fp_top1: float | None = None,
+                 joint_iters: int = 0, bn_recalib: str = "none", keep_fp: tuple[str, ...] = (),
+                 units: list[str] | None = None, evaluate_top1: bool = True) -> dict:
+    """Quantize ``spec``'s model on ``calib_source``, evaluate (when it has a test set or ``val``), and
+    write the checkpoint (with how to rebuild the FP model) + results."""
+    from dfquant.data.calib import load_calibration
+    from dfquant.evaluate import evaluate
+    from dfquant.io import versions, write_json
+    from dfquant.quant.api import make_quant_config, quantize_any
+    from dfquant.quant.checkpoint import save_quantized
+
+    make_quant_config(algo, wbits, abits)  # validate before any slow work
+    calib = load_calibration(calib_source, spec, n, seed) if calib is None else calib
+    can_eval = evaluate_top1 and (spec.embedded or val is not None)
+    if fp_top1 is None and can_eval:
+        fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
+    vit = None
+    if algo == "repq-vit" or spec.is_vit:
+        from dfquant.quant.vit import default_vit_options
+
+        vit = default_vit_options(spec.model)
+    qmodel, info = quantize_any(spec.model, calib, algo, wbits, abits, iters, batch_size, seed, device, vit, progress,
+                                bn_recalib, keep_fp=keep_fp, units=units)
+    if joint_iters > 0:
+        from dfquant.quant.joint import joint_finetune
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        joint_finetune(qmodel, calib, joint_iters, batch_size, seed=seed, resume=Path(out) / "joint_resume.pt",
+                       progress=progress)
+    q_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress) if can_eval else None
+    meta = {"algo": algo, "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
+            "iters": iters, "joint_iters": joint_iters, "bn_recalib": bn_recalib, "batch_size": batch_size, "seed": seed,
+            "fp_top1": fp_top1, "q_top1": q_top1, "seconds": info["seconds"], "units": info["units"], "vit": vit,
+            "versions": versions(),
+            "recon": {k: v for k, v in vars(info["recon"]).items()} if info.get("recon") else None,
+            "full_precision_layers": info.get("full_precision_layers", [])}
+    save_quantized(Path(out), spec, qmodel, info["quant"], meta)
+    write_json(Path(out) / "results.json", {k: meta[k] for k in ("algo", "wbits", "abits", "calib", "n_calib", "iters",
+                                                                   "seed", "fp_top1", "q_top1", "seconds")})
+    return meta
+
+
+def _verify_images(spec, n: int, val: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` embedded test images of a zoo model, or ``n`` images spread evenly over ``val``."""
+    if val is None:
+        if not spec.embedded:
+            raise DfqError(f"{spec.name} has no embedded test set; pass --val /path/to/imagenet/val, or --no-verify")
+        from dfquant.evaluate import test_tensors
+
+        return test_tensors(spec, n)
+    from dfquant.data.folders import ImageFolder
+
+    ds = ImageFolder(val, spec.transform(), num_classes=spec.num_classes)
+    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique().tolist()
+    xs, ys = zip(*(ds[i] for i in idx))
+    return torch.stack(list(xs)), torch.tensor(list(ys))
+
+
+
+def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True,
+               n: int = 1000, opset: int | None = None, val: str | Path | None = None,
+               fuse_bias: bool = False, raise_on_failure: bool = True, speed_runs: int = 10) -> dict[str, Any]:
+    """``dfq export``: load a quantized checkpoint, write ``fmt`` to ``out`` (default inside the
+    checkpoint folder), verify an ONNX export with onnxruntime on ``n`` test images, and
+    write ``export_report.json`` next to the output. An ONNX export is also timed against the
+    same architecture in float32 (``speed_runs`` interleaved runs at batch 1 and 32; 0 skips it):
+    ``report["deployment"]`` is :func:`~dfquant.quant.export.deployment_gain`. Raises
+    :class:`DfqError` (after writing the report) when the verification fails, unless
+    ``raise_on_failure`` is false (then see :func:`verification_error`)."""
+    from dfquant.io import read_json, versions, write_json
+    from dfquant.models.source import load_quantized_spec
+    from dfquant.quant.export import (DEFAULT_OPSET, FORMATS, LOGIT_MEAN_TOLERANCE, TOP1_TOLERANCE_POINTS,
+                                      deployment_gain, export_int_state, export_onnx, verification_error, verify_onnx)
+
+    if fmt not in FORMATS:
+        raise DfqError(f"--format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
+    if verify and fmt == "onnx" and n < 1:
+        raise DfqError(f"--n {n} must be at least 1 (or pass --no-verify)")
+    opset = DEFAULT_OPSET if opset is None else opset
+    ckpt_dir = Path(ckpt_dir)
+    default_name = "model.onnx" if fmt == "onnx" else "model_int.safetensors"
+    out = Path(out) if out is not None else ckpt_dir / default_name
+    if out.suffix != FORMATS[fmt]:
+        raise DfqError(f"--out {out} must end in {FORMATS[fmt]} for --format {fmt}")
+    spec, qmodel = load_quantized_spec(ckpt_dir)
+    qmeta = read_json(ckpt_dir / "quant_config.json")
+    meta = {"model": spec.name, "checkpoint": str(ckpt_dir)}
+    meta.update({k: str(qmeta[k]) for k in ("algo", "wbits", "abits") if k in qmeta})
+    meta["quant_config"] = json.dumps(qmeta.get("quant", {}))
+    report: dict[str, Any] = {"checkpoint": str(ckpt_dir), "model": spec.name, "format": fmt, "output": str(out),
+                              **{k: qmeta.get(k) for k in ("algo", "wbits", "abits", "q_top1")}}
+    if fmt == "int-state":
+        report["export"] = export_int_state(qmodel, out, metadata=meta)
+    else:
+        report["export"] = export_onnx(qmodel, spec.input_size, out, opset, metadata=meta, fuse_bias=fuse_bias)
+        if verify:
+            images, labels = _verify_images(spec, n, val)
+            report["verify"] = verify_onnx(qmodel, out, images, labels)
+            report["tolerance"] = {"top1_diff_points": TOP1_TOLERANCE_POINTS, "mean_rel_diff": LOGIT_MEAN_TOLERANCE}
+        if speed_runs > 0:
+            report["deployment"] = deployment_gain(spec.model, out, spec.input_size, (1, 32), speed_runs)
+    report["versions"] = versions()
+    report_path = out.parent / "export_report.json"
+    write_json(report_path, report)
+    report["report_path"] = str(report_path)
+    if raise_on_failure:
+        err = verification_error(report)
+        if err is not None:
+            raise err
+    return report
+
+
+def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out: Path, iters: int = 2000,
+            lr: float = 1e-4, learn_bits: bool = False, avg_bits: float | None = None, n: int = 1024,
+            batch_size: int = 32, seed: int = 0, val=None, eval_limit: int | None = None, bn_stats: str = "relative",
+            act_reinit: bool = False, progress: bool = True, calib: torch.Tensor | None = None,
+            fp_top1: float | None = None, save: bool = True, budget_by: str = "size") -> dict:
+    """``dfq qat``: NIPQ data-free QAT, finalize, evaluate FP / init / QAT top-1, write checkpoint + results.json."""
+    import copy
+    import time
+
+    from dfquant.data.calib import load_calibration
+    from dfquant.evaluate import evaluate
+    from dfquant.io import versions, write_json
+    from dfquant.models.source import resolve_model
+    from dfquant.quant.nipq import check_qat_args, finalize, prepare_nipq, qat_distill
+
+    check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)
+    budget = (avg_bits if avg_bits is not None else float(wbits)) if learn_bits else None
+    spec = resolve_model(model_name)
+    if spec.is_vit:
+        raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with `dfq quantize --algo repq-vit`")
+    calib = load_calibration(calib_source, spec, n, seed) if calib is None else calib
+    if len(calib) < batch_size:
+        raise DfqError(f"calibration source {calib_source} gave {len(calib)} images, fewer than the batch size {batch_size}")
+    if fp_top1 is None:
+        fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
+    t0 = time.time()
+    torch.manual_seed(seed)
+    qmodel = prepare_nipq(spec.model, wbits, abits, learn_bits=learn_bits, init_bits=budget, calib=calib,
+                          budget_by=budget_by)
+    t_eval = time.time()
+    init_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
+    t0 += time.time() - t_eval  # "seconds" counts preparation, training and finalization only
+    out = Path(out)
+    losses = qat_distill(qmodel, spec.model, calib, iters, lr, budget, batch_size=batch_size, seed=seed,
+                         resume=(out / "qat_resume.pt") if save else None, progress=progress)
+    info = finalize(qmodel, calib, budget, fp_model=spec.model, bn_stats=bn_stats, act_reinit=act_reinit)
+    seconds = round(time.time() - t0, 1)
+    q_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress)
+    k = max(1, min(50, len(losses) // 10))
+    meta = {"algo": "nipq-qat", "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
+            "iters": iters, "lr": lr, "learn_bits": learn_bits, "avg_bits_budget": budget, "batch_size": batch_size,
+            "seed": seed, "act_reinit": act_reinit, "fp_top1": fp_top1,
+            "init_top1": init_top1, "q_top1": q_top1, "seconds": seconds,
+            "kl_first": sum(losses[:k]) / k if losses else None, "kl_last": sum(losses[-k:]) / k if losses else None,
+            **info, "versions": versions()}
+    if save:
+        from dfquant.quant.checkpoint import save_quantized
+
+        qcfg = copy.copy(qmodel.nipq_config)
+        qcfg.act_symmetric = False  # NIPQ activation grids are affine (zero point 0 for non-negative inputs)
+        save_quantized(out, spec, qmodel, qcfg, meta)
+        write_json(out / "results.json", {k_: meta[k_] for k_ in (
+            "algo", "wbits", "abits", "calib", "n_calib", "iters", "lr", "learn_bits", "avg_bits_budget", "seed",
+            "budget_by", "bn_stats", "act_reinit", "fp_top1", "init_top1", "q_top1", "avg_weight_bits_all",
+            "avg_weight_bits_learned",
+            "kl_first", "kl_last", "seconds")})
+    meta["qmodel"] = qmodel
+    return meta
