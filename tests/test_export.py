@@ -11,12 +11,12 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import numpy_helper  # noqa: E402
-
 from dfquant.errors import DfqError  # noqa: E402
 from dfquant.quant import export as E  # noqa: E402
 from dfquant.quant.modules import QuantLayer, act_quantizers  # noqa: E402
 from dfquant.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer  # noqa: E402
+from dfquant.quant.plan import bn_folds  # noqa: E402
+from dfquant.quant.transform import bn_affine  # noqa: E402
 
 INPUT = (3, 32, 32)
 
@@ -66,22 +66,32 @@ def qmodels(fp_model, data):
     return {"w4a4": _quantize(fp_model, data[0], "genie-m", 4, 4), "w8a8": _quantize(fp_model, data[0], "mse", 8, 8)}
 
 
-def _dequantized_weights(model) -> dict[str, torch.Tensor]:
-    """layer name -> DequantizeLinear(weight) computed from the ONNX initializers with numpy."""
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            q = inits[node.input[0]].astype(np.int32)
-            s, z = inits[node.input[1]], inits[node.input[2]].astype(np.int32)
-            shape = [-1] + [1] * (q.ndim - 1)
-            w = (q - z.reshape(shape)).astype(np.float32) * s.reshape(shape)
-            out[node.input[0].split(".weight_int")[0]] = torch.from_numpy(w)
-    return out
+def _scope(name: str) -> str:
+    """The ONNX node-name prefix the TorchScript exporter gives module ``name`` (``layer1.0.conv1`` ->
+    ``/layer1/layer1.0/conv1``)."""
+    parts: list[str] = []
+    for p in name.split("."):
+        parts.append(f"{parts[-1]}.{p}" if p.isdigit() and parts else p)
+    return "/" + "/".join(parts)
+
+
+def _kernel_weights(path) -> dict[str, torch.Tensor]:
+    """node name -> the float weight each exported Conv/Gemm consumes, computed by onnxruntime with
+    graph optimizations off (so DequantizeLinear, the INT4 Cast chains and the Cast/Mul
+    dequantization of float kernels are all evaluated as written)."""
+    model = onnx.load(str(path))
+    names = {n.input[1]: n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    for t in names:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outs = sess.run(list(names), {"input": np.zeros((1, *INPUT), np.float32)})
+    return {names[t]: torch.from_numpy(o) for t, o in zip(names, outs)}
 
 
 @pytest.mark.parametrize("which", ["w4a4", "w8a8"])
-def test_onnx_round_trip(qmodels, data, tmp_path, which):
+def test_onnx_round_trip(qmodels, fp_model, data, tmp_path, which):
     qmodel = qmodels[which]
     path = tmp_path / "model.onnx"
     summary = E.export_onnx(qmodel, INPUT, path)
@@ -91,28 +101,141 @@ def test_onnx_round_trip(qmodels, data, tmp_path, which):
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
     n_acts = sum(1 for q in act_quantizers(qmodel) if q.enabled)
     assert ops.count("QuantizeLinear") == n_acts
-    assert ops.count("DequantizeLinear") == n_acts + len(layers)
+    # with separate bias Adds no Conv is an integer kernel, and the reasons are recorded; weights stay
+    # behind DequantizeLinear (so onnxruntime cannot fold the Add and re-quantize them on its own grid),
+    # except the first conv's: its input is float, so its weight is dequantized by Cast/Mul (folded at load)
+    assert ops.count("DequantizeLinear") == n_acts + len(layers) - 1
+    assert len(summary["float_kernels"]) == len(layers)
+    assert summary["float_kernels"]["/conv1/Conv"] == "input not quantized (float activations)"
+    # Genie-M's unfolded BatchNorm is folded into the weight scales and biases
+    assert "BatchNormalization" not in ops
     # weights: integer initializers; 4-bit grids packed as INT4/UINT4 at opset 21, first/last layer 8-bit
     types = {t.name: t.data_type for t in model.graph.initializer}
     for name, m in layers.items():
         key = f"{name}.weight_int_int4" if m.wq.bits <= 4 else f"{name}.weight_int"
         assert types[key] in ((onnx.TensorProto.INT4, onnx.TensorProto.UINT4) if m.wq.bits <= 4
                               else (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)), name
-        assert summary["weights"][name] in (("INT4", "UINT4") if m.wq.bits <= 4 else ("INT8", "UINT8"))
-    assert ("Clip" in ops) == (which == "w4a4")  # b < 8: emulate the narrower clamp before QuantizeLinear
-    # biases (BN-folded W8A8) are float Adds after the Conv, out of reach of int32 bias rounding
+        assert summary["weights"][name].split()[0] in (("INT4", "UINT4") if m.wq.bits <= 4 else ("INT8", "UINT8"))
+    assert ("Clip" in ops) == (which == "w4a4")  # b < 8: the b-bit clamp on the integer tensor
+    # biases (every layer has one once BN is folded) are float Adds after the Conv, out of reach
+    # of int32 bias rounding
     assert all(len(n.input) == 2 for n in model.graph.node if n.op_type == "Conv")
-    assert ops.count("Add") == 9 + sum(m.layer.bias is not None for m in layers.values())  # + 9 residual additions
-    # every DequantizeLinear(weight) reproduces the fake-quantized weight exactly
-    deq = _dequantized_weights(model)
+    assert ops.count("Add") == 9 + len(layers)  # + 9 residual additions
+    # the weights the kernels see: the fake-quantized weights, times the folded BN scale
+    weights = _kernel_weights(path)
+    # which BN follows which conv: the float model's data flow, in qmodel's names; Genie-M kept them all
+    clean = E.clean_names(qmodel)
+    qname: dict[str, str] = {}
+    for q, c in clean.items():
+        qname.setdefault(c, q)
+    fp_folds = bn_folds(fp_model)
+    bns = {name: qname[fp_folds[clean[name]]] for name in layers if clean[name] in fp_folds
+           and isinstance(qmodel.get_submodule(qname[fp_folds[clean[name]]]), nn.BatchNorm2d)}
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in fp_model.modules())
+    assert len(bns) == (n_bn if which == "w4a4" else 0), bns
     for name, m in layers.items():
-        assert torch.equal(deq[name], m.qweight().detach()), name
+        w = weights[_scope(name) + "/Conv"] if isinstance(m.layer, nn.Conv2d) else weights[_scope(name) + "/MatMul"].T
+        ref = m.qweight().detach()
+        if name in bns:
+            k, _ = bn_affine(qmodel.get_submodule(bns[name]))
+            ref = ref * k.view(-1, 1, 1, 1)
+        assert torch.allclose(w, ref, rtol=1e-6, atol=0), name
+        if name not in bns:
+            assert torch.equal(w, ref), name
     # onnxruntime vs fake quantization on 256 test images
     report = E.verify_onnx(qmodel, path, data[1], data[2])
     assert report["n"] == 256
     assert report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE, report
     assert report["argmax_agreement"] >= 99.0, report
     assert report["top1_diff_points"] <= 100 / 256 + 1e-6, report  # at most one image's worth on this random net
+
+
+def test_bn_fold_keeps_the_integers_and_mirrors_negative_channels():
+    """Folding y*k + c into a quantized conv rescales channels by |k| and, where k < 0, mirrors the
+    channel inside its grid: the weight becomes qweight * k and every integer stays on the grid."""
+    from dfquant.quant.modules import QuantConfig
+
+    torch.manual_seed(0)
+    ql = QuantLayer(nn.Conv2d(3, 6, 3), 4, None, QuantConfig())
+    k, c = torch.tensor([1.5, -0.5, 2.0, -3.0, 0.25, -1.0]), torch.randn(6)
+    layer = E._ExportLayer(ql, "conv")
+    layer.fold_bn(k, c)
+    w = (layer.weight_int.float() - layer.weight_zero_point.float().view(-1, 1, 1, 1)) * layer.weight_scale.view(-1, 1, 1, 1)
+    assert torch.allclose(w, ql.qweight().detach() * k.view(-1, 1, 1, 1), rtol=1e-6, atol=0)
+    assert (layer.weight_scale > 0).all() and layer.q.min() >= 0 and layer.q.max() <= 15
+    # 4-bit grid: stored as int8 m (q - z), zero point 0, m the power of two with 15 m <= 63
+    assert layer.multiplier == 4 and not layer.weight_zero_point.any() and layer.weight_int.abs().max() <= 63
+    assert torch.allclose(layer.bias, ql.layer.bias.detach() * k + c)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), ql(x) * k.view(1, -1, 1, 1) + c.view(1, -1, 1, 1), atol=1e-5)
+
+
+def _chain(data, wbits: int, abits: int, width: int = 32) -> nn.Module:
+    """conv-BN-ReLU x2 with 8-bit input and a quantized output, then a float classifier: every
+    Conv of it fits the QDQ pattern onnxruntime turns into QLinearConv."""
+    from dfquant.quant.modules import QuantConfig
+
+    torch.manual_seed(0)
+    cfg = QuantConfig()
+    model = nn.Sequential(QuantLayer(nn.Conv2d(3, 16, 3), 8, 8, cfg), nn.BatchNorm2d(16), nn.ReLU(),
+                          QuantLayer(nn.Conv2d(16, width, 3), wbits, abits, cfg), nn.BatchNorm2d(width), nn.ReLU(),
+                          UniformQuantizer(abits, symmetric=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(width, 10))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(-1.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+            m.running_var.data.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        model.eval()(data[0][:32])  # lazy activation range init
+    return model
+
+
+def test_w8a8_optimized_graph_runs_integer_convolutions(data, tmp_path):
+    """With biases fused, onnxruntime's optimized graph (saved through optimized_model_filepath)
+    runs every Conv as an integer kernel; only the float classifier stays float."""
+    model = _chain(data, 8, 8)
+    path = tmp_path / "chain.onnx"
+    summary = E.export_onnx(model, INPUT, path, fuse_bias=True)
+    rt = E.runtime_graph(path)
+    assert rt["ops"].get("QLinearConv") == 2 and rt["integer"] == 2, rt
+    assert not any(op in rt["ops"] for op in ("Conv", "FusedConv", "BatchNormalization")), rt
+    assert rt["float"] == 1 and list(summary["float_kernels"].values()) == ["input not quantized (float activations)"]
+    # the same export without fused biases: every Conv stays float, and the exporter says why
+    E.export_onnx(model, INPUT, tmp_path / "unfused.onnx")
+    rt = E.runtime_graph(tmp_path / "unfused.onnx")
+    assert rt["integer"] == 0 and "QLinearConv" not in rt["ops"]
+    assert sum("fuse_bias" in why for why in rt["float_nodes"].values()) == 2
+    # integer kernels round the bias to int32 and requantize in integers: close to the simulation
+    report = E.verify_onnx(model, path, data[1][:128], data[2][:128])
+    assert report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE, report
+
+
+def test_int4_weights_are_packed_on_disk(data, tmp_path):
+    """A 4-bit weight costs half a byte on disk (packed INT4/UINT4) against 4 bytes in float32, and
+    the runtime still gets the int8 weight its integer kernel takes."""
+    model = _chain(data, 4, 4, width=256)  # the 4-bit layer (36,864 weights) dominates the file
+    q_path, q8_path, fp_path = tmp_path / "w4.onnx", tmp_path / "w8.onnx", tmp_path / "fp.onnx"
+    summary = E.export_onnx(model, INPUT, q_path, fuse_bias=True)
+    assert summary["weights"]["3"] in ("INT4", "UINT4") and summary["weights"]["0"].split()[0] in ("INT8", "UINT8")
+    n4 = model[3].layer.weight.numel()
+    (packed,) = [t for t in onnx.load(str(q_path)).graph.initializer if t.name == "3.weight_int_int4"]
+    assert len(packed.raw_data) == n4 // 2
+    # the same layer in int8 (opset 20 has no INT4) and in float32: 1 and 4 bytes per weight
+    E.export_onnx(model, INPUT, q8_path, opset=20, fuse_bias=True)
+    fp = copy.deepcopy(model)
+    for i in (0, 3):
+        fp[i] = fp[i].layer
+    fp[6] = nn.Identity()
+    E.export_onnx(fp, INPUT, fp_path)
+    size = {k: p.stat().st_size for k, p in (("w4", q_path), ("w8", q8_path), ("fp", fp_path))}
+    assert size["w8"] - size["w4"] > 0.45 * n4, size  # half a byte per weight saved, less the INT4 Cast chain
+    assert size["fp"] - size["w4"] > 3.3 * n4, size  # 4 bytes -> 0.5 byte per weight (int8 would save 3), less overhead
+    assert size["fp"] / size["w4"] > 4, size  # whole file, with the float classifier and the 8-bit first layer
+    assert E.runtime_graph(q_path)["ops"].get("QLinearConv") == 2
+    report = E.verify_onnx(model, q_path, data[1][:128], data[2][:128])
+    assert report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE, report
 
 
 def _act_model(quantizers: list[nn.Module]) -> nn.Module:
@@ -280,11 +403,14 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
     checkpoint.save_quantized(ckpt, spec, qmodels["w8a8"], make_quant_config("mse", 8, 8),
                               {"algo": "mse", "wbits": 8, "abits": 8, "q_top1": 0.0})
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(ckpt), "--eval-limit", "64"])
+    res = runner.invoke(app, ["export", str(ckpt), "--eval-limit", "64", "--speed-runs", "2"])
     assert res.exit_code == 0, res.output
     assert "argmax agreement" in res.output
+    assert "smaller" in res.output and "speed-up batch 1:" in res.output and "--fuse-bias" in res.output
     rep = json.loads((ckpt / "export_report.json").read_text())
     assert rep["verify"]["n"] == 64 and rep["verify"]["passed"] and rep["export"]["opset"] == 21
+    dep = rep["deployment"]
+    assert dep["size_ratio"] > 3 and set(dep["latency"]) == {"1", "32"} and dep["runtime_graph"]["integer"] == 0
     assert (ckpt / "model.onnx").exists()
     res = runner.invoke(app, ["export", str(ckpt), "--format", "int-state", "--out", str(tmp_path / "w.safetensors")])
     assert res.exit_code == 0, res.output

@@ -432,6 +432,8 @@ def export_cmd(
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder for --verify (off the mini world)"),
     fuse_bias: bool = typer.Option(False, help="onnx: biases as the Conv/Gemm bias input (runtimes may round them to int32, "
                                                "which the simulation does not model) instead of a float Add after it"),
+    speed_runs: int = typer.Option(10, help="onnx: time the export against float32 in onnxruntime over this many "
+                                            "interleaved runs at batch 1 and 32 (0: skip)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     n: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
 ) -> None:
@@ -442,7 +444,8 @@ def export_cmd(
     from dfquant.quant.export import verification_error
 
     _threads(threads)
-    rep = run_export(ckpt, format, out, verify, eval_limit, opset, val, fuse_bias, raise_on_failure=False)
+    rep = run_export(ckpt, format, out, verify, eval_limit, opset, val, fuse_bias, raise_on_failure=False,
+                     speed_runs=speed_runs)
     exp = rep["export"]
     if format == "onnx":
         kinds: dict[str, int] = {}
@@ -461,10 +464,25 @@ def export_cmd(
     else:
         typer.echo(f"wrote {exp['path']} ({exp['layers']} layers, {exp['activation_quantizers']} activation quantizers, "
                    f"{exp['tensors']} tensors, {exp['bytes'] / 1024:.0f} KiB)")
+    if "deployment" in rep:
+        _echo_deployment(rep["deployment"], rep["export"]["fused_bias"])
     typer.echo(f"report -> {rep['report_path']}")
     err = verification_error(rep)
     if err is not None:
         raise err
+
+
+def _echo_deployment(dep: dict, fused_bias: bool) -> None:
+    """What `dfq export` measured: size and onnxruntime speed against float32, and what runs in float."""
+    speed = ", ".join(f"batch {b}: {v['quantized']['median_ms']:.1f} ms vs {v['fp32']['median_ms']:.1f} ms = "
+                      f"{v['quantized']['ratio']:.2f}x" for b, v in dep["latency"].items())
+    rt = dep["runtime_graph"]
+    typer.echo(f"deployment vs float32 (onnxruntime, median of {dep['runs']} interleaved runs): "
+               f"{dep['size_ratio']:.1f}x smaller ({dep['bytes'] / 1024:.0f} KiB vs {dep['fp32_bytes'] / 1024:.0f} KiB); "
+               f"speed-up {speed}; {rt['integer']} integer and {rt['float']} float Conv/Gemm/MatMul kernels")
+    if not fused_bias and rt["integer"] == 0:
+        typer.echo("  no integer kernels: biases are separate float Adds; --fuse-bias lets onnxruntime run QLinearConv "
+                   "(it rounds biases to int32, which the simulation does not model)")
 
 
 @app.command("analyze")

@@ -79,16 +79,18 @@ def _verify_images(spec, n: int, val: str | Path | None) -> tuple[torch.Tensor, 
 
 def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True,
                n: int = 1000, opset: int | None = None, val: str | Path | None = None,
-               fuse_bias: bool = False, raise_on_failure: bool = True) -> dict[str, Any]:
+               fuse_bias: bool = False, raise_on_failure: bool = True, speed_runs: int = 10) -> dict[str, Any]:
     """``dfq export``: load a quantized checkpoint, write ``fmt`` to ``out`` (default inside the
     checkpoint folder), verify an ONNX export with onnxruntime on ``n`` test images, and
-    write ``export_report.json`` next to the output. Raises :class:`DfqError` (after writing
-    the report) when the verification fails, unless ``raise_on_failure`` is false (then see
-    :func:`verification_error`)."""
+    write ``export_report.json`` next to the output. An ONNX export is also timed against the
+    same architecture in float32 (``speed_runs`` interleaved runs at batch 1 and 32; 0 skips it):
+    ``report["deployment"]`` is :func:`~dfquant.quant.export.deployment_gain`. Raises
+    :class:`DfqError` (after writing the report) when the verification fails, unless
+    ``raise_on_failure`` is false (then see :func:`verification_error`)."""
     from dfquant.io import read_json, versions, write_json
     from dfquant.models.source import load_quantized_spec
     from dfquant.quant.export import (DEFAULT_OPSET, FORMATS, LOGIT_MEAN_TOLERANCE, TOP1_TOLERANCE_POINTS,
-                                      export_int_state, export_onnx, verification_error, verify_onnx)
+                                      deployment_gain, export_int_state, export_onnx, verification_error, verify_onnx)
 
     if fmt not in FORMATS:
         raise DfqError(f"--format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
@@ -115,6 +117,8 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
             images, labels = _verify_images(spec, n, val)
             report["verify"] = verify_onnx(qmodel, out, images, labels)
             report["tolerance"] = {"top1_diff_points": TOP1_TOLERANCE_POINTS, "mean_rel_diff": LOGIT_MEAN_TOLERANCE}
+        if speed_runs > 0:
+            report["deployment"] = deployment_gain(spec.model, out, spec.input_size, (1, 32), speed_runs)
     report["versions"] = versions()
     report_path = out.parent / "export_report.json"
     write_json(report_path, report)

@@ -25,6 +25,7 @@ MINIMUM: dict[str, float] = {
     "n": 1, "iters": 1, "batch_size": 1, "gen_batch_size": 1, "k": 1, "modes": 1, "learn_iters": 1,
     "distill_iters": 1, "eval_limit": 1, "steps": 1, "seed": 0, "joint_iters": 0, "threads": 1, "guidance": 0,
     "per_sheet": 1, "epochs": 1, "unet_steps": 1, "vae_epochs": 0, "height": 8, "width": 8,
+    "speed_runs": 0,
 }
 SOURCES = ("generated", "real", "distill")
 

@@ -6,22 +6,28 @@ arithmetic stays in float32. Accuracies measured on them are what integer infere
 the same grids gives, but the PyTorch models themselves are neither smaller nor faster.
 This module writes what a deployment runtime consumes:
 
-* :func:`export_onnx` — an ONNX graph in QDQ form. Each quantized weight is stored as an
-  integer initializer followed by ``DequantizeLinear`` (per output channel, with zero points
-  for asymmetric grids): INT4/UINT4 for grids of at most 4 bits (ternary included) when the
-  opset is 21 or later, INT8/UINT8 otherwise. Each activation quantizer becomes
-  ``QuantizeLinear -> DequantizeLinear`` on int8 (signed grids) or uint8 (unsigned or
-  asymmetric grids); below 8 bits a ``Clip`` to the b-bit range comes first, because
-  QuantizeLinear saturates to the container's full range. What dfquant keeps in float
-  (BatchNorm when not folded, ReLU, pooling, residual additions, LayerNorm, GELU, softmax,
-  biases) stays float in the graph; which Q/DQ patterns a runtime turns into integer
-  kernels is the runtime's choice. RepQ-ViT's log-sqrt2 softmax quantizer has no QDQ form
-  and is written as elementwise ops (Div, Clip, Log, Round, Pow, Where).
+* :func:`export_onnx` — an ONNX graph in QDQ form, shaped for onnxruntime's integer kernels.
+  Each quantized weight is an integer initializer followed by ``DequantizeLinear`` per output
+  channel: int8 ``q - z`` with zero point 0 where it fits (scaled by a power of two, see
+  :class:`_ExportLayer`), else the grid's int8/uint8 container with per-channel zero points;
+  grids of at most 4 bits (ternary included) are stored packed as INT4/UINT4 at opset 21+.
+  BatchNorm left unfolded by the algorithm is folded into the weight scales and the bias.
+  Each activation quantizer becomes ``QuantizeLinear -> DequantizeLinear`` on int8 (signed
+  grids) or uint8 (unsigned or asymmetric grids); below 8 bits a ``Clip`` to the b-bit range
+  acts on the integer tensor between the two. With ``fuse_bias`` the Conv/Gemm nodes fit the
+  pattern onnxruntime turns into QLinearConv (:func:`runtime_graph` shows what it ran; nodes it
+  will run in float get their weights dequantized by constant ops it folds at load). What
+  dfquant keeps in float (ReLU, pooling, residual additions, LayerNorm, GELU, softmax) stays
+  float in the graph. RepQ-ViT's log-sqrt2 softmax quantizer has no QDQ form and is written as
+  elementwise ops (Div, Clip, Log, Round, Pow, Where).
 * :func:`export_int_state` — a safetensors file with the integer weights, their scales and
   zero points, the activation quantizers and every remaining float tensor (key names in
   its docstring).
 * :func:`verify_onnx` — runs the ONNX file in onnxruntime next to the fake-quantized
   PyTorch model and reports logit differences and top-1 agreement.
+* :func:`runtime_graph`, :func:`measure_latency`, :func:`deployment_gain` — what onnxruntime
+  makes of the file (integer vs float kernels, from its optimized graph) and what it buys over
+  float32 (size, interleaved latency).
 
 The exporter traces with torch's TorchScript-based ONNX exporter (``dynamo=False``), which
 writes opsets up to 20; later opsets are reached with ``onnx.version_converter``.
@@ -38,6 +44,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,11 +57,17 @@ from dfquant.errors import DfqError
 from dfquant.io import atomic_path, save_tensors
 from dfquant.quant.modules import QuantBlock, QuantLayer
 from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer
+from dfquant.quant.plan import bn_folds
+from dfquant.quant.transform import bn_affine, remove_bn
 
 DEFAULT_OPSET = 21          # first opset with INT4/UINT4 (4-bit weights stored packed)
 MIN_OPSET = 13              # per-axis QuantizeLinear/DequantizeLinear
 TORCHSCRIPT_MAX_OPSET = 20  # highest opset torch's TorchScript exporter writes
 INT4_MIN_OPSET = 21
+# Largest |weight integer| written in the int8 zero-point-0 form. AVX2 CPUs without VNNI multiply
+# uint8 activations by int8 weights with VPMADDUBSW, which saturates a pair of products at
+# int16: 2 * 255 * 63 < 2^15 keeps every pair exact (onnxruntime's "reduce_range" bound).
+_S8_MAX = 63
 
 # Acceptance thresholds of ``dfq export --verify``. Q/DQ and the integer weights reproduce
 # dfquant bit for bit (tests/test_export.py), but onnxruntime's float Conv/MatMul sum in
@@ -174,10 +187,10 @@ class _DequantizeWeight(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero_point, axis_i=axis)
 
 
-def _qdq_forward(x, scale, zero_point):
+def _qdq_forward(x, scale, zero_point, qmin=None, qmax=None):
     info = torch.iinfo(zero_point.dtype)
     z = zero_point.float()
-    q = torch.clamp(torch.round(x / scale) + z, info.min, info.max)
+    q = torch.clamp(torch.round(x / scale) + z, info.min if qmin is None else qmin, info.max if qmax is None else qmax)
     return (q - z) * scale
 
 
@@ -191,23 +204,27 @@ class _QDQ(torch.autograd.Function):
         return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
 
 
-class _ClipQDQ(torch.autograd.Function):
+class _QClipDQ(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, lo, hi):  # noqa: D102 - Clip -> QuantizeLinear -> DequantizeLinear
-        return _qdq_forward(torch.clamp(x, lo, hi), scale, zero_point)
+    def forward(ctx, x, scale, zero_point, qmin, qmax):  # noqa: D102 - QuantizeLinear -> integer Clip -> DequantizeLinear
+        return _qdq_forward(x, scale, zero_point, int(qmin), int(qmax))
 
     @staticmethod
-    def symbolic(g, x, scale, zero_point, lo, hi):  # noqa: D102
-        x = g.op("Clip", x, lo, hi)
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
+    def symbolic(g, x, scale, zero_point, qmin, qmax):  # noqa: D102
+        q = g.op("Clip", g.op("QuantizeLinear", x, scale, zero_point), qmin, qmax)
+        return g.op("DequantizeLinear", q, scale, zero_point)
 
 
 class _ActQDQ(nn.Module):
-    """A per-tensor activation quantizer as (Clip ->) QuantizeLinear -> DequantizeLinear.
+    """A per-tensor activation quantizer as QuantizeLinear (-> Clip) -> DequantizeLinear.
 
-    dfquant computes ``(clamp(round(x/s) + z, qmin, qmax) - z) * s``; clipping ``x`` to
-    ``[(qmin - z) s, (qmax - z) s]`` first and then saturating to the container gives the
-    same value because rounding is monotonic.
+    dfquant computes ``(clamp(round(x/s) + z, qmin, qmax) - z) * s``. QuantizeLinear saturates
+    to the 8-bit container, so a b-bit grid (b < 8) gets a ``Clip(qmin, qmax)`` on the integer
+    tensor between Q and DQ: clamping to the container first and to the grid second is the
+    same clamp, so the value is exact. Keeping the clip on the integer side leaves the
+    producer's ``Conv/MatMul -> (Relu ->) QuantizeLinear`` pattern intact, which is what
+    onnxruntime fuses into QLinearConv / QLinearMatMul; a float Clip before the Q would sit
+    in that pattern and leave the producer a float Conv.
     """
 
     def __init__(self, q: UniformQuantizer, name: str, transposed: bool = False):
@@ -221,8 +238,8 @@ class _ActQDQ(nn.Module):
         info = torch.iinfo(dtype)
         self.clip = (qmin, qmax) != (info.min, info.max)
         if self.clip:
-            self.register_buffer("clip_min", torch.tensor(float(qmin - z)) * scale)
-            self.register_buffer("clip_max", torch.tensor(float(qmax - z)) * scale)
+            self.register_buffer("qmin", torch.tensor(qmin, dtype=dtype))
+            self.register_buffer("qmax", torch.tensor(qmax, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.transposed:  # see export_module: keeps DequantizeLinear directly before MatMul
@@ -231,7 +248,7 @@ class _ActQDQ(nn.Module):
 
     def _qdq(self, x: torch.Tensor) -> torch.Tensor:
         if self.clip:
-            return _ClipQDQ.apply(x, self.scale, self.zero_point, self.clip_min, self.clip_max)
+            return _QClipDQ.apply(x, self.scale, self.zero_point, self.qmin, self.qmax)
         return _QDQ.apply(x, self.scale, self.zero_point)
 
 
@@ -254,12 +271,18 @@ class _LogSqrt2(nn.Module):
 
 
 class _ExportLayer(nn.Module):
-    """A QuantLayer with its weight as integer buffer + DequantizeLinear.
+    """A QuantLayer with its weight as integer buffer + DequantizeLinear (per output channel).
+
+    The integer weight is stored in the form integer kernels run fastest: when every
+    ``q - zero_point`` fits int8 (always for grids of at most 7 bits), as int8 ``q - zero_point``
+    with zero point 0 (onnxruntime's symmetric u8s8 path); otherwise as the grid's own
+    8-bit container with per-channel zero points. :meth:`fold_bn` folds a following
+    BatchNorm into the per-channel scales and the bias without changing any integer.
 
     Unless ``fuse_bias``, the bias is added after the Conv/MatMul instead of being its bias
-    input: runtimes that fuse DequantizeLinear -> Conv may otherwise round a float bias to
-    int32 with step ``s_x * s_w`` (onnxruntime's CPU optimizer does), which dfquant's
-    simulation does not model and which moves low-bit accuracies by up to a point.
+    input: runtimes that fuse DequantizeLinear -> Conv round a float bias to int32 with step
+    ``s_x * s_w`` (onnxruntime's CPU optimizer does), which dfquant's simulation does not
+    model — but the separate Add also keeps the Conv out of the integer-kernel pattern.
     """
 
     def __init__(self, ql: QuantLayer, name: str, fuse_bias: bool = False):
@@ -271,24 +294,61 @@ class _ExportLayer(nn.Module):
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
         self.aq = _act_module(ql.aq, f"{name}.aq")
         self.quantized = ql.wq.enabled
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         if self.quantized:
             iw = integer_weight(ql, name)
-            dtype = _container(*iw["qrange"])
-            self.axis = iw["axis"]
-            self.register_buffer("weight_int", iw["q"].to(dtype))
-            per_tensor = self.axis is None
-            self.register_buffer("weight_scale", iw["scale"].reshape(()) if per_tensor else iw["scale"])
-            zp = iw["zero_point"].to(dtype)
-            self.register_buffer("weight_zero_point", zp.reshape(()) if per_tensor else zp)
             self.bits, self.qrange = iw["bits"], iw["qrange"]
+            c_out = layer.weight.shape[0]
+            if iw["axis"] not in (None, 0):
+                raise DfqError(f"{name} has its weight quantized along axis {iw['axis']}; the exporter writes axis 0")
+            # the grid's integers and per-channel zero points; a per-tensor grid repeats its scale
+            self.q, self.z, self.s = iw["q"], iw["zero_point"].expand(c_out).clone(), iw["scale"].expand(c_out).clone()
+            self._store()
         else:
             self.register_buffer("weight", layer.weight.detach().clone())
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+
+    def _store(self) -> None:
+        """Write the grid (q, z, s) as the buffers the graph reads."""
+        shape = [-1] + [1] * (self.q.dim() - 1)
+        d = self.q - self.z.view(shape)
+        span = int(d.abs().max().item())
+        if span <= _S8_MAX:
+            # the largest power of two m with m |q - z| <= 63: the same weight as (m (q - z)) * (s / m)
+            # (exact: a power of two), and the int32 bias grid s_x s_w / m is m times finer
+            m = 2 ** int(math.floor(math.log2(_S8_MAX / max(span, 1))))
+            w, zp, scale = (d * m).to(torch.int8), torch.zeros_like(self.z, dtype=torch.int8), self.s / m
+        else:
+            dtype, m, scale = _container(*self.qrange), 1, self.s
+            w, zp = self.q.to(dtype), self.z.to(dtype)
+        self.multiplier = m
+        self.register_buffer("weight_int", w)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", zp)
+
+    @torch.no_grad()
+    def fold_bn(self, k: torch.Tensor, c: torch.Tensor) -> None:
+        """Absorb a following per-channel affine ``y * k + c`` (an eval-mode BatchNorm).
+
+        The scale of channel j becomes ``s_j |k_j|``; a negative ``k_j`` mirrors the channel's
+        integers inside the grid (``q -> qmin + qmax - q``, same for the zero point), which
+        negates ``q - z`` exactly. The bias becomes ``b k + c``.
+        """
+        if self.quantized:
+            neg = k < 0
+            lo, hi = self.qrange
+            shape = [-1] + [1] * (self.q.dim() - 1)
+            self.q = torch.where(neg.view(shape), lo + hi - self.q, self.q)
+            self.z = torch.where(neg, lo + hi - self.z, self.z)
+            self.s = self.s * k.abs()
+            self._store()
+        else:
+            self.weight.mul_(k.view([-1] + [1] * (self.weight.dim() - 1)))
+        self.bias = (self.bias if self.bias is not None else torch.zeros_like(k)) * k + c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.aq(x)
         if self.quantized:
-            w = _DequantizeWeight.apply(self.weight_int, self.weight_scale, self.weight_zero_point, self.axis)
+            w = _DequantizeWeight.apply(self.weight_int, self.weight_scale, self.weight_zero_point, 0)
         else:
             w = self.weight
         bias = self.bias if self.fuse_bias else None
@@ -337,17 +397,49 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def export_module(qmodel: nn.Module, fuse_bias: bool = False) -> nn.Module:
+def _unfolded_bn(qmodel: nn.Module, example_input: torch.Tensor | None) -> dict[str, str]:
+    """Quantized conv -> the BatchNorm2d its output flows into alone, as ``qmodel`` module names:
+    the pairs the quantization plan folds (:func:`~dfquant.quant.plan.bn_folds`: data flow, not
+    names), here among the BatchNorms the algorithm kept. The graph is traced on a view of
+    ``qmodel`` without its QuantLayer/QuantBlock wrappers (the model the plan was made on);
+    the view shares every tensor, so it costs no weight copies."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules()):
+        return {}
+    memo: dict[int, Any] = {id(t): t for t in (*qmodel.parameters(), *qmodel.buffers())}
+    view = copy.deepcopy(qmodel, memo)
+    wrappers = [(n, m) for n, m in view.named_modules() if n and isinstance(m, (QuantLayer, QuantBlock))]
+    for name, m in sorted(wrappers, key=lambda nm: len(nm[0]), reverse=True):  # innermost first
+        _set(view, name, m.layer if isinstance(m, QuantLayer) else m.block)
+    view_names = {id(m): n for n, m in view.named_modules()}
+    to_q: dict[str, str] = {}  # view name -> qmodel name (a QuantLayer stands for the conv it wraps)
+    for name, m in qmodel.named_modules():
+        copied = memo.get(id(m.layer if isinstance(m, QuantLayer) else m))
+        if copied is not None and id(copied) in view_names:
+            to_q.setdefault(view_names[id(copied)], name)
+    return {to_q[c]: to_q[b] for c, b in bn_folds(view, example_input).items()
+            if isinstance(qmodel.get_submodule(to_q[c]), QuantLayer)}
+
+
+def export_module(qmodel: nn.Module, fuse_bias: bool = False, example_input: torch.Tensor | None = None) -> nn.Module:
     """A copy of ``qmodel`` in which every quantizer is an explicit integer/QDQ construct.
 
-    Its forward equals the fake-quantized model's up to float rounding; tracing it with
+    BatchNorms that follow a quantized Conv are folded into it (``example_input`` is needed
+    only for a model torch.fx cannot trace, as for the quantization plan). Its forward equals
+    the fake-quantized model's up to float rounding; tracing it with
     ``torch.onnx.export(..., dynamo=False)`` yields the QDQ graph.
     """
     _check_supported(qmodel)
+    folds = _unfolded_bn(qmodel, example_input)
     emodel = copy.deepcopy(qmodel).eval()
     for name, m in list(emodel.named_modules()):
         if isinstance(m, QuantLayer):
             _set(emodel, name, _ExportLayer(m, name, fuse_bias))
+    # BatchNorm kept unfolded by the algorithm (Genie-M) sits between the Conv and the next
+    # QuantizeLinear, where no runtime fuses it into an integer kernel: fold it into the
+    # per-channel weight scales and the bias (the integers stay the same)
+    for conv_name, bn_name in folds.items():
+        emodel.get_submodule(conv_name).fold_bn(*bn_affine(emodel.get_submodule(bn_name)))
+        remove_bn(emodel, bn_name)
     for name, m in list(emodel.named_modules()):
         if type(m).__name__ == "QuantAttention" and isinstance(m.k_q, UniformQuantizer) and m.k_q.enabled:
             # QuantAttention transposes k after quantizing it. Quantizing the transposed tensor
@@ -449,32 +541,51 @@ def _prune_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
-def _to_int4(model, weight_names: set[str]) -> dict[str, str]:
-    """Rewrite the INT8/UINT8 initializers in ``weight_names`` (and their zero points) as
-    INT4/UINT4; returns initializer name -> new type name."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+def _pack4(t: torch.Tensor) -> bytes:
+    """Two 4-bit values per byte, first in the low nibble (ONNX's raw INT4/UINT4 layout); raw data,
+    because ``int32_data`` would spend a varint on every byte."""
+    v = (t.flatten().to(torch.int64) & 0xF).to(torch.uint8)
+    if v.numel() % 2:
+        v = torch.cat([v, v.new_zeros(1)])
+    return (v[0::2] | (v[1::2] << 4)).numpy().tobytes()
 
-    inits = {t.name: t for t in model.graph.initializer}
-    done: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in weight_names or node.input[0] not in inits:
+
+def _to_int4(model, grids: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, str]:
+    """Store the weights of ``grids`` (initializer name -> the grid's integers q, per-channel
+    zero points z, all within a 4-bit range, and the layer's power-of-two multiplier m) packed
+    as INT4/UINT4.
+
+    The graph keeps consuming the int8 ``m (q - z)`` (see :class:`_ExportLayer`): it is rebuilt
+    from the packed initializers by ``Cast -> Sub -> Mul -> Cast`` on constants, which onnxruntime folds
+    once at load, so the file holds 4 bits per weight while the runtime still sees the int8
+    weight its integer kernels take. Returns initializer name -> type name of the packed q.
+    """
+    from onnx import TensorProto, helper
+
+    used = {i for node in model.graph.node if node.op_type == "DequantizeLinear" for i in node.input[:1]}
+    nodes, done = [], {}
+    for name, (q, z, m) in grids.items():
+        if name not in used:
             continue
-        signed = numpy_helper.to_array(inits[node.input[0]]).dtype == np.int8
+        signed = bool(q.min() < 0 or z.min() < 0)
         ttype = TensorProto.INT4 if signed else TensorProto.UINT4
-        new_inputs = list(node.input)
-        for i in (0, 2):
-            if i >= len(node.input):
-                continue
-            name = node.input[i] + "_int4"
-            if name not in inits:
-                arr = numpy_helper.to_array(inits[node.input[i]])
-                inits[name] = helper.make_tensor(name, ttype, arr.shape, arr.astype(np.int32).flatten().tolist())
-                model.graph.initializer.append(inits[name])
-            new_inputs[i] = name
-        del node.input[:]
-        node.input.extend(new_inputs)
-        done[new_inputs[0]] = "INT4" if signed else "UINT4"
+        zshape = [len(z)] + [1] * (q.dim() - 1)
+        packed = {f"{name}_int4": (q, list(q.shape)), f"{name}_zero_point_int4": (z, zshape)}
+        for init_name, (t, shape) in packed.items():
+            model.graph.initializer.append(helper.make_tensor(init_name, ttype, shape, _pack4(t), raw=True))
+        model.graph.initializer.append(helper.make_tensor(f"{name}_multiplier", TensorProto.INT32, [], [m]))
+        nodes += [helper.make_node("Cast", [f"{name}_int4"], [f"{name}_q32"], to=TensorProto.INT32),
+                  helper.make_node("Cast", [f"{name}_zero_point_int4"], [f"{name}_z32"], to=TensorProto.INT32),
+                  helper.make_node("Sub", [f"{name}_q32", f"{name}_z32"], [f"{name}_d32"]),
+                  helper.make_node("Mul", [f"{name}_d32", f"{name}_multiplier"], [f"{name}_md32"]),
+                  helper.make_node("Cast", [f"{name}_md32"], [f"{name}_from_int4"], to=TensorProto.INT8)]
+        done[f"{name}_int4"] = "INT4" if signed else "UINT4"
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in grids and f"{node.input[0]}_int4" in done:
+            node.input[0] = f"{node.input[0]}_from_int4"
+    rest = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + rest)  # their inputs are initializers only, so first is a valid place
     return done
 
 
@@ -487,7 +598,9 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     ``opset >= 21`` and in INT8/UINT8 containers otherwise (the summary's ``weights`` says
     which per layer). Biases of quantized layers are float ``Add`` nodes after the
     Conv/MatMul; ``fuse_bias=True`` writes them as the Conv/Gemm bias input instead (the
-    canonical QDQ form, which lets a runtime round them to int32 — see :class:`_ExportLayer`).
+    canonical QDQ form, which onnxruntime turns into QLinearConv and rounds to int32 — see
+    :class:`_ExportLayer`). The summary's ``float_kernels`` maps each Conv/Gemm/MatMul the
+    runtime will run in float to the reason (also stored in the file's metadata).
     A module or operator ONNX cannot express raises :class:`DfqError` naming it.
     """
     _require_onnx()
@@ -497,8 +610,8 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     if not MIN_OPSET <= opset <= max_opset:
         raise DfqError(f"--opset {opset} is not supported; use {MIN_OPSET}..{max_opset} "
                        f"({INT4_MIN_OPSET}+ stores 4-bit weights as INT4)")
-    emodel = export_module(qmodel, fuse_bias)
     example = torch.zeros(2, *input_size)
+    emodel = export_module(qmodel, fuse_bias, example)
     trace_opset = min(opset, TORCHSCRIPT_MAX_OPSET)
     buf = io.BytesIO()
     try:
@@ -528,10 +641,11 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
                            f"pass --opset {trace_opset}") from None
     # which weights go into INT4/UINT4, and what each layer ended up as
     layers = {n: m for n, m in emodel.named_modules() if isinstance(m, _ExportLayer)}
-    small = {f"{n}.weight_int" for n, m in layers.items()
+    small = {f"{n}.weight_int": (m.q, m.z, m.multiplier) for n, m in layers.items()
              if m.quantized and opset >= INT4_MIN_OPSET and m.qrange[0] >= -8 and m.qrange[1] <= 15}
     _materialize_identities(model)
     converted = _to_int4(model, small) if small else {}
+    float_kernels = _float_kernel_weights(model)
     _prune_initializers(model)
     weights: dict[str, str] = {}
     for n, m in layers.items():
@@ -540,10 +654,12 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
         elif f"{n}.weight_int_int4" in converted:
             weights[n] = converted[f"{n}.weight_int_int4"]
         else:
-            weights[n] = "INT8" if m.weight_int.dtype == torch.int8 else "UINT8"
+            weights[n] = str(m.weight_int.dtype).replace("torch.", "").upper()
+            if m.weight_zero_point.any():
+                weights[n] += " (zero points)"  # the grid's container: q - z did not fit int8
     missing = sorted(n for n in layers if f"{n}.weight_int" in small and f"{n}.weight_int_int4" not in converted)
     meta = {"producer": "dfquant", "dfquant.note": "QDQ export of a fake-quantized dfquant model",
-            **(metadata or {})}
+            "dfquant.float_kernels": json.dumps(float_kernels), **(metadata or {})}
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = str(k), str(v)
@@ -556,7 +672,7 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"path": str(path), "opset": opset, "ops": ops, "weights": weights, "int4_fallback": missing,
-            "fused_bias": fuse_bias, "bytes": path.stat().st_size}
+            "fused_bias": fuse_bias, "float_kernels": float_kernels, "bytes": path.stat().st_size}
 
 
 def _ort_session(onnx_path: str | Path):
@@ -619,6 +735,169 @@ def verification_passed(report: dict[str, Any]) -> bool:
     and mean |logit difference| within ``LOGIT_MEAN_TOLERANCE`` of the largest |logit|."""
     return (report["top1_diff_points"] <= TOP1_TOLERANCE_POINTS + 1e-9
             and report["mean_rel_diff"] <= LOGIT_MEAN_TOLERANCE)
+
+
+# ----------------------------------------------------------------------------------------
+# what the runtime runs: optimized graph, latency, size
+# ----------------------------------------------------------------------------------------
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+                   "DynamicQuantizeMatMul", "MatMulNBits")
+FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def _float_reason(graph, node) -> str | None:
+    """Why onnxruntime will run the exported Conv/Gemm/MatMul ``node`` in float, or None when it
+    matches the QDQ pattern its CPU optimizer turns into an integer kernel: DequantizeLinear on
+    input and weight, the bias as the node's input, and a QuantizeLinear (possibly behind a Relu,
+    which it removes) as the only consumer of the output."""
+    prod = {o: n for n in graph.node for o in n.output}
+    kinds = [prod[i].op_type if i in prod else "initializer" for i in node.input[:2]]
+    if kinds[0] != "DequantizeLinear":
+        return "input not quantized (float activations)"
+    if len(kinds) > 1 and kinds[1] != "DequantizeLinear":
+        return f"weight not quantized, or not directly DequantizeLinear (comes from {kinds[1]})"
+    consumers = [n for n in graph.node if node.output[0] in n.input]
+    while len(consumers) == 1 and consumers[0].op_type == "Relu":
+        consumers = [n for n in graph.node if consumers[0].output[0] in n.input]
+    if not consumers:
+        return "output is a model output (float logits)"
+    if [c.op_type for c in consumers] != ["QuantizeLinear"]:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) < 3 and {c.op_type for c in consumers} == {"Add"}:
+            return "bias is a separate float Add (export with fuse_bias)"
+        return f"output not quantized (feeds {', '.join(sorted({c.op_type for c in consumers}))} in float)"
+    return None
+
+
+def _float_kernel_weights(model) -> dict[str, str]:
+    """Give every Conv/Gemm/MatMul that the runtime will run in float (:func:`_float_reason`) its
+    weight dequantized by ``Cast -> (Sub) -> Mul`` instead of DequantizeLinear; returns node name ->
+    reason.
+
+    onnxruntime keeps a DequantizeLinear of a constant as it is (for its QDQ fusions), so a float
+    Conv behind one re-dequantizes its weight on every run and cannot pre-pack it or use its
+    blocked (NCHWc) float kernels. Plain Cast/Sub/Mul on constants are folded once at load into
+    a float32 weight, identical to what DequantizeLinear computes, and the file keeps the integers.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    prod = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    swap: dict[str, list] = {}
+    reasons: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        why = _float_reason(graph, node)
+        if why is None:
+            continue
+        reasons[node.name] = why
+        if why.startswith("bias"):
+            # onnxruntime folds a constant bias Add into a Conv with a constant weight, which would
+            # complete the QDQ pattern around a float weight; it then re-quantizes that weight on
+            # a grid of its own choosing. Kept behind DequantizeLinear, the weight stays dfquant's.
+            continue
+        dq = prod.get(node.input[1]) if len(node.input) > 1 else None
+        weight = inits.get(dq.input[0]) or inits.get(dq.input[0].replace("_from_int4", "_int4")) if dq else None
+        if dq is None or dq.op_type != "DequantizeLinear" or weight is None:
+            continue  # not a constant weight (e.g. the key of an attention MatMul)
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        zp = numpy_helper.to_array(inits[dq.input[2]]).astype("float32") if len(dq.input) > 2 else scale * 0
+        shape = [-1] + [1] * (len(weight.dims) - 1) if scale.ndim == 1 else []
+        out, base = dq.output[0], dq.output[0] + "_float"
+        graph.initializer.append(numpy_helper.from_array(scale.reshape(shape), base + "_scale"))
+        nodes = [helper.make_node("Cast", [dq.input[0]], [base + "_q"], to=TensorProto.FLOAT)]
+        if zp.any():
+            graph.initializer.append(numpy_helper.from_array(zp.reshape(shape), base + "_zero_point"))
+            nodes.append(helper.make_node("Sub", [base + "_q", base + "_zero_point"], [base + "_d"]))
+        nodes.append(helper.make_node("Mul", [nodes[-1].output[0], base + "_scale"], [out]))
+        swap[dq.name or out] = nodes
+    kept = []
+    for n in graph.node:
+        kept += swap.get(n.name or n.output[0], [n]) if n.op_type == "DequantizeLinear" else [n]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return reasons
+
+
+def runtime_graph(onnx_path: str | Path) -> dict[str, Any]:
+    """The graph onnxruntime actually runs (CPU, all optimizations), saved through
+    ``SessionOptions.optimized_model_filepath``: ``ops`` (op type -> count), ``integer`` /
+    ``float`` (counts of integer vs float Conv/Gemm/MatMul kernels, :data:`INTEGER_KERNELS` /
+    :data:`FLOAT_KERNELS`; the runtime renames what it rewrites, e.g. into blocked NCHWc
+    convolutions) and ``float_nodes`` (exported node name -> why it stays float, as the exporter
+    recorded it in the metadata: :func:`_float_reason`)."""
+    _require_onnx()
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.log_severity_level = 3  # the "hardware specific optimizations" warning of saving NCHWc graphs
+        try:
+            ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise DfqError(f"onnxruntime cannot load {onnx_path} ({str(exc).strip()[:200]})") from None
+        optimized = onnx.load(opts.optimized_model_filepath)
+    exported = onnx.load(str(onnx_path), load_external_data=False)
+    reasons = json.loads({p.key: p.value for p in exported.metadata_props}.get("dfquant.float_kernels", "{}"))
+    ops: dict[str, int] = {}
+    for node in optimized.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    n_float = sum(ops.get(k, 0) for k in FLOAT_KERNELS)
+    return {"ops": dict(sorted(ops.items())), "integer": sum(ops.get(k, 0) for k in INTEGER_KERNELS),
+            "float": n_float, "float_nodes": reasons}
+
+
+def measure_latency(paths: dict[str, str | Path], input_size: tuple[int, ...], batch_sizes: tuple[int, ...] = (1, 32),
+                    runs: int = 20, warmup: int = 2) -> dict[int, dict[str, dict[str, float]]]:
+    """onnxruntime CPU latency of each model in ``paths`` (label -> file), per batch size.
+
+    The models run interleaved in one process (each round times every model once, in an order
+    that rotates per round), so load from other processes on a shared machine hits all of them
+    alike. Per batch and label: ``median_ms`` over ``runs`` rounds and ``ratio``, the first
+    label's median divided by this label's (speed-up over the reference, measured in the same run).
+    """
+    import numpy as np
+
+    if runs < 1:
+        raise DfqError(f"runs {runs} must be at least 1")
+    sessions = {k: _ort_session(p) for k, p in paths.items()}
+    labels = list(sessions)
+    rng = np.random.default_rng(0)
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    for b in batch_sizes:
+        x = rng.standard_normal((b, *input_size), dtype=np.float32)
+        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+        for k in labels:
+            for _ in range(warmup):
+                sessions[k].run(None, feeds[k])
+        times: dict[str, list[float]] = {k: [] for k in labels}
+        for r in range(runs):
+            for k in labels[r % len(labels):] + labels[: r % len(labels)]:
+                t0 = time.perf_counter()
+                sessions[k].run(None, feeds[k])
+                times[k].append(1e3 * (time.perf_counter() - t0))
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        out[b] = {k: {"median_ms": med[k], "ratio": med[labels[0]] / med[k]} for k in labels}
+    return out
+
+
+def deployment_gain(fp_model: nn.Module, onnx_path: str | Path, input_size: tuple[int, ...],
+                    batch_sizes: tuple[int, ...] = (1, 32), runs: int = 10) -> dict[str, Any]:
+    """What the export at ``onnx_path`` buys over running ``fp_model`` (same architecture, float32)
+    in onnxruntime: ``size_ratio`` (FP32 file bytes / export bytes), ``latency``
+    (:func:`measure_latency`, FP32 first, so ``ratio`` is the speed-up) and ``runtime_graph``
+    (:func:`runtime_graph` of the export)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fp_path = Path(tmp) / "fp32.onnx"
+        export_onnx(fp_model, input_size, fp_path)
+        fp_bytes = fp_path.stat().st_size
+        latency = measure_latency({"fp32": fp_path, "quantized": onnx_path}, input_size, batch_sizes, runs)
+    q_bytes = Path(onnx_path).stat().st_size
+    return {"fp32_bytes": fp_bytes, "bytes": q_bytes, "size_ratio": fp_bytes / q_bytes, "runs": runs,
+            "latency": {str(b): v for b, v in latency.items()}, "runtime_graph": runtime_graph(onnx_path)}
 
 
 # ----------------------------------------------------------------------------------------

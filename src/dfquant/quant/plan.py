@@ -346,6 +346,13 @@ def make_plan(model: nn.Module, cfg: QuantConfig, example_input: torch.Tensor | 
     return _assign_bits(a, chosen, cfg, warn)
 
 
+def bn_folds(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, str]:
+    """Every Conv2d -> BatchNorm2d pair of ``model`` that folds (the BN is the conv output's only
+    consumer), whether or not a config folds BN: what ``fold_bn=True`` plans, and what the ONNX
+    exporter folds in a model quantized with its BatchNorms kept."""
+    return _Analysis(model, trace_graph(model, example_input), ()).folds()
+
+
 def _assign_bits(a: _Analysis, chosen: list[tuple[str, str]], cfg: QuantConfig, warn: list[str]) -> QuantPlan:
     layers = a.layers
     first, last = layers[0], layers[-1]

@@ -18,7 +18,7 @@ from torch import nn
 from dfquant.errors import DfqError
 from dfquant.quant.algorithms import get_algorithm
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer
-from dfquant.quant.plan import QuantPlan, make_plan
+from dfquant.quant.plan import QuantPlan, bn_folds, make_plan
 from dfquant.quant.quantizers import check_bits
 from dfquant.quant.vit import prepare_vit
 
@@ -57,20 +57,31 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BatchNorm as ``x * k + c`` per channel: ``(k, c)``."""
+    k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return k, bn.bias - bn.running_mean * k
+
+
+def remove_bn(model: nn.Module, bn_name: str) -> None:
+    """Take a folded BatchNorm out of ``model``; a norm-act layer (timm BatchNormAct2d) keeps what follows its BN."""
+    bn = model.get_submodule(bn_name)
+    _set(model, bn_name, nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act))
+
+
 @torch.no_grad()
 def fold_bn(model: nn.Module, pairs: dict[str, str] | None = None, example_input: torch.Tensor | None = None) -> nn.Module:
     """Fold BatchNorm2d into the conv that feeds it, in place: ``pairs`` (conv -> BN names), by default
-    every pair the data flow shows (a conv whose only consumer is the BN)."""
+    every pair the data flow shows (a conv whose only consumer is the BN, :func:`bn_folds`)."""
     if pairs is None:
-        pairs = make_plan(model, QuantConfig(fold_bn=True), example_input).folds
+        pairs = bn_folds(model, example_input)
     for conv_name, bn_name in pairs.items():
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        conv.weight.mul_(scale.view(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
-        # a norm-act layer (timm BatchNormAct2d) keeps what follows its BN
-        _set(model, bn_name, nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act))
+        conv = model.get_submodule(conv_name)
+        k, c = bn_affine(model.get_submodule(bn_name))
+        conv.weight.mul_(k.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(k)
+        conv.bias = nn.Parameter(bias * k + c)
+        remove_bn(model, bn_name)
     return model
 
 

@@ -1,0 +1,246 @@
+"""Deployment benchmark: what a dfquant ONNX export buys in onnxruntime on this machine's CPU.
+
+For each model: FP32, W8A8 and W4A4 exports (the integer-kernel form: BatchNorm folded,
+biases fused so onnxruntime can run QLinearConv), and per export
+* the file size and its ratio to FP32,
+* onnxruntime latency at batch 1 and 32: median of ``--runs`` runs, FP32 and both quantized
+  models interleaved in one process, the ratio to FP32 taken from the same run,
+* the optimized graph onnxruntime runs (``SessionOptions.optimized_model_filepath``): integer vs
+  float Conv/Gemm/MatMul kernels, and why the float ones stayed float,
+* for the zoo models, top-1 of the deployed model next to the simulated (fake-quantized) one on
+  ``--n`` Fashion-MNIST test images.
+
+Quantization is range initialization only, no reconstruction: algorithm ``minmax`` (the Lp
+search of ``mse`` costs CPU-minutes per model on a shared 2-core machine) on 64 real split-A
+images for the zoo models and 16 random images for the torchvision models (random weights,
+224 px): the point is
+speed, size and deployed-vs-simulated agreement, not accuracy. Rows go to <out>.csv as they are
+measured; <out>.md and <out>.png are written from the CSV (``--report-only`` rewrites them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from dfquant.io import write_text
+from dfquant.quant import export as E
+
+MODELS = ["torchvision/resnet50", "fmnist/resnet20", "torchvision/resnet18", "torchvision/mobilenet_v2",
+          "fmnist/mobilenetv2", "fmnist/vit"]
+SETTINGS = {"W8A8": (8, 8), "W4A4": (4, 4)}
+FIELDS = ["model", "setting", "bytes", "size_ratio", "b1_ms", "b1_ratio", "b32_ms", "b32_ratio", "integer_kernels",
+          "float_kernels", "float_reasons", "top1_sim", "top1_deployed", "argmax_agreement", "mean_rel_diff"]
+
+
+def cpu_flags() -> str:
+    """The SIMD flags of /proc/cpuinfo that decide int8 speed (AVX2 vs AVX-512 VNNI / AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")) or "vnni" in f]
+    return f"{name}; {len({ln for ln in text.splitlines() if ln.startswith('processor')})} logical CPUs; {' '.join(keep)}"
+
+
+def load(name: str):
+    from dfquant.models.registry import FMNIST_MEAN, FMNIST_STD, get_model
+
+    spec = get_model(name, pretrained=name.startswith("fmnist/"))
+    if name.startswith("fmnist/"):
+        from dfquant.data import fmnist
+
+        mean, std = torch.tensor(FMNIST_MEAN).view(1, 3, 1, 1), torch.tensor(FMNIST_STD).view(1, 3, 1, 1)
+        xa, _ = fmnist.load_split("A", limit=64)
+        return spec, (xa - mean) / std
+    torch.manual_seed(0)
+    return spec, torch.randn(16, *spec.input_size)
+
+
+def quantized(spec, calib: torch.Tensor, wbits: int, abits: int):
+    from dfquant.quant.api import quantize
+
+    vit = None
+    if spec.is_vit:
+        from dfquant.quant.vit import default_vit_options
+
+        vit = default_vit_options(spec.model)
+    qmodel, _ = quantize(copy.deepcopy(spec.model), calib, "minmax", wbits, abits, iters=1, batch_size=len(calib),
+                         progress=False, vit=vit)
+    return qmodel
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def measure(name: str, runs: int, n: int, tmp: Path) -> list[dict]:
+    spec, calib = load(name)
+    log(f"{name}: loaded")
+    paths = {"FP32": tmp / "fp32.onnx"}
+    E.export_onnx(spec.model, spec.input_size, paths["FP32"])
+    qmodels = {}
+    for setting, (w, a) in SETTINGS.items():
+        qmodels[setting] = quantized(spec, calib, w, a)
+        paths[setting] = tmp / f"{setting}.onnx"
+        E.export_onnx(qmodels[setting], spec.input_size, paths[setting], fuse_bias=True)
+        log(f"{name}: {setting} quantized and exported")
+    lat = E.measure_latency(paths, spec.input_size, (1, 32), runs)
+    log(f"{name}: timed")
+    rows = []
+    for setting, path in paths.items():
+        rt = E.runtime_graph(path)
+        reasons = Counter(rt["float_nodes"].values())
+        row = {"model": name, "setting": setting, "bytes": path.stat().st_size,
+               "size_ratio": paths["FP32"].stat().st_size / path.stat().st_size,
+               "b1_ms": lat[1][setting]["median_ms"], "b1_ratio": lat[1][setting]["ratio"],
+               "b32_ms": lat[32][setting]["median_ms"], "b32_ratio": lat[32][setting]["ratio"],
+               "integer_kernels": rt["integer"], "float_kernels": rt["float"],
+               "float_reasons": "; ".join(f"{c}x {r}" for r, c in reasons.most_common())}
+        if spec.embedded and setting in qmodels:
+            from dfquant.evaluate import test_tensors
+
+            x, y = test_tensors(spec, n)
+            v = E.verify_onnx(qmodels[setting], path, x, y)
+            row.update(top1_sim=v["top1_torch"], top1_deployed=v["top1_onnx"], argmax_agreement=v["argmax_agreement"],
+                       mean_rel_diff=v["mean_rel_diff"])
+        rows.append(row)
+        log(f"{name}: {setting} graph and top-1 done")
+    return rows
+
+
+def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: int) -> None:
+    with open(csv_path) as fh:
+        rows = list(csv.DictReader(fh))
+
+    def f(v, fmt):
+        return "" if v in ("", None) else format(float(v), fmt)
+
+    lines = [
+        "# Deployment benchmark: dfquant ONNX exports in onnxruntime (CPU)", "",
+        f"Command: `{command}`", "",
+        f"CPU: {flags}", "",
+        f"Versions: torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
+        f"onnx {__import__('onnx').__version__}. Threads: onnxruntime intra-op threads = torch threads "
+        "(OMP_NUM_THREADS in the command).", "",
+        "**The machine was shared** with other jobs during the run (load average far above its core count), "
+        "so absolute latencies are noisy; the FP32 and quantized models ran interleaved in one process and "
+        f"each ratio is FP32 median / quantized median over the same {runs} rounds, which cancels most of "
+        "the shared load.", "",
+        "Quantization: range initialization only, no reconstruction (`minmax`, chosen over `mse` for CPU time), "
+        "on 64 real split-A images for the zoo models and 16 random images for the torchvision models (random "
+        "weights, 224 px); W4A4 top-1 of range-init-only models is low, the point is deployed vs simulated. Exports: opset 21, "
+        "BatchNorm folded, biases fused (`fuse_bias=True`, the form onnxruntime turns into QLinearConv), "
+        "weights of <= 4 bits packed as INT4/UINT4 on disk. Top-1 on "
+        f"{n} Fashion-MNIST test images (zoo models only).", "",
+        "| model | setting | size | size ratio | b1 ms | b1 speed-up | b32 ms | b32 speed-up | int / float kernels "
+        "| top-1 sim → deployed | argmax agree | float kernels: why |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        top1 = f"{f(r['top1_sim'], '.2f')} → {f(r['top1_deployed'], '.2f')}" if r["top1_sim"] else ""
+        lines.append(f"| {r['model']} | {r['setting']} | {int(r['bytes']) / 2**20:.2f} MiB | {f(r['size_ratio'], '.1f')}x "
+                     f"| {f(r['b1_ms'], '.1f')} | {f(r['b1_ratio'], '.2f')}x | {f(r['b32_ms'], '.0f')} "
+                     f"| {f(r['b32_ratio'], '.2f')}x | {r['integer_kernels']} / {r['float_kernels']} | {top1} "
+                     f"| {f(r['argmax_agreement'], '.1f')} | {r['float_reasons'] if r['setting'] != 'FP32' else ''} |")
+    done = sorted({r["model"] for r in rows})
+    missing = [m for m in MODELS if m not in done]
+    lines += ["", "## Reading the table", "",
+              "* *int / float kernels* counts Conv/Gemm/MatMul nodes in the graph onnxruntime runs (its optimized "
+              "graph, saved with `SessionOptions.optimized_model_filepath`): QLinearConv/QGemm/MatMulInteger... vs "
+              "float Conv (incl. its NCHWc form)/Gemm/MatMul. The last column says why each float one stayed float, "
+              "as the exporter recorded it.",
+              "* A Conv becomes QLinearConv only when its output goes into a QuantizeLinear. dfquant's simulation "
+              "(Genie/BRECQ/QDrop conventions) keeps the residual sum in float, so the last Conv of every residual "
+              "block and its downsample Conv feed a float Add and have no integer kernel in onnxruntime; so do the "
+              "first Conv (float image input, Genie) and the classifier (float logits). Quantizing those outputs "
+              "would change the model that was calibrated and evaluated. In MobileNetV2 a ReLU6 (Clip 0..6) sits "
+              "between most Convs and their QuantizeLinear; onnxruntime drops it only when the quantizer's range "
+              "lies inside 0..6, otherwise the Conv stays float (folding ReLU6 into the activation grid is not done).",
+              "* The integer kernels themselves run in NHWC; between them and the float (NCHWc) convolutions "
+              "onnxruntime inserts layout changes, QuantizeLinear and DequantizeLinear on every activation. Where "
+              "many convolutions stay float, these conversions most likely cost more than the int8 arithmetic "
+              "saves (not profiled op by op here). W8A8 is slower than W4A4 because "
+              "8-bit asymmetric weight grids do not fit int8 with zero point 0 and run as uint8 with per-channel "
+              "zero points (u8u8 kernels); grids of at most 6 bits are written as int8 with zero point 0.",
+              "* The goal (W8A8/W4A4 ResNet-50 2x faster than FP32 at batch 32) is therefore **not reached**; "
+              "the W4 size goal (>= 6x smaller) is met where 4-bit layers dominate the weights (see size ratio).",
+              "* top-1 sim → deployed: the fused (integer-kernel) form rounds biases to int32 (step s_x·s_w) and "
+              "requantizes in integer arithmetic, which the simulation does not model; the unfused default export "
+              "of `dfq export` matches the simulation within float noise (tests/test_export.py)."]
+    broken = [f"{r['model']} {r['setting']}" for r in rows if r["argmax_agreement"] and float(r["argmax_agreement"]) < 90]
+    if broken:
+        lines += ["", f"**Open bug:** the fused (integer-kernel) export of {', '.join(broken)} disagrees with the "
+                  "simulation (deployed top-1 near chance), while the unfused export of the same model matches it; "
+                  "the cause is not found yet, so those rows' latencies are of a graph that computes wrong outputs."]
+    if missing:
+        lines += ["", f"Not measured in this run (time limit of the shared machine): {', '.join(missing)}."]
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    q = [r for r in rows if r["setting"] != "FP32"]
+    labels = [f"{r['model'].split('/')[1]}\n{r['setting']}" for r in q]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(q)), 4.5))
+    for ax, key, title in ((axes[0], "b32_ratio", "onnxruntime speed-up over FP32, batch 32"),
+                           (axes[1], "size_ratio", "file size ratio FP32 / export")):
+        ax.bar(range(len(q)), [float(r[key]) for r in q], color=["C0" if r["setting"] == "W8A8" else "C1" for r in q])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(2.0 if key == "b32_ratio" else 6.0, color="r", lw=0.8, ls="--", label="goal")
+        ax.set_xticks(range(len(q)), labels, rotation=90, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--n", type=int, default=1000, help="test images for the zoo models' top-1")
+    ap.add_argument("--out", default="benchmarks/results/deploy")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    csv_path = out.with_suffix(".csv")
+    command = (f"OMP_NUM_THREADS={torch.get_num_threads()} PYTHONPATH=src python "
+               + " ".join(shlex.quote(a) for a in sys.argv))
+    flags = cpu_flags()
+    cmd_path = out.parent / (out.name + ".command.txt")  # the measuring command, kept for --report-only
+    if args.report_only:
+        command = cmd_path.read_text().strip()
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text(cmd_path, command + "\n")
+        with open(csv_path, "w", newline="") as fh:
+            csv.DictWriter(fh, FIELDS).writeheader()
+        for name in args.models:
+            t0 = time.time()
+            with tempfile.TemporaryDirectory() as tmp:
+                rows = measure(name, args.runs, args.n, Path(tmp))
+            with open(csv_path, "a", newline="") as fh:
+                csv.DictWriter(fh, FIELDS).writerows(rows)
+            print(f"{name}: {time.time() - t0:.0f}s " + json.dumps(rows), flush=True)
+            report(csv_path, out, command, flags, args.runs, args.n)
+    report(csv_path, out, command, flags, args.runs, args.n)
+
+
+if __name__ == "__main__":
+    main()
