@@ -1008,5 +1008,5 @@ def verification_error(report: dict[str, Any]) -> DfqError | None:
         f"onnxruntime disagrees with the fake-quantized model on {v['n']} images: top-1 {v['top1_onnx']:.2f}% vs "
         f"{v['top1_torch']:.2f}% (tolerance {TOP1_TOLERANCE_POINTS} points), mean |logit diff| "
         f"{100 * v['mean_rel_diff']:.3f}% of the largest logit (tolerance {100 * LOGIT_MEAN_TOLERANCE:g}%). {near_tie}{bias}"
-        f"One image is {100 / v['n']:.2f} points at --n {v['n']}: if near ties flipped, verify on more images "
-        f"(--n 1000); otherwise report the model with {report['report_path']}")
+        f"One image is {100 / v['n']:.2f} points at --eval-limit {v['n']}: if near ties flipped, verify on more images "
+        f"(--eval-limit 1000); otherwise report the model with {report['report_path']}")
