@@ -118,12 +118,12 @@ def test_resume_rerenders_a_truncated_png(tmp_path):
 
 
 def test_ctrl_c_prints_the_resume_line(monkeypatch, capsys):
-    import dfquant.models.registry as registry
+    import dfquant.models.source as source  # where the CLI resolves registry names
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(registry, "get_model", interrupted)
+    monkeypatch.setattr(source, "get_model", interrupted)
     code, _, err = dfq(["eval", "fmnist/resnet20"], capsys)
     assert code == 130 and err.strip() == "interrupted; re-run the same command to resume"
 
