@@ -440,6 +440,6 @@ def test_verification_error_names_the_fix():
               "verify": {"n": 256, "passed": False, "top1_onnx": 93.75, "top1_torch": 94.14, "mean_rel_diff": 2e-4,
                          "disagreements": [{"torch_top2_margin": 0.006}]}}
     err = E.verification_error(report)
-    assert isinstance(err, DfqError) and "--n 1000" in str(err) and "0.006" in str(err) and "\n" not in str(err)
+    assert isinstance(err, DfqError) and "--eval-limit 1000" in str(err) and "0.006" in str(err) and "\n" not in str(err)
     report["verify"]["passed"] = True
     assert E.verification_error(report) is None
