@@ -146,7 +146,8 @@ def test_accelerate_two_processes_match_one(tiny_dir, rows, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=ENV, timeout=300)
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                         env={**ENV, "DFQ_PROGRESS": "1"}, timeout=300)  # bars on, off a terminal: they name the workers
     assert two.returncode == 0, two.stderr[-2000:]
     assert "generate[1/2]" in two.stderr  # really two workers
     assert files(tmp_path / "one") == files(tmp_path / "two")

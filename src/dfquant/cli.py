@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional, TypeVar
@@ -231,8 +232,6 @@ def generate_cmd(
     machine pass --device cpu to dfq for CPU workers.)
     """
     check_options(**locals())
-    import os
-
     import torch
     from accelerate import PartialState
 
@@ -664,7 +663,7 @@ def main() -> None:
     warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"  # one line, no source location
     # typer's own exceptions (vendored click or not): usage errors become one line too, not a framed panel
     click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() and os.environ.get("DFQ_PROGRESS") != "1":  # DFQ_PROGRESS=1 keeps bars in logs
         _quiet_progress_bars()
     try:
         code = app(prog_name="dfq", standalone_mode=False)  # typer returns 130 for Ctrl-C
