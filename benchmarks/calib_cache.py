@@ -23,7 +23,23 @@ SOURCES = {
     "mixup": dict(strategy="mixup"), "mixup-similar": dict(strategy="mixup", pairing="similar"),
     "mixup-dissimilar": dict(strategy="mixup", pairing="dissimilar"), "mixup-k3": dict(strategy="mixup", k=3),
     "learned": dict(strategy="learned", steps=4),
+    # pixel-level baselines (issue 22): the single-class set, mixed in pairs when it is loaded
+    "single+mixup": dict(strategy="single", augment="mixup"), "single+cutmix": dict(strategy="single", augment="cutmix"),
+    # the compositional mini generator
+    "single-compose": dict(strategy="single", generator="mini-compose"),
+    "mixup-compose": dict(strategy="mixup", generator="mini-compose"),
 }
+AUGMENT_FIELDS = ("augment", "augment_alpha")
+
+
+def base_source(source: str) -> str:
+    """The benchmark source whose rendered set ``source`` reads: an augmented source shares its base's folder."""
+    return source.partition("+")[0]
+
+
+def augmentation(source: str) -> dict:
+    """The ``load_calibration`` augmentation arguments of benchmark ``source`` (empty for none)."""
+    return {k: v for k, v in SOURCES[source].items() if k in AUGMENT_FIELDS}
 
 
 def calib_run_dir(spec, source: str, seed: int) -> str:
@@ -40,8 +56,10 @@ def cached_source(spec, source: str, seed: int, n: int = 1024, distill_iters: in
     """The calibration source string (for ``load_calibration``) of benchmark ``source``, rendered on first use.
 
     Goes through ``dfq run``'s own calibration stage, which resumes a half-written set and reuses a finished one.
+    An augmented source returns its base set; apply :func:`augmentation` when loading it.
     """
+    base = base_source(source)
     cfg = RunConfig(model=spec.name, n=n, seed=seed, distill_iters=distill_iters,
-                    out=calib_run_dir(spec, source, seed), **SOURCES[source])
+                    out=calib_run_dir(spec, base, seed), **SOURCES[base])
     _, src = _calibration_stage(Run(cfg), spec, progress=progress)
     return src

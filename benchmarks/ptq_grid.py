@@ -8,7 +8,10 @@ grid resumes; ``<out>.md`` (mean ± std over seeds) and ``<out>.png`` (accuracy 
 are rewritten at the end. The command line is recorded in the Markdown file.
 
 Sources: real | distill | single | template | mixup | mixup-similar | mixup-dissimilar | mixup-k3 | learned
-(learned: multi-mode prompt embeddings learned against the model, rendered in 4 steps as learned).
+| single+mixup | single+cutmix | single-compose | mixup-compose
+(learned: multi-mode prompt embeddings learned against the model, rendered in 4 steps as learned;
+single+mixup / single+cutmix: the single-class set mixed in pairs at pixel level, whose first images are
+drawn to ``<out>_<source>.png``; *-compose: rendered by the compositional generator ``mini-compose``).
 ``--bn-recalib relative`` also records ``<algo>+bnrel``: the same block-wise model after relative
 BatchNorm re-estimation on the calibration set (:mod:`dfquant.quant.bn`; costs one evaluation).
 ``--joint-iters N`` adds joint end-to-end PTQ of all quantization parameters after the block-wise
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dfquant.data.calib import load_calibration
-from calib_cache import SOURCES, cached_source
+from calib_cache import SOURCES, augmentation, cached_source
 from resumable_csv import append_row, log_command, open_results
 from dfquant.evaluate import evaluate
 from dfquant.io import write_text
@@ -82,7 +85,12 @@ def main() -> None:
                     fp_top1s[model] = evaluate(spec, limit=args.eval_limit)
                 fp_top1 = fp_top1s[model]
                 src = cached_source(spec, source, seed, args.n, args.distill_iters)
-                calib = load_calibration(src, spec, args.n, seed)
+                calib = load_calibration(src, spec, args.n, seed, **augmentation(source))
+                sheet = out.parent / f"{out.name}_{source.replace('+', '_')}.png"
+                if augmentation(source) and not sheet.exists():
+                    from dfquant.data.augment import save_grid
+
+                    save_grid(load_calibration(src, spec, args.n, seed), calib, sheet, spec.mean, spec.std)
                 for algo, bits in pending:
                     wbits, abits = parse_bits(bits)
                     algo = _algo(algo, spec)
@@ -137,7 +145,9 @@ def _paired(rows: list[dict]) -> str:
     """Seed-paired differences of each calibration source against single-class prompts (and mixup)."""
     present = {r["strategy"] for r in rows}
     pairs = [(a, "single") for a in SOURCES if a != "single" and a in present and "single" in present]
-    pairs += [(a, "mixup") for a in ("mixup-similar", "mixup-dissimilar", "mixup-k3") if {a, "mixup"} <= present]
+    pairs += [(a, "mixup") for a in ("mixup-similar", "mixup-dissimilar", "mixup-k3", "mixup-compose") if {a, "mixup"} <= present]
+    pairs += [(a, b) for a, b in (("mixup-compose", "single-compose"), ("mixup", "single+mixup"), ("mixup", "single+cutmix"),
+                                  ("mixup-compose", "single+mixup"), ("mixup-compose", "single+cutmix")) if {a, b} <= present]
     tables = [f"\n### {a} vs {b}\n\n" + t for a, b in pairs if (t := paired_comparison(rows, a, b))]
     return "\n## Paired by seed\n" + "".join(tables) if tables else ""
 

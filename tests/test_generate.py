@@ -182,3 +182,32 @@ def test_cli_prompts_similar_pairing_uses_generator(tiny_dir, tmp_path):
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 20 and all(r["strategy"] == "mixup-similar-k2" and len(set(r["classes"])) == 2 for r in rows)
+
+
+def test_compose_scenes_hold_two_objects_of_different_classes():
+    from dfquant.generate.mini import compose_scenes, pair_caption
+    import random
+
+    x = torch.zeros(6, 3, 32, 32)
+    for i in range(6):
+        x[i, :, 4:28, 4:28] = (i + 1) / 10  # image i: a square of brightness (i+1)/10
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    scenes, pairs = compose_scenes(x, y, 20, seed=1)
+    again, pairs2 = compose_scenes(x, y, 20, seed=1)
+    assert torch.equal(scenes, again) and torch.equal(pairs, pairs2)
+    assert scenes.shape == (20, 3, 32, 32) and scenes.min() >= 0 and scenes.max() <= 1
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+    for s, (a, b) in zip(scenes, pairs.tolist()):
+        levels = set((s[0][s[0] > 0.02] * 10).round().int().unique().tolist())
+        # each object's own brightness shows (one may partly cover the other, never wholly: max-blend)
+        assert levels & {2 * a + 1, 2 * a + 2} and levels & {2 * b + 1, 2 * b + 2}
+    caps = {pair_caption("coat", "bag", random.Random(i)) for i in range(20)}
+    assert caps == {"a photo of a coat and a bag", "a photo of a bag and a coat"}
+
+
+def test_compose_share_is_checked_before_training(tmp_path):
+    from dfquant.generate.mini import train_generator
+
+    with pytest.raises(DfqError, match="--compose"):
+        train_generator(tmp_path / "g", compose=1.0)
+    assert not (tmp_path / "g").exists()

@@ -149,6 +149,8 @@ def train_generator_cmd(
     vae_epochs: int = typer.Option(1, help="VAE epochs over split B"),
     unet_steps: int = typer.Option(1400, help="UNet + text-encoder steps at batch 128"),
     seed: int = typer.Option(0),
+    compose: float = typer.Option(0.0, help="share of two-object scenes ('a photo of a X and a Y') in the training set; "
+                                            "> 0 trains mini-compose (default folder assets/generator-compose)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Train the embedded mini text-to-image generator on Fashion-MNIST split B."""
@@ -157,7 +159,9 @@ def train_generator_cmd(
     from dfquant.generate.pipeline import mini_generator_dir
 
     _threads(threads)
-    card = train_generator(out or mini_generator_dir(), vae_epochs, unet_steps, seed, command="dfq " + " ".join(sys.argv[1:]))
+    default = mini_generator_dir("mini-compose" if compose > 0 else "mini")
+    card = train_generator(out or default, vae_epochs, unet_steps, seed, command="dfq " + " ".join(sys.argv[1:]),
+                           compose=compose)
     typer.echo(f"mini generator trained in {card['vae_seconds'] + card['unet_seconds']:.0f}s")
 
 
@@ -293,6 +297,9 @@ def quantize_cmd(
     bn_recalib: str = typer.Option("none", help="relative | absolute | none: re-estimate BatchNorm statistics after "
                                    "reconstruction (Genie-M keeps BN; relative suits synthetic data)"),
     n: int = typer.Option(1024, help="calibration images"),
+    augment: str = typer.Option("none", help="none | mixup | cutmix: pixel-level mixing of the calibration images in pairs "
+                                "(the mixup-class paper's baselines), deterministic per image index and --seed"),
+    augment_alpha: float = typer.Option(1.0, help="Mixup/CutMix lambda ~ Beta(alpha, alpha); CutMix box area 1 - lambda"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/quantize/<model>-w<W>a<A>-<algo>)"),
@@ -315,7 +322,8 @@ def quantize_cmd(
     out = out or Path("runs/quantize") / f"{stem}-w{wbits:g}a{abits:g}-{algo}"
     res = run_quantize(spec, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device,
                        joint_iters=joint_iters, bn_recalib=bn_recalib, keep_fp=tuple(keep_fp),
-                       units=[u.strip() for u in units.split(",") if u.strip()] if units else None)
+                       units=[u.strip() for u in units.split(",") if u.strip()] if units else None,
+                       augment=augment, augment_alpha=augment_alpha)
     accuracy = (f"FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}%" if res["q_top1"] is not None
                 else "no test set (pass --val to evaluate)")
     typer.echo(f"{model} W{wbits:g}A{abits:g} {algo}: {accuracy}  ({res['seconds']:.0f}s) -> {out}")
@@ -376,7 +384,9 @@ def run_cmd(
     k: Optional[int] = typer.Option(None, help="classes per mixup prompt"),
     pairing: Optional[str] = typer.Option(None, help="random | similar | dissimilar"),
     n: Optional[int] = typer.Option(None, help="calibration images"),
-    generator: Optional[str] = typer.Option(None, help="mini, sd15, sd-turbo, a hub id or a folder"),
+    augment: Optional[str] = typer.Option(None, help="none | mixup | cutmix: pixel-level mixing of the calibration set"),
+    augment_alpha: Optional[float] = typer.Option(None, help="Mixup/CutMix lambda ~ Beta(alpha, alpha)"),
+    generator: Optional[str] = typer.Option(None, help="mini, mini-compose, sd15, sd-turbo, a hub id or a folder"),
     algo: Optional[str] = typer.Option(None, help=" | ".join(("auto",) + ALGOS)),
     wbits: Optional[float] = typer.Option(None, help="with --abits: a single bit setting (else the config's list)"),
     abits: Optional[float] = typer.Option(None),
@@ -400,7 +410,7 @@ def run_cmd(
     if wbits is not None:
         bits = [f"W{wbits:g}A{abits:g}"]
     cfg = RunConfig.load(config, model=model, source=source, strategy=strategy, k=k, pairing=pairing, n=n,
-                         generator=generator, algo=algo, bits=bits, iters=iters, bn_recalib=bn_recalib, seed=seed, out=out, val=val,
+                         augment=augment, augment_alpha=augment_alpha, generator=generator, algo=algo, bits=bits, iters=iters, bn_recalib=bn_recalib, seed=seed, out=out, val=val,
                          eval_limit=eval_limit, device=device)
     rows = run(cfg)
     typer.echo("\n" + results_table(rows))

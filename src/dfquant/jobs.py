@@ -20,9 +20,11 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
                  batch_size: int, seed: int, out, val=None, eval_limit: int | None = None, device: str = "cpu",
                  progress: bool = True, calib: torch.Tensor | None = None, fp_top1: float | None = None,
                  joint_iters: int = 0, bn_recalib: str = "none", keep_fp: tuple[str, ...] = (),
-                 units: list[str] | None = None, evaluate_top1: bool = True) -> dict:
+                 units: list[str] | None = None, evaluate_top1: bool = True, augment: str = "none",
+                 augment_alpha: float = 1.0) -> dict:
     """Quantize ``spec``'s model on ``calib_source``, evaluate (when it has a test set or ``val``), and
-    write the checkpoint (with how to rebuild the FP model) + results."""
+    write the checkpoint (with how to rebuild the FP model) + results. ``augment`` mixes the calibration
+    images at pixel level (:func:`~dfquant.data.calib.load_calibration`); a given ``calib`` is used as is."""
     from dfquant.data.calib import load_calibration
     from dfquant.evaluate import evaluate
     from dfquant.io import versions, write_json
@@ -30,7 +32,7 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
     from dfquant.quant.checkpoint import save_quantized
 
     make_quant_config(algo, wbits, abits)  # validate before any slow work
-    calib = load_calibration(calib_source, spec, n, seed) if calib is None else calib
+    calib = load_calibration(calib_source, spec, n, seed, augment, augment_alpha) if calib is None else calib
     can_eval = evaluate_top1 and (spec.embedded or val is not None)
     if fp_top1 is None and can_eval:
         fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
@@ -49,13 +51,14 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
                        progress=progress)
     q_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress) if can_eval else None
     meta = {"algo": algo, "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
+            "augment": None if augment == "none" else {"method": augment, "alpha": augment_alpha},
             "iters": iters, "joint_iters": joint_iters, "bn_recalib": bn_recalib, "batch_size": batch_size, "seed": seed,
             "fp_top1": fp_top1, "q_top1": q_top1, "seconds": info["seconds"], "units": info["units"], "vit": vit,
             "versions": versions(),
             "recon": {k: v for k, v in vars(info["recon"]).items()} if info.get("recon") else None,
             "full_precision_layers": info.get("full_precision_layers", [])}
     save_quantized(Path(out), spec, qmodel, info["quant"], meta)
-    write_json(Path(out) / "results.json", {k: meta[k] for k in ("algo", "wbits", "abits", "calib", "n_calib", "iters",
+    write_json(Path(out) / "results.json", {k: meta[k] for k in ("algo", "wbits", "abits", "calib", "augment", "n_calib", "iters",
                                                                    "seed", "fp_top1", "q_top1", "seconds")})
     return meta
 
@@ -150,7 +153,7 @@ def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out:
     spec = resolve_model(model_name)
     if spec.is_vit:
         raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with `dfq quantize --algo repq-vit`")
-    calib = load_calibration(calib_source, spec, n, seed) if calib is None else calib
+    calib = load_calibration(calib_source, spec, n, seed, augment, augment_alpha) if calib is None else calib
     if len(calib) < batch_size:
         raise DfqError(f"calibration source {calib_source} gave {len(calib)} images, fewer than the batch size {batch_size}")
     if fp_top1 is None:

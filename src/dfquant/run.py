@@ -34,6 +34,8 @@ class RunConfig:
     k: int = 2
     pairing: str = "random"
     n: int = 1024
+    augment: str = "none"            # mixup | cutmix: pixel-level mixing of the calibration set (the paper's baselines)
+    augment_alpha: float = 1.0       # lambda ~ Beta(alpha, alpha)
     generator: str = "mini"
     steps: int | None = None         # None: the generator preset (mini 25, sd15 50, sd-turbo 1, ...)
     guidance: float | None = None
@@ -134,7 +136,14 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     r.log(f"run {r.dir}: {cfg.model} source={cfg.source} strategy={cfg.strategy} algo={algo} bits={cfg.bits}")
 
     calib_key, calib_src = _calibration_stage(r, spec, progress)
-    calib = load_calibration(calib_src, spec, cfg.n, cfg.seed)
+    calib = load_calibration(calib_src, spec, cfg.n, cfg.seed, cfg.augment, cfg.augment_alpha)
+    if cfg.augment != "none":
+        from dfquant.data.augment import save_grid
+
+        calib_key = _key(calib_key, cfg.augment, cfg.augment_alpha)
+        save_grid(load_calibration(calib_src, spec, cfg.n, cfg.seed), calib, r.dir / "augment_grid.png", spec.mean, spec.std)
+        r.log(f"augment: pixel-level {cfg.augment} (alpha {cfg.augment_alpha:g}) of the calibration set; "
+              f"sample grid {r.dir / 'augment_grid.png'}")
 
     from dfquant.evaluate import evaluate
 
@@ -162,7 +171,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
             r.log(f"{tag}: quantizing with {algo}, {cfg.iters} iterations per block")
             res = run_quantize(spec, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
                                qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1,
-                               bn_recalib=cfg.bn_recalib)
+                               bn_recalib=cfg.bn_recalib, augment=cfg.augment, augment_alpha=cfg.augment_alpha)
             r.done(f"quant_{tag.upper()}", key)
             r.log(f"{tag}: top-1 {res['q_top1']:.2f}% ({res['seconds']:.0f}s)")
         rows.append({"model": cfg.model, "source": cfg.source, "strategy": _strategy_label(cfg), "algo": algo,
@@ -176,10 +185,12 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
 
 def _strategy_label(cfg: RunConfig) -> str:
     if cfg.source != "generated":
-        return cfg.source if cfg.source in ("real", "distill") else "folder"
-    if cfg.strategy == "mixup":
-        return f"mixup-{cfg.pairing}-k{cfg.k}"
-    return cfg.strategy
+        label = cfg.source if cfg.source in ("real", "distill") else "folder"
+    elif cfg.strategy == "mixup":
+        label = f"mixup-{cfg.pairing}-k{cfg.k}"
+    else:
+        label = cfg.strategy
+    return label + (f"+{cfg.augment}" if cfg.augment != "none" else "")
 
 
 def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:

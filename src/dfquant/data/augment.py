@@ -23,6 +23,7 @@ import torch
 from dfquant.errors import DfqError
 
 METHODS = ("mixup", "cutmix")
+AUGMENTS = ("none", *METHODS)  # the values of --augment / the run config's ``augment``
 
 
 def _draw(seed: int, index: int, n: int, alpha: float) -> tuple[int, float, float, float]:
@@ -58,3 +59,22 @@ def augment(images: torch.Tensor, method: str, alpha: float = 1.0, seed: int = 0
         y0, x0 = min(max(round(cy * h - bh / 2), 0), h - bh), min(max(round(cx * w - bw / 2), 0), w - bw)
         out[i, :, y0:y0 + bh, x0:x0 + bw] = images[j, :, y0:y0 + bh, x0:x0 + bw]
     return out
+
+
+def save_grid(before: torch.Tensor, after: torch.Tensor, path, mean, std, count: int = 16) -> None:
+    """A PNG of the first ``count`` images (top row) above their augmented versions (bottom row), in pixel space."""
+    from torchvision.utils import make_grid
+
+    from dfquant.io import atomic_path
+
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    k = min(count, len(before))
+    pixels = torch.cat([before[:k], after[:k]]) * s + m
+    grid = make_grid(pixels.clamp(0, 1), nrow=k, padding=2, pad_value=1.0)
+    from PIL import Image
+
+    img = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    if img.width < 512:  # tiny images: enlarge so the boxes and blends can be seen
+        img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

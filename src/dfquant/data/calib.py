@@ -20,12 +20,21 @@ from dfquant.errors import DfqError
 from dfquant.models.registry import ModelSpec
 
 
-def load_calibration(source: str | Path, spec: ModelSpec, n: int = 1024, seed: int = 0) -> torch.Tensor:
-    """``n`` calibration images from ``source``; fewer than ``n`` available is an error, not a silent shortfall."""
+def load_calibration(source: str | Path, spec: ModelSpec, n: int = 1024, seed: int = 0, augment: str = "none",
+                     augment_alpha: float = 1.0) -> torch.Tensor:
+    """``n`` calibration images from ``source``; fewer than ``n`` available is an error, not a silent shortfall.
+
+    ``augment`` (``mixup`` | ``cutmix``) mixes the ``n`` images pairwise at pixel level, deterministically per
+    image index and ``seed`` (:mod:`dfquant.data.augment`): the mixup-class paper's pixel-level baselines.
+    """
     images = _load(str(source), spec, n, seed)
     if len(images) < n:
         raise DfqError(f"calibration source {source} holds {len(images)} images but --n {n} asks for {n}; "
                        f"pass --n {len(images)} or add images")
+    if augment != "none":
+        from dfquant.data.augment import augment as mix
+
+        images = mix(images, augment, augment_alpha, seed)
     return images
 
 

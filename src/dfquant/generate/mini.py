@@ -8,6 +8,11 @@ CLIPTextModel + CLIPTokenizer, DDIM scheduler — at toy width: 32x32 RGB images
      captions drawn from the prompt templates (single-class and GenQ-style adjectives),
      10% empty captions so classifier-free guidance works.
 Saved with ``save_pretrained`` (safetensors) and loaded like any generator (``AutoPipelineForText2Image``).
+
+``mini-compose`` (``compose > 0``) is the same architecture and recipe, but a share of its training set
+is two-object scenes built from two split-B images (:func:`compose_scenes`), captioned
+"a photo of a X and a Y" in random order, so that it draws both objects of a mixup-class prompt as
+Stable Diffusion does after seeing millions of multi-object captions.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dfquant.data import fmnist
+from dfquant.errors import DfqError
 from dfquant.generate.tokenizer import build_tokenizer
 from dfquant.io import versions, write_json
 from dfquant.prompts import ADJECTIVES
@@ -74,9 +80,45 @@ def build_pipeline(size: str = "tiny", seed: int = 0) -> StableDiffusionPipeline
                                    requires_safety_checker=False, **parts)
 
 
-def _images_pm1(split: str = "B") -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = fmnist.load_split(split)
-    return x * 2 - 1, y
+def compose_scenes(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0,
+                   scale: tuple[float, float] = (0.5, 0.75)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` two-object scenes from the images ``x`` (N, C, S, S) in [0, 1] with labels ``y``.
+
+    Each scene takes two images of different classes, shrinks each to a random fraction ``scale`` of
+    the side, and places them either side by side (left/right, random vertical offsets) or overlapping
+    (independent random positions; where they overlap the brighter pixel wins, which is how two
+    objects on Fashion-MNIST's black background occlude). Returns the scenes in [0, 1] and the label
+    pairs (n, 2), the first label being the left (or first pasted) object.
+    """
+    g = torch.Generator().manual_seed(seed)
+    size = x.shape[-1]
+    out = torch.zeros(n, *x.shape[1:])
+    pairs = torch.empty(n, 2, dtype=torch.long)
+    for k in range(n):
+        i, j = torch.randint(0, len(x), (2,), generator=g).tolist()
+        while int(y[j]) == int(y[i]):
+            j = int(torch.randint(0, len(x), (1,), generator=g))
+        sides = [round(size * (scale[0] + (scale[1] - scale[0]) * float(torch.rand(1, generator=g)))) for _ in range(2)]
+        side_by_side = bool(torch.rand(1, generator=g) < 0.5)
+        for slot, (idx, s) in enumerate(zip((i, j), sides)):
+            small = F.interpolate(x[idx : idx + 1], size=(s, s), mode="bilinear", antialias=True, align_corners=False)[0]
+            if side_by_side:
+                half = size // 2
+                lo = 0 if slot == 0 else half
+                x0 = lo + int(torch.randint(0, max(half - s, 0) + 1, (1,), generator=g)) if s <= half else (0 if slot == 0 else size - s)
+            else:
+                x0 = int(torch.randint(0, size - s + 1, (1,), generator=g))
+            y0 = int(torch.randint(0, size - s + 1, (1,), generator=g))
+            region = out[k, :, y0 : y0 + s, x0 : x0 + s]
+            out[k, :, y0 : y0 + s, x0 : x0 + s] = torch.maximum(region, small.clamp(0, 1))
+        pairs[k, 0], pairs[k, 1] = int(y[i]), int(y[j])
+    return out, pairs
+
+
+def pair_caption(a: str, b: str, rng: random.Random) -> str:
+    """The mixup prompt's own wording, "a photo of a X and a Y", with the order drawn at random."""
+    first, second = (a, b) if rng.random() < 0.5 else (b, a)
+    return f"a photo of a {first} and a {second}"
 
 
 def train_vae(vae: AutoencoderKL, x: torch.Tensor, epochs: int, batch_size: int = 64, lr: float = 1e-3,
@@ -107,7 +149,11 @@ def train_vae(vae: AutoencoderKL, x: torch.Tensor, epochs: int, batch_size: int 
 
 def train_unet(pipe: StableDiffusionPipeline, latents: torch.Tensor, labels: torch.Tensor, steps: int,
                batch_size: int = 128, lr: float = 5e-4, seed: int = 0, drop_caption: float = 0.1) -> float:
-    """Joint UNet + text-encoder denoising training on pre-computed (scaled) latents."""
+    """Joint UNet + text-encoder denoising training on pre-computed (scaled) latents.
+
+    ``labels`` is (N, 2): a single-object image has ``-1`` as its second label and gets one of the
+    single-class caption templates; a two-object scene gets :func:`pair_caption`.
+    """
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     noise_sched = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")})
@@ -120,7 +166,9 @@ def train_unet(pipe: StableDiffusionPipeline, latents: torch.Tensor, labels: tor
     ema = None
     for _ in bar:
         idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
-        caps = ["" if rng.random() < drop_caption else caption(names[int(labels[i])], rng) for i in idx]
+        caps = ["" if rng.random() < drop_caption else
+                caption(names[int(labels[i, 0])], rng) if int(labels[i, 1]) < 0 else
+                pair_caption(names[int(labels[i, 0])], names[int(labels[i, 1])], rng) for i in idx]
         ids = pipe.tokenizer(caps, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         cond = pipe.text_encoder(ids)[0]
@@ -139,11 +187,24 @@ def train_unet(pipe: StableDiffusionPipeline, latents: torch.Tensor, labels: tor
     return float(ema)
 
 
-def train_generator(out: Path, vae_epochs: int = 1, unet_steps: int = 1400, seed: int = 0, command: str = "") -> dict:
-    """Train the mini generator on split B and save it as a diffusers pipeline folder."""
+def train_generator(out: Path, vae_epochs: int = 1, unet_steps: int = 1400, seed: int = 0, command: str = "",
+                    compose: float = 0.0) -> dict:
+    """Train the mini generator on split B and save it as a diffusers pipeline folder.
+
+    ``compose`` is the share of the training set that is two-object scenes (0 = the ``mini`` generator);
+    the scenes are added to the 30,000 single-object images, which all stay.
+    """
+    if not 0.0 <= compose < 1.0:
+        raise DfqError(f"--compose is the share of two-object scenes in the training set, in [0, 1); got {compose}")
     t0 = time.time()
     pipe = build_pipeline("mini", seed)
-    x, y = _images_pm1("B")
+    x01, y1 = fmnist.load_split("B")
+    labels = torch.stack([y1, torch.full_like(y1, -1)], 1)
+    n_scenes = round(len(x01) * compose / (1 - compose))
+    if n_scenes:
+        scenes, pairs = compose_scenes(x01, y1, n_scenes, seed=seed)
+        x01, labels = torch.cat([x01, scenes]), torch.cat([labels, pairs])
+    x, y = x01 * 2 - 1, labels
     vae_loss = train_vae(pipe.vae, x, vae_epochs, seed=seed)
     with torch.no_grad():
         lat = torch.cat([pipe.vae.encode(x[i : i + 500]).latent_dist.mean for i in range(0, len(x), 500)])
@@ -152,7 +213,9 @@ def train_generator(out: Path, vae_epochs: int = 1, unet_steps: int = 1400, seed
     t1 = time.time()
     unet_loss = train_unet(pipe, lat * scale, y, unet_steps, seed=seed)
     pipe.save_pretrained(out, safe_serialization=True)
-    card = {"generator": "dfquant mini (Stable-Diffusion architecture)", "data": "Fashion-MNIST split B (30,000 images)",
+    card = {"generator": "dfquant mini" + ("-compose" if n_scenes else "") + " (Stable-Diffusion architecture)",
+            "data": "Fashion-MNIST split B (30,000 images)" + (f" + {n_scenes} two-object scenes made from them" if n_scenes else ""),
+            "compose": compose,
             "resolution": 32, "latent": [4, 8, 8], "vae_epochs": vae_epochs, "unet_steps": unet_steps, "seed": seed,
             "vae_final_loss": round(vae_loss, 5), "unet_final_loss_ema": round(unet_loss, 5), "vae_scaling_factor": scale,
             "vae_seconds": round(t1 - t0, 1), "unet_seconds": round(time.time() - t1, 1),

@@ -75,12 +75,18 @@ SETTINGS = "settings.json"
 _OFFLOAD_SHARE = 0.8
 
 
-def mini_generator_dir() -> Path:
-    return Path(str(resources.files("dfquant") / "assets" / "generator"))
+# The generators this package ships (trained here by `dfq train-generator`), by name -> assets folder.
+EMBEDDED = {"mini": "generator", "mini-compose": "generator-compose"}
+
+
+def mini_generator_dir(name: str = "mini") -> Path:
+    """The assets folder of an embedded generator (``mini`` or ``mini-compose``)."""
+    return Path(str(resources.files("dfquant") / "assets" / EMBEDDED[name]))
 
 
 def _is_mini(generator: str) -> bool:
-    return generator == "mini" or Path(generator).resolve() == mini_generator_dir().resolve()
+    """An embedded generator, by name or by its folder: all share the ``mini`` sampling preset."""
+    return generator in EMBEDDED or any(Path(generator).resolve() == mini_generator_dir(n).resolve() for n in EMBEDDED)
 
 
 def preset_for(generator: str, pipeline_class: str | None = None) -> dict[str, Any]:
@@ -145,10 +151,11 @@ def size_multiple(pipe: "DiffusionPipeline") -> int:
 
 def _source(generator: str) -> str:
     """``generator`` as diffusers loads it: the mini folder, a local folder, or a hub id (short names resolved)."""
-    if generator == "mini":
-        folder = mini_generator_dir()
+    if generator in EMBEDDED:
+        folder = mini_generator_dir(generator)
         if not (folder / "model_index.json").is_file():
-            raise DfqError(f"the mini generator is not trained yet ({folder} missing); run `dfq train-generator`")
+            how = "dfq train-generator" + (" --compose 0.33" if generator == "mini-compose" else "")
+            raise DfqError(f"the {generator} generator is not trained yet ({folder} missing); run `{how}`")
         return str(folder)
     source = ALIASES.get(generator, generator)
     if Path(source).is_dir():
