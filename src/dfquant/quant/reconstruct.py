@@ -153,8 +153,9 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unit's training input (QDrop: element-wise mix of quantized and FP input) and target."""
         xq = x_q.index_select(0, idx).to(dev)  # row copies: several times faster than x_q[idx] on CPU
-        if cfg.drop_prob > 0:
-            xq = torch.where(torch.rand_like(xq) < cfg.drop_prob, x_fp.index_select(0, idx).to(dev), xq)
+        if cfg.drop_prob > 0:  # a 0/1 float mask and products: exact, and several times faster than torch.where
+            keep = torch.rand_like(xq).lt_(cfg.drop_prob)
+            xq = xq.mul_(1.0 - keep).addcmul_(x_fp.index_select(0, idx).to(dev), keep)
         return xq, y_fp.index_select(0, idx).to(dev)
 
     def eval_loss() -> float:
