@@ -113,9 +113,12 @@ def test_load_pipeline_options_and_errors(tiny_dir, tmp_path, monkeypatch):
         gp.load_pipeline(str(tiny_dir), scheduler="heun")
     with pytest.raises(DfqError, match="dtype"):
         gp.load_pipeline(str(tiny_dir), dtype="int8")
-    monkeypatch.setattr(gp, "mini_generator_dir", lambda: tmp_path / "absent")
-    with pytest.raises(DfqError, match="dfq train-generator"):
+    monkeypatch.setattr(gp, "mini_generator_dir", lambda name="mini": tmp_path / "absent" / name)
+    with pytest.raises(DfqError, match="dfq train-generator`"):
         gp.load_pipeline("mini")
+    with pytest.raises(DfqError, match="mini-compose generator is not trained yet .* `dfq train-generator --compose 0.33`"):
+        gp.load_pipeline("mini-compose")
+    assert gp.preset_for("mini-compose") == gp.PRESETS["mini"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DfqError, match="not in the Hugging Face cache; run `hf download dfquant-test/not-cached`"):
         gp.load_pipeline("dfquant-test/not-cached")
