@@ -98,7 +98,8 @@ class UniformQuantizer(nn.Module):
             # reconstruction's hot path: one fused autograd node instead of ~8 (same values and gradients)
             keep = torch.rand_like(x).lt_(self.drop_prob) if drop else None  # 0/1 float: see _FakeQuant
             qmin, qmax = self.qrange
-            return _FakeQuant.apply(x, self.scale, self.zero_point, qmin, qmax, keep)
+            zero = self.zero_point if self.zero_point.any() else None
+            return _FakeQuant.apply(x, self.scale, zero, qmin, qmax, keep)
         out = self.quantize(x, self.scale.view(shape), self.zero_point.view(shape))
         if drop:
             out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
@@ -199,13 +200,16 @@ class _FakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
                 keep: torch.Tensor | None) -> torch.Tensor:
         u = x / scale
-        v = torch.round(u).add_(zero_point)
+        v = torch.round(u)
+        if zero_point is not None:  # None: a symmetric grid, whose zero point is 0 (two passes saved)
+            v.add_(zero_point)
         c = v.clamp(qmin, qmax)
         inside = (v > qmin).logical_and_(v < qmax).to(x.dtype)  # where torch.clamp passes gradients (bounds excluded)
-        c.sub_(zero_point)
+        if zero_point is not None:
+            c.sub_(zero_point)
         out = c * scale
         ds = c.sub_(u.mul_(inside))  # d out / d scale per element: c - u inside the range, c at or beyond a bound
         if keep is not None:
