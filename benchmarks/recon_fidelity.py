@@ -102,14 +102,21 @@ def main() -> None:
         rows = [{**r, "q_top1": float(r["q_top1"]), "fp_top1": float(r["fp_top1"])} for r in csv.DictReader(fh)]
     agg = aggregate(rows)
     accuracy_vs_bits(agg, out.with_suffix(".png"))
-    write_text(out.with_suffix(".md"), f"# {out.name}: Genie-M reconstruction maths, former vs reference\n\n"
-               "Real split-A calibration (1024 images), seed 0, full 10k test set, CPU. Variants (see the script's "
+    write_text(out.with_suffix(".md"), f"# {out.name}: reconstruction maths, former vs reference\n\n"
+               "Real split-A calibration (1024 images), seed 0, full 10k test set, CPU. Each column's algo says the "
+               "preset the variants modify (genie-m unless the command has --algo). Variants (see the script's "
                "docstring): `old` = dfquant before issue 17 (error summed over C*H*W, rounding weight 0.01, rounding lr "
                "decayed, sampling with replacement, activation init on 256 images); `+loss` = reference loss reduction "
                "(sum over channels, mean over batch and positions); `+rw` = rounding weight 1.0; `faithful` = the "
                "genie-m preset now (all of the reference's settings); `faithful-X` = faithful with one former setting put back "
                "(act256: activation init on 256 images through rounded weights; cosineV: rounding lr decayed; randint: "
-               "batches drawn with replacement).\n\nCommands:\n\n" + cmds
+               "batches drawn with replacement; oldgrid: dfquant's former signed activation step max/(2^(b-1)-1) instead "
+               "of Genie's 2*max/(2^b-1), which changes only signed activations, e.g. MobileNetV2's block inputs; joint: "
+               "brecq/adaround in one joint pass instead of BRECQ's weights-then-activations passes). The MobileNetV2 "
+               "rows labelled faithful-oldgrid at W2A4 and W3A3 were made as `faithful` before genie-m took Genie's "
+               "signed step (the same code path: a fresh faithful-oldgrid run reproduced that W4A4 row, 79.05, "
+               "exactly). ResNet-20 has no signed activation quantizer, so its genie-m rows hold for either grid."
+               "\n\nCommands:\n\n" + cmds
                + "\n## Top-1 % by variant\n\nRows: variant (the column header says calibration: every row uses the same "
                "real split-A images). Columns: model, iterations per block, bits. The CSV's quant_seconds is the wall "
                "time of quantization plus evaluation on one thread of a shared machine.\n\n"

@@ -212,3 +212,17 @@ def test_signed_span_step_matches_genie(bits):
     assert qmax.scale.item() == pytest.approx(_genie_init_scale(unsigned_x, bits), rel=1e-5)
     with pytest.raises(ValueError, match="signed_step"):
         UniformQuantizer(bits, symmetric=True, signed_step="half")
+
+
+def test_genie_m_preset_uses_the_span_step_and_the_former_grid_by_name():
+    from dfquant.errors import DfqError
+    from dfquant.quant.modules import _act_quantizer
+    from dfquant.quant.transform import make_quant_config
+
+    assert _act_quantizer(4, make_quant_config("genie-m", 4, 4)).signed_step == "span"
+    assert _act_quantizer(4, make_quant_config("genie-m", 4, 4, act_signed_step="qmax")).signed_step == "qmax"
+    assert {make_quant_config(a, 4, 4).act_signed_step for a in ("brecq", "qdrop", "adaround")} == {"qmax"}
+    with pytest.raises(DfqError, match="act_signed_step 'half' is not one of qmax, span"):
+        make_quant_config("genie-m", 4, 4, act_signed_step="half")
+    with pytest.raises(DfqError, match="unknown quantization setting"):
+        make_quant_config("genie-m", 4, 4, signed_step="qmax")

@@ -51,17 +51,19 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
 def quantize_any(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abits: float, iters: int,
                  batch_size: int, seed: int, device: str, vit: dict | None, progress: bool = True,
                  bn_recalib: str = "none", keep_fp: tuple[str, ...] | list[str] = (),
-                 units: list[str] | None = None, recon: dict | None = None) -> tuple[nn.Module, dict]:
+                 units: list[str] | None = None, recon: dict | None = None,
+                 quant: dict | None = None) -> tuple[nn.Module, dict]:
     """Dispatch: RepQ-ViT for ``repq-vit``, block reconstruction otherwise. ``vit=None`` on a model with
     timm attention still quantizes its attention (the default RepQ-ViT options). ``recon``: ReconConfig
-    overrides of the block reconstruction (RepQ-ViT has none)."""
+    overrides of the block reconstruction (RepQ-ViT has none); ``quant``: QuantConfig overrides of block
+    reconstruction's presets."""
     if vit is None and (algo == "repq-vit" or has_attention(model)):
         vit = default_vit_options(model)
     if algo == "repq-vit":
         return repq_vit(model, calib, wbits, abits, vit, iters=iters, batch_size=batch_size, seed=seed,
                         device=device, progress=progress, keep_fp=keep_fp)
     return quantize(model, calib, algo, wbits, abits, iters, batch_size, seed, device, progress=progress, vit=vit,
-                    bn_recalib=bn_recalib, keep_fp=keep_fp, units=units, **(recon or {}))
+                    bn_recalib=bn_recalib, keep_fp=keep_fp, units=units, quant=quant, **(recon or {}))
 
 
 def repq_vit(model: nn.Module, calib: torch.Tensor, wbits: float, abits: float, options: dict | None = None,
