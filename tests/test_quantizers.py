@@ -164,3 +164,65 @@ def test_mse_search_on_huge_tensors_uses_a_fixed_subset(monkeypatch):
     c = UniformQuantizer(4)
     c.init_range(x)
     assert torch.equal(c.scale.data, full.scale.data)                      # below the limit: every element
+
+
+def _genie_init_scale(x: torch.Tensor, bits: int) -> float:
+    """SamsungLabs/Genie quantizer.py ``init_scale`` for a per-tensor symmetric activation, written out: for clip
+    ratios 1.0, 0.99, .., 0.01 of m = max|x|, the range [-m r, m r] (signed) or [0, m r] on 2^b - 1 steps, scored
+    on the affine form (zero point round(-min / step)) by the mean of |x - x_q|^2.4; the best step."""
+    m, n = x.abs().max(), 2**bits - 1
+    signed = bool(x.min() < 0)
+    best, step = float("inf"), None
+    for r in torch.arange(1.0, 0.0, -0.01):
+        hi, lo = m * r, (-m * r if signed else torch.zeros(()))
+        delta = (hi - lo) / n
+        zp = (-lo / delta).round()
+        xq = (torch.clamp(torch.round(x / delta) + zp, 0, n) - zp) * delta
+        score = (x - xq).abs().pow(2.4).mean().item()
+        if score < best:
+            best, step = score, delta.item()
+    return step
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_signed_span_step_matches_genie(bits):
+    """genie-m's signed activation grid (``signed_step="span"``): levels -2^(b-1)..2^(b-1)-1 with the step
+    2 max / (2^b - 1), range searched exactly as Genie's init_scale; unsigned grids are the same either way."""
+    g = torch.Generator().manual_seed(bits)
+    signed_x = torch.randn(16, 8, 6, 6, generator=g) * 1.5 - 0.2
+    unsigned_x = torch.randn(16, 8, 6, 6, generator=g).relu()
+    m = signed_x.abs().max()
+    q = UniformQuantizer(bits, symmetric=True, learn_scale=True, signed_step="span")
+    q.init_range(signed_x, method="minmax")
+    assert q.qrange == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert q.scale.item() == pytest.approx(2 * m.item() / (2**bits - 1), rel=1e-6)
+    levels = q(signed_x).detach() / q.scale
+    qmin, qmax = q.qrange
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and qmin <= levels.min() and levels.max() <= qmax
+    assert levels.flatten()[signed_x.abs().argmax()].round().item() in (qmin, qmax)  # +-m at -+(2^b - 1) / 2 steps
+    old = UniformQuantizer(bits, symmetric=True, learn_scale=True)  # dfquant's former grid: max on the top level
+    old.init_range(signed_x, method="minmax")
+    assert old.scale.item() == pytest.approx(m.item() / (2 ** (bits - 1) - 1), rel=1e-6)
+    for x in (signed_x, unsigned_x):
+        span = UniformQuantizer(bits, symmetric=True, learn_scale=True, signed_step="span")
+        span.init_range(x)
+        assert span.scale.item() == pytest.approx(_genie_init_scale(x, bits), rel=1e-5)
+    qmax = UniformQuantizer(bits, symmetric=True, learn_scale=True)
+    qmax.init_range(unsigned_x)
+    assert qmax.scale.item() == pytest.approx(_genie_init_scale(unsigned_x, bits), rel=1e-5)
+    with pytest.raises(ValueError, match="signed_step"):
+        UniformQuantizer(bits, symmetric=True, signed_step="half")
+
+
+def test_genie_m_preset_uses_the_span_step_and_the_former_grid_by_name():
+    from dfquant.errors import DfqError
+    from dfquant.quant.modules import _act_quantizer
+    from dfquant.quant.transform import make_quant_config
+
+    assert _act_quantizer(4, make_quant_config("genie-m", 4, 4)).signed_step == "span"
+    assert _act_quantizer(4, make_quant_config("genie-m", 4, 4, act_signed_step="qmax")).signed_step == "qmax"
+    assert {make_quant_config(a, 4, 4).act_signed_step for a in ("brecq", "qdrop", "adaround")} == {"qmax"}
+    with pytest.raises(DfqError, match="act_signed_step 'half' is not one of qmax, span"):
+        make_quant_config("genie-m", 4, 4, act_signed_step="half")
+    with pytest.raises(DfqError, match="unknown quantization setting"):
+        make_quant_config("genie-m", 4, 4, signed_step="qmax")

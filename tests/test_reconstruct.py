@@ -246,3 +246,50 @@ def test_fused_quantizer_keeps_the_loss_curve(resnet20, monkeypatch):
         curves.append(torch.tensor([[t["rec_loss"], t["round_loss"], t["grad_norm"]] for t in trace]))
     assert torch.allclose(curves[0], curves[1], rtol=1e-3, atol=1e-6)
     assert curves[0][:, 0].std() > 0  # the curve moves: the comparison is not between constants
+
+
+def test_brecq_learns_weights_then_activation_steps(resnet20, calib, monkeypatch):
+    """BRECQ's main_imagenet.py: pass 1 learns every unit's rounding with activation quantization off (the steps
+    stay uninitialised); all steps are then initialised in one pass through the model; pass 2 learns only them
+    (the quantized weights do not move) for a quarter of the iterations, without a rounding term."""
+    import dfquant.quant.reconstruct as recon
+    from dfquant.quant.modules import act_quantizers
+    from dfquant.quant.reconstruct import ReconConfig
+
+    cfg = ReconConfig.preset("brecq")
+    assert (cfg.stages, cfg.act_init_images, cfg.lr_act_scale, cfg.act_stage_p) == ("weights-then-acts", 64, 4e-4, 2.4)
+    assert ReconConfig.preset("adaround").stages == "weights-then-acts"
+    assert {ReconConfig.preset(a).stages for a in ("genie-m", "qdrop")} == {"joint"}
+    assert ReconConfig.preset("brecq", stages="joint").stages == "joint"   # one pass, by name
+    with pytest.raises(DfqError, match="act_init 'images'"):
+        ReconConfig.preset("brecq", act_init="first-batch")
+    seen, inner = [], recon.reconstruct_unit
+
+    def spy(unit, x_q, x_fp, y_fp, cfg, name, trace, progress, on_rate, stage):
+        aqs = [q for q in act_quantizers(unit) if hasattr(q, "initialized")]
+        layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+        before = ([q.initialized for q in aqs], [q.scale.detach().clone() for q in aqs])
+        w_before = [ql.qweight().detach().clone() for ql in layers] if stage == "acts" else None
+        out = inner(unit, x_q, x_fp, y_fp, cfg, name, trace, progress, on_rate, stage)
+        if stage == "weights":
+            assert not any(before[0]) and not any(q.initialized for q in aqs)   # acts off: steps untouched
+            assert all(ql.soft is not None and ql.soft.hard for ql in layers)
+        else:
+            assert all(before[0]) and x_q is x_fp                                # initialised before pass 2; FP inputs
+            assert all(torch.equal(w, ql.qweight()) for w, ql in zip(w_before, layers))  # weights untouched
+            if aqs:
+                assert any(not torch.equal(s, q.scale) for s, q in zip(before[1], aqs))  # the steps learn
+        seen.append((name, stage, out["iters"]))
+        return out
+
+    monkeypatch.setattr(recon, "reconstruct_unit", spy)
+    trace: list = []
+    _, info = quantize(resnet20.model, calib[:64], "brecq", 4, 4, iters=8, batch_size=16, trace=trace, progress=False)
+    units = recon_units(quantize_model(resnet20.model, make_quant_config("brecq", 4, 4)))
+    assert [(u["unit"], u["stage"]) for u in info["units"]] == [(u, s) for s in ("weights", "acts") for u in units]
+    acts = [it for name, stage, it in seen if stage == "acts" and name == "layer2.1"]
+    assert acts == [2]                                                   # 0.25 * 8 iterations
+    assert [t["round_loss"] for t in trace if t["unit"] == "layer2.1"][-2:] == [0.0, 0.0]
+    p24 = torch.randn(3, 4, 2, 2)
+    assert recon.recon_loss(p24, torch.zeros_like(p24), p=2.4).item() == pytest.approx(
+        p24.abs().pow(2.4).sum(1).mean().item(), rel=1e-6)

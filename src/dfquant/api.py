@@ -64,18 +64,19 @@ def quantize(model: nn.Module, calib: Any, *, wbits: float, abits: float, algo: 
              batch_size: int = 32, bn_recalib: str = "none", keep_fp: tuple[str, ...] | list[str] = (),
              units: list[str] | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
              transform: Callable | None = None, n: int | None = None,
-             recon: dict[str, Any] | None = None) -> tuple[nn.Module, dict]:
+             recon: dict[str, Any] | None = None, quant: dict[str, Any] | None = None) -> tuple[nn.Module, dict]:
     """Quantize ``model`` (left untouched) with ``algo`` at W``wbits``A``abits`` on ``calib``; returns the
     fake-quantized model and a report (``report["plan"]`` is the :class:`QuantPlan` it followed).
     ``n`` caps the number of calibration images; ``transform`` is needed when ``calib`` is a folder.
     ``recon`` overrides fields of the algorithm's :class:`~dfquant.quant.reconstruct.ReconConfig`, e.g.
     ``{"loss_reduction": "sample", "round_weight": 0.01}`` for dfquant's maths before it matched the
-    reference code (README, "Reconstruction maths")."""
+    reference code (README, "Reconstruction maths"). ``quant`` overrides its
+    :class:`~dfquant.quant.modules.QuantConfig` conventions, e.g. ``{"act_signed_step": "qmax"}``."""
     from dfquant.quant.api import quantize_any
 
     x = _calibration(calib, transform, n)
     return quantize_any(model.eval(), x, algo, wbits, abits, iters, batch_size, seed, device, None, progress, bn_recalib,
-                        keep_fp=tuple(keep_fp), units=units, recon=recon)
+                        keep_fp=tuple(keep_fp), units=units, recon=recon, quant=quant)
 
 
 def save(quant_dir: str | Path, qmodel: nn.Module, report: dict, name: str = "custom") -> None:

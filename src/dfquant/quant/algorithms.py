@@ -32,6 +32,10 @@ class Algorithm:
 # initialised on the first 256 cached inputs
 _ADAROUND = dict(round_weight=0.01, lr_rounding=1e-3, rounding_schedule="constant", loss_reduction="channel",
                  sampling="randperm", act_init="images", act_init_images=256)
+# BRECQ's main_imagenet.py (AdaRound = its layer-wise reconstruction): rounding of every unit first with activation
+# quantization off, then activation steps initialised on the first 64 images through the whole model and learned in
+# a second pass (lr 4e-4, cosine, L2.4 loss, a quarter of the iterations: 5000 after 20000), weights hard
+_TWO_STAGES = dict(stages="weights-then-acts", act_init_images=64, lr_act_scale=4e-4)
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("minmax", dict(second_input_bits=8, weight_init="minmax", act_init="minmax", fold_bn=True),
@@ -39,15 +43,17 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("mse", dict(second_input_bits=8, weight_init="mse", act_init="mse", fold_bn=True),
               dict(learn_rounding=False), "range init only (Lp, p=2.4, over clip ratios)"),
     Algorithm("adaround", dict(second_input_bits=8, fold_bn=True),
-              dict(_ADAROUND, granularity="layer", lr_act_scale=4e-4), "learned rounding, layer by layer"),
+              dict(_ADAROUND, **_TWO_STAGES, granularity="layer"),
+              "learned rounding layer by layer, then activation steps"),
     Algorithm("brecq", dict(second_input_bits=8, fold_bn=True),
-              dict(_ADAROUND, lr_act_scale=4e-4), "learned rounding + activation steps, per block"),
+              dict(_ADAROUND, **_TWO_STAGES), "learned rounding per block, then activation steps"),
     Algorithm("qdrop", dict(second_input_bits=None, fold_bn=True),
               dict(_ADAROUND, drop_prob=0.5, lr_act_scale=4e-5, sampling="randint"), "as brecq, with random drop of activation quantization"),
     # Genie-M (SamsungLabs/Genie main.py / reconstruct.py): round_weight 1.0, Adam on V without a schedule,
     # weight and activation steps with cosine decay, activation steps initialised on the first shuffled batch
-    # through the block with soft weights, batches drawn by shuffling once per epoch
-    Algorithm("genie-m", dict(second_input_bits=8, fold_bn=False),
+    # through the block with soft weights, batches drawn by shuffling once per epoch; signed activation grids with
+    # the step 2*max/(2^b - 1) (its quantizer.py init_scale)
+    Algorithm("genie-m", dict(second_input_bits=8, fold_bn=False, act_signed_step="span"),
               dict(round_weight=1.0, drop_prob=0.5, learn_weight_scale=True, lr_rounding=1e-3, lr_weight_scale=1e-4,
                    lr_act_scale=4e-5, rounding_schedule="constant", loss_reduction="channel", sampling="epoch",
                    act_init="first-batch"),

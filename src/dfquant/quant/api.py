@@ -21,18 +21,20 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
              iters: int = 20000, batch_size: int = 32, seed: int = 0, device: str = "cpu",
              trace: list | None = None, progress: bool = True, vit: dict | None = None, bn_recalib: str = "none",
              keep_fp: tuple[str, ...] | list[str] = (), units: list[str] | None = None,
-             **recon_overrides) -> tuple[nn.Module, dict]:
+             quant: dict | None = None, **recon_overrides) -> tuple[nn.Module, dict]:
     """Quantize ``model`` with ``algo`` at W``wbits``A``abits`` on pre-normalized ``calib`` images
     by block reconstruction over the units of its plan (:mod:`dfquant.quant.plan`).
 
     ``bn_recalib`` (relative | absolute | none): re-estimate the BatchNorm statistics of the reconstructed
     model on ``calib`` (:mod:`dfquant.quant.bn`); only presets that keep BN unfolded (Genie-M) have any.
     ``keep_fp``: module-name globs left in float; ``units``: module names to reconstruct as units.
+    ``quant``: overrides of the preset's :class:`~dfquant.quant.modules.QuantConfig` conventions (e.g.
+    ``{"act_signed_step": "qmax"}``); ``recon_overrides``: of its :class:`ReconConfig`.
     """
     from dfquant.quant.bn import check_bn_args, recalibrate_bn
 
     check_bn_args(bn_recalib, model)
-    qcfg = make_quant_config(algo, wbits, abits, keep_fp=list(keep_fp))
+    qcfg = make_quant_config(algo, wbits, abits, keep_fp=list(keep_fp), **(quant or {}))
     rcfg = ReconConfig.preset(algo, iters=iters, batch_size=batch_size, seed=seed, device=device, **recon_overrides)
     t0 = time.time()
     torch.manual_seed(seed)
@@ -49,17 +51,19 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
 def quantize_any(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abits: float, iters: int,
                  batch_size: int, seed: int, device: str, vit: dict | None, progress: bool = True,
                  bn_recalib: str = "none", keep_fp: tuple[str, ...] | list[str] = (),
-                 units: list[str] | None = None, recon: dict | None = None) -> tuple[nn.Module, dict]:
+                 units: list[str] | None = None, recon: dict | None = None,
+                 quant: dict | None = None) -> tuple[nn.Module, dict]:
     """Dispatch: RepQ-ViT for ``repq-vit``, block reconstruction otherwise. ``vit=None`` on a model with
     timm attention still quantizes its attention (the default RepQ-ViT options). ``recon``: ReconConfig
-    overrides of the block reconstruction (RepQ-ViT has none)."""
+    overrides of the block reconstruction (RepQ-ViT has none); ``quant``: QuantConfig overrides of block
+    reconstruction's presets."""
     if vit is None and (algo == "repq-vit" or has_attention(model)):
         vit = default_vit_options(model)
     if algo == "repq-vit":
         return repq_vit(model, calib, wbits, abits, vit, iters=iters, batch_size=batch_size, seed=seed,
                         device=device, progress=progress, keep_fp=keep_fp)
     return quantize(model, calib, algo, wbits, abits, iters, batch_size, seed, device, progress=progress, vit=vit,
-                    bn_recalib=bn_recalib, keep_fp=keep_fp, units=units, **(recon or {}))
+                    bn_recalib=bn_recalib, keep_fp=keep_fp, units=units, quant=quant, **(recon or {}))
 
 
 def repq_vit(model: nn.Module, calib: torch.Tensor, wbits: float, abits: float, options: dict | None = None,

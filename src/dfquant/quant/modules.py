@@ -30,12 +30,13 @@ class QuantConfig:
     weight_init: str = "mse"         # mse (Lp, p=2.4) | minmax | percentile
     act_init: str = "mse"
     act_symmetric: bool = True       # signed iff the calibration data has negatives
+    act_signed_step: str = "qmax"    # signed grids: qmax: max/(2^(b-1)-1) | span: 2*max/(2^b-1) (Genie; see UniformQuantizer)
     fold_bn: bool = False
     keep_fp: list[str] = field(default_factory=list)  # module-name globs left in full precision
 
 
 def _act_quantizer(bits: float, cfg: QuantConfig) -> UniformQuantizer:
-    q = UniformQuantizer(bits, symmetric=cfg.act_symmetric, learn_scale=True)
+    q = UniformQuantizer(bits, symmetric=cfg.act_symmetric, learn_scale=True, signed_step=cfg.act_signed_step)
     q.init_method = cfg.act_init
     return q
 

@@ -19,6 +19,7 @@ from torch import nn
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 MSE_SAMPLE = 2**23  # per-tensor MSE search looks at most this many elements (every mini-world tensor is smaller)
 TERNARY = 1.58
+SIGNED_STEPS = ("qmax", "span")
 FUSED = True  # per-tensor quantizers train through :class:`_FakeQuant`; False: plain autograd (tests compare both)
 
 
@@ -50,15 +51,22 @@ class UniformQuantizer(nn.Module):
         symmetric: zero point fixed at 0 (signed grid if ``signed``, else [0, 2^b - 1]).
         signed: for symmetric grids; ``None`` decides from the data at init (signed iff min < 0).
         learn_scale: make the step an ``nn.Parameter`` (LSQ).
+        signed_step: the step of a signed symmetric grid for absolute maximum ``m`` (levels -2^(b-1)..2^(b-1)-1
+            either way): ``qmax`` puts ``m`` on the top level, ``m / (2^(b-1) - 1)``; ``span`` lets the 2^b - 1
+            steps span [-m, m], ``2m / (2^b - 1)``, and scores the range search as Genie's ``init_scale`` does
+            (SamsungLabs/Genie quantizer.py), on the affine form with zero point ``round(m / step)``.
     """
 
     def __init__(self, bits: float, channel_axis: int | None = None, symmetric: bool = False,
-                 signed: bool | None = None, learn_scale: bool = False):
+                 signed: bool | None = None, learn_scale: bool = False, signed_step: str = "qmax"):
         super().__init__()
         self.bits = check_bits(bits)
         self.channel_axis = channel_axis
         self.symmetric = symmetric or self.bits == TERNARY
         self.signed = True if self.bits == TERNARY else signed
+        if signed_step not in SIGNED_STEPS:
+            raise ValueError(f"signed_step must be one of {', '.join(SIGNED_STEPS)}, got {signed_step!r}")
+        self.signed_step = signed_step
         self.enabled = True
         self.initialized = False
         self.init_method = "mse"  # used when the range is initialized lazily from the first batch
@@ -83,8 +91,9 @@ class UniformQuantizer(nn.Module):
         shape[self.channel_axis] = x.shape[self.channel_axis]
         return shape
 
-    def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = self.qrange
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                 qrange: tuple[int, int] | None = None) -> torch.Tensor:
+        qmin, qmax = qrange or self.qrange
         return (torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,12 +121,17 @@ class UniformQuantizer(nn.Module):
         flat = x.transpose(0, self.channel_axis).reshape(x.shape[self.channel_axis], -1)
         return flat.min(1).values, flat.max(1).values
 
+    @property
+    def _span(self) -> bool:
+        """Genie's signed symmetric step (see ``signed_step``)."""
+        return self.signed_step == "span" and self.symmetric and bool(self.signed) and self.bits != TERNARY
+
     def _params_for(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         qmin, qmax = self.qrange
         lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
         if self.symmetric:
             absmax = torch.maximum(lo.abs(), hi)
-            scale = absmax / qmax
+            scale = 2 * absmax / (qmax - qmin) if self._span else absmax / qmax
             zp = torch.zeros_like(scale)
         else:
             scale = (hi - lo) / (qmax - qmin)
@@ -163,7 +177,14 @@ class UniformQuantizer(nn.Module):
             for i in range(grid):
                 r = 1.0 - i / grid
                 s, z = self._params_for(lo * r, hi * r)
-                err = self.quantize(x, s.view(shape), z.view(shape)).sub_(x).abs_().pow_(p)
+                if self._span:  # Genie scores the affine form: zero point round(m / step) on 0..2^b-1, in float
+                    # arithmetic 2^(b-1) or 2^(b-1) - 1, i.e. now and then the grid one level up
+                    qmin, qmax = self.qrange
+                    z_score = torch.round(torch.maximum(lo.abs(), hi) * r / s)
+                    err = self.quantize(x, s.view(shape), z_score.view(shape), (0, qmax - qmin))
+                else:
+                    err = self.quantize(x, s.view(shape), z.view(shape))
+                err = err.sub_(x).abs_().pow_(p)
                 err = err.sum().view(1) if self.channel_axis is None else err.transpose(0, self.channel_axis).reshape(len(lo), -1).sum(1)
                 better = err < best
                 best = torch.where(better, err, best)

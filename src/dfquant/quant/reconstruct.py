@@ -10,6 +10,9 @@ For each unit (residual block, conv-norm-act stack, or single layer) in forward 
      ``(y_q - y).pow(2).sum(1).mean()``), ``x = x_q``, or with QDrop an element-wise random mix of
      x_q and x_fp and random drop of activation quantization inside the unit;
   4. harden the rounding and move on.
+BRECQ's code runs the loop twice (``stages="weights-then-acts"``): first every unit learns its rounding with
+activation quantization off, then the activation steps are initialised through the whole quantized model and a
+second pass learns only them, on the FP inputs, with the weights hard-rounded.
 The algorithms configure it through :data:`~dfquant.quant.algorithms.ALGORITHMS`: what is learned,
 loss weights, schedules, batch sampling and the mixing probability.
 """
@@ -60,6 +63,13 @@ class ReconConfig:
     act_init: str = "first-batch"    # first-batch: first calibration batch through soft weights + QDrop (Genie)
                                      # | images: the first act_init_images quantized inputs, rounded weights
     act_init_images: int = 256
+    # BRECQ's main_imagenet.py: weights-then-acts = pass 1 learns the rounding of every unit with activation
+    # quantization off; the activation steps are then initialised on the first act_init_images images through
+    # the whole quantized model; pass 2 learns only them (weights hard), FP unit inputs (its asym=False), loss
+    # exponent act_stage_p, act_stage_frac * iters iterations (the reference's 5000 after 20000) | joint: one pass
+    stages: str = "joint"
+    act_stage_frac: float = 0.25
+    act_stage_p: float = 2.4
     cache_ram_gb: float = DEFAULT_BUDGET_GB
     device: str = "cpu"
     seed: int = 0
@@ -68,6 +78,14 @@ class ReconConfig:
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise DfqError(f"{key} {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.stages == "weights-then-acts" and self.act_init != "images":
+            raise DfqError("stages 'weights-then-acts' initialises the activation steps on images through the whole "
+                           "model; use act_init 'images' with it (or stages 'joint')")
+
+    @property
+    def act_stage_iters(self) -> int:
+        """Iterations of the activation pass (``weights-then-acts`` only)."""
+        return round(self.act_stage_frac * self.iters) if self.stages == "weights-then-acts" else 0
 
     @classmethod
     def preset(cls, algo: str, **overrides) -> "ReconConfig":
@@ -84,7 +102,7 @@ class ReconConfig:
 
 _CHOICES = {"loss_reduction": ("channel", "sample"), "rounding_schedule": ("constant", "cosine"),
             "sampling": ("epoch", "randperm", "randint"), "act_init": ("first-batch", "images"),
-            "granularity": ("block", "layer")}
+            "granularity": ("block", "layer"), "stages": ("joint", "weights-then-acts")}
 
 
 class _Beta:
@@ -102,15 +120,15 @@ class _Beta:
         return self.b1 + (self.b0 - self.b1) * max(0.0, 1 - frac)
 
 
-def recon_loss(out: torch.Tensor, target: torch.Tensor, reduction: str = "channel") -> torch.Tensor:
-    """Squared output error of a unit.
+def recon_loss(out: torch.Tensor, target: torch.Tensor, reduction: str = "channel", p: float = 2.0) -> torch.Tensor:
+    """Squared (``|.|^p``: BRECQ's activation pass uses p = 2.4) output error of a unit.
 
     ``channel`` is BRECQ's / Genie's ``lp_loss``: ``(out - target)^2`` summed over the channel axis and
     averaged over the batch and every spatial (or token) position. ``sample`` sums over all of C*H*W
     per image, which is H*W times larger and weakens the rounding term accordingly. The channel axis is
     1 for (N, C, ...) maps and vectors, and the last axis for (N, tokens, D) transformer outputs.
     """
-    err = (out - target).pow(2)
+    err = (out - target).pow(2) if p == 2.0 else (out - target).abs().pow(p)
     if reduction == "sample":
         return err.flatten(1).sum(1).mean()
     return err.sum(-1 if err.dim() == 3 else 1).mean()
@@ -140,13 +158,19 @@ class _Batches:
 
 def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: str = "unit",
                      trace: list | None = None, progress: bool = True,
-                     on_rate: Callable[[float], None] | None = None) -> dict:
+                     on_rate: Callable[[float], None] | None = None, stage: str = "joint") -> dict:
     """Initialize and (optionally) optimize one unit in place; return its loss summary.
 
     ``on_rate`` is called once with the measured seconds per iteration (iterations 3..23), so the caller
-    can tell the user early how long the whole run will take."""
+    can tell the user early how long the whole run will take. ``stage``: ``joint`` learns the rounding and
+    the activation steps together; ``weights`` (pass 1 of ``weights-then-acts``) only the rounding, with
+    activation quantization off; ``acts`` (pass 2) only the activation steps, on hard-rounded weights and
+    ranges the caller initialised, for :attr:`ReconConfig.act_stage_iters` with the loss exponent
+    :attr:`ReconConfig.act_stage_p`."""
     dev = torch.device(cfg.device)
     n = len(x_q)
+    iters = cfg.act_stage_iters if stage == "acts" else cfg.iters
+    p = cfg.act_stage_p if stage == "acts" else 2.0
     batches = _Batches(n, cfg.batch_size, cfg.sampling, cfg.seed)
     unit.eval()
 
@@ -161,22 +185,22 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
     def eval_loss() -> float:
         with torch.no_grad():
             idx = torch.arange(min(n, 256))
-            return recon_loss(unit(x_q[idx].to(dev)), y_fp[idx].to(dev), cfg.loss_reduction).item()
+            return recon_loss(unit(x_q[idx].to(dev)), y_fp[idx].to(dev), cfg.loss_reduction, p).item()
 
-    learn = cfg.learn_rounding and cfg.iters > 0
-    if not (learn and cfg.act_init == "first-batch"):
+    aqs = [] if stage == "weights" else [
+        q for q in act_quantizers(unit) if isinstance(q, nn.Module) and getattr(q, "scale", None) is not None
+        and isinstance(q.scale, nn.Parameter)]
+    learn = cfg.learn_rounding and iters > 0 and (stage != "acts" or bool(aqs))
+    if stage == "joint" and not (learn and cfg.act_init == "first-batch"):
         with torch.no_grad():  # lazy range init of activation quantizers on x_q, rounded weights
             unit(x_q[: min(cfg.act_init_images, n)].to(dev))
     if not learn:
         before = eval_loss()
-        return {"unit": name, "loss_before": before, "loss_after": before, "iters": 0}
-    layers = quant_layers(unit)
-    softs = [ql.enable_soft_rounding(cfg.learn_weight_scale) for ql in layers]
-    aqs = [q for q in act_quantizers(unit) if isinstance(q, nn.Module) and getattr(q, "scale", None) is not None
-           and isinstance(q.scale, nn.Parameter)]
+        return {"unit": name, "stage": stage, "loss_before": before, "loss_after": before, "iters": 0}
+    softs = [] if stage == "acts" else [ql.enable_soft_rounding(cfg.learn_weight_scale) for ql in quant_layers(unit)]
     for q in aqs:
         q.drop_prob = cfg.drop_prob
-    if cfg.act_init == "first-batch":
+    if stage == "joint" and cfg.act_init == "first-batch":
         # Genie initialises the activation steps while it captures the block's inputs: on the first calibration
         # batch (in order, the quantized input x_q), through the soft (near full-precision) weights with QDrop's
         # random drop inside the block
@@ -185,10 +209,10 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
             unit(x_q[: min(cfg.batch_size, n)].to(dev))
         unit.eval()
     before = eval_loss()
-    groups, opt, sched = _optimizer(softs, aqs, cfg)
-    beta = _Beta(cfg.iters, cfg.warmup, *cfg.beta)
+    groups, opt, sched = _optimizer(softs, aqs, cfg, iters)
+    beta = _Beta(iters, cfg.warmup, *cfg.beta)
     train_keep_bn(unit)
-    bar = tqdm(range(cfg.iters), desc=f"recon {name}", leave=False, mininterval=1.0, disable=not progress)
+    bar = tqdm(range(iters), desc=f"recon {name}", leave=False, mininterval=1.0, disable=not progress)
     t_rate = 0.0
     try:
         for it in bar:
@@ -198,8 +222,8 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
                 else:
                     on_rate((time.perf_counter() - t_rate) / _RATE_ITERS)
             xq, y = batch(batches.next())
-            rec = recon_loss(unit(xq), y, cfg.loss_reduction)
-            b = beta(it)
+            rec = recon_loss(unit(xq), y, cfg.loss_reduction, p)
+            b = beta(it) if softs else None
             rnd = cfg.round_weight * sum(s.rounding_loss(b) for s in softs) if b is not None else torch.zeros(())
             loss = rec + rnd
             if not torch.isfinite(loss):
@@ -225,22 +249,25 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
         unit.eval()
     for s in softs:
         s.harden()
-    return {"unit": name, "loss_before": before, "loss_after": eval_loss(), "iters": cfg.iters}
+    return {"unit": name, "stage": stage, "loss_before": before, "loss_after": eval_loss(), "iters": iters}
 
 
-def _optimizer(softs: list, aqs: list, cfg: ReconConfig):
+def _optimizer(softs: list, aqs: list, cfg: ReconConfig, iters: int | None = None):
     """Adam over the soft bits V, the weight steps (Genie-M) and the activation steps. As in the reference
-    codes, only the step sizes follow a cosine decay to 0; V keeps its learning rate unless
-    ``rounding_schedule="cosine"`` (dfquant's former schedule)."""
-    groups = [{"params": [s.V for s in softs], "lr": cfg.lr_rounding, "decay": cfg.rounding_schedule == "cosine"}]
-    if cfg.learn_weight_scale:
+    codes, only the step sizes follow a cosine decay to 0 over ``iters`` (default ``cfg.iters``); V keeps its
+    learning rate unless ``rounding_schedule="cosine"`` (dfquant's former schedule)."""
+    iters = cfg.iters if iters is None else iters
+    groups = []
+    if softs:
+        groups.append({"params": [s.V for s in softs], "lr": cfg.lr_rounding, "decay": cfg.rounding_schedule == "cosine"})
+    if softs and cfg.learn_weight_scale:
         groups.append({"params": [s.q.scale for s in softs], "lr": cfg.lr_weight_scale, "decay": True})
     if aqs:
         groups.append({"params": [q.scale for q in aqs], "lr": cfg.lr_act_scale, "decay": True})
     opt = torch.optim.Adam(groups)
 
     def cosine(it: int) -> float:  # CosineAnnealingLR(T_max=iters, eta_min=0) in closed form
-        return 0.5 * (1 + math.cos(math.pi * it / cfg.iters))
+        return 0.5 * (1 + math.cos(math.pi * it / iters))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine if g["decay"] else (lambda it: 1.0) for g in groups])
     return groups, opt, sched
@@ -257,7 +284,8 @@ def _grad_norm(groups: list[dict]) -> float:
 
 def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
                 trace: list | None = None, progress: bool = True, units: list[str] | None = None) -> list[dict]:
-    """Calibrate/reconstruct ``qmodel`` unit by unit on ``calib`` (in place).
+    """Calibrate/reconstruct ``qmodel`` unit by unit on ``calib`` (in place): one pass, or two with
+    ``cfg.stages="weights-then-acts"`` (one summary entry per unit and pass, in order).
 
     ``units``: submodule names to reconstruct, in execution order (default: :func:`recon_units`);
     like Genie's ``reconstruct(teacher, student, data, units)``, the caller may choose them.
@@ -282,33 +310,42 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     fp_caches: dict = {}
     summary = []
     t0 = time.time()
-    bar = tqdm(units, desc=f"{cfg.algo}", disable=not progress)
+    stages = ("weights", "acts") if cfg.stages == "weights-then-acts" else ("joint",)
+    total_iters = cfg.iters + cfg.act_stage_iters
 
     def announce(seconds_per_iter: float) -> None:
         """Scale the first trained unit's (``name``'s) rate to every unit by activation size (on CPU the
         elementwise quantizer passes dominate a step) and say it once, so a 20,000-iteration CPU run is no
         surprise."""
         first = max(unit_bytes.get(name, 1), 1)
-        total = seconds_per_iter * cfg.iters * sum(max(1.0, unit_bytes.get(u, 0) / first) for u in units)
-        tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {cfg.iters} iterations); "
+        total = seconds_per_iter * total_iters * sum(max(1.0, unit_bytes.get(u, 0) / first) for u in units)
+        tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {total_iters} iterations); "
                    "lower --iters for a quicker, coarser run", file=sys.stderr)
         nonlocal rate_cb
         rate_cb = None
 
     rate_cb: Callable[[float], None] | None = announce if progress else None
-    for name in bar:
-        t_unit = time.time()
-        if name not in fp_caches:
-            chunk = next(c for c in chunks if name in c)
-            fp_caches = capture_all(fp_model, {u: fp_units[u] for u in chunk}, calib, 64, dev, cfg.cache_ram_gb)
-        unit = qmodel.get_submodule(name)
-        x_q, _ = capture(qmodel, unit, calib, 64, outputs=False, device=dev, budget_gb=cfg.cache_ram_gb)
-        x_fp, y_fp = fp_caches.pop(name)
-        s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace, progress, rate_cb)
-        del x_q, x_fp, y_fp
-        s["seconds"] = round(time.time() - t_unit, 2)  # capture of the unit's input + its optimization
-        summary.append(s)
-        bar.set_postfix(unit=name, loss=f"{s['loss_after']:.4g}")
+    for stage in stages:
+        set_quant_state(qmodel, weights=True, acts=stage != "weights")
+        if stage == "acts":  # BRECQ: every activation step from one pass of the first images through the model
+            with torch.no_grad():
+                qmodel(calib[: cfg.act_init_images].to(dev))
+        bar = tqdm(units, desc=cfg.algo if stage == "joint" else f"{cfg.algo} ({stage})", disable=not progress)
+        for name in bar:
+            t_unit = time.time()
+            if name not in fp_caches:
+                chunk = next(c for c in chunks if name in c)
+                fp_caches = capture_all(fp_model, {u: fp_units[u] for u in chunk}, calib, 64, dev, cfg.cache_ram_gb)
+            unit = qmodel.get_submodule(name)
+            x_fp, y_fp = fp_caches.pop(name)
+            # the activation pass trains on the FP inputs, as BRECQ's (it caches them with asym=False)
+            x_q = x_fp if stage == "acts" else capture(qmodel, unit, calib, 64, outputs=False, device=dev,
+                                                        budget_gb=cfg.cache_ram_gb)[0]
+            s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace, progress, rate_cb, stage)
+            del x_q, x_fp, y_fp
+            s["seconds"] = round(time.time() - t_unit, 2)  # capture of the unit's input + its optimization
+            summary.append(s)
+            bar.set_postfix(unit=name, loss=f"{s['loss_after']:.4g}")
     for s in summary:
         s["seconds_total"] = round(time.time() - t0, 1)
     return summary

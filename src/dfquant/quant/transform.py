@@ -11,6 +11,7 @@ into which conv come from the model's graph (:mod:`dfquant.quant.plan`), not fro
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from dfquant.errors import DfqError
 from dfquant.quant.algorithms import get_algorithm
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer
 from dfquant.quant.plan import QuantPlan, bn_folds, make_plan
-from dfquant.quant.quantizers import check_bits
+from dfquant.quant.quantizers import SIGNED_STEPS, check_bits
 from dfquant.quant.vit import prepare_vit
 
 
@@ -32,7 +33,14 @@ def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> Qua
             raise DfqError(f"{what} {b} is not supported; use an integer from 2 to 8 (or 1.58 for ternary weights)") from None
     if abits == 1.58:
         raise DfqError("ternary (1.58) applies to weights only; use --abits 2..8")
-    return QuantConfig(wbits=wbits, abits=abits, **{**get_algorithm(algo).quant, **overrides})
+    unknown = sorted(set(overrides) - {f.name for f in fields(QuantConfig)})
+    if unknown:
+        raise DfqError(f"unknown quantization setting(s) {', '.join(unknown)}; use fields of QuantConfig: "
+                       + ", ".join(f.name for f in fields(QuantConfig)))
+    cfg = QuantConfig(wbits=wbits, abits=abits, **{**get_algorithm(algo).quant, **overrides})
+    if cfg.act_signed_step not in SIGNED_STEPS:
+        raise DfqError(f"act_signed_step {cfg.act_signed_step!r} is not one of {', '.join(SIGNED_STEPS)}")
+    return cfg
 
 
 def has_attention(model: nn.Module) -> bool:
