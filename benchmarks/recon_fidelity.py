@@ -16,6 +16,9 @@ fields:
   (activation init on 256 images through rounded weights / the rounding lr decayed / sampling with replacement);
 * ``faithful-oldgrid``: ``faithful`` with dfquant's former signed activation step ``max/(2^(b-1)-1)`` in place of
   Genie's ``2*max/(2^b-1)`` (``act_signed_step="qmax"``; only signed activations, e.g. MobileNetV2's block inputs);
+* ``faithful+clampfirst``: ``faithful`` with Genie's activation STE, ``round_ste(clamp(x / s))``
+  (``act_clamp_first=True``: gradients pass wherever x / s is inside the range; dfquant's ``clamp(round_ste(x / s))``,
+  as BRECQ/QDrop, blocks them within half a step of either bound);
 * ``faithful-joint``: ``faithful`` in one joint pass (``stages="joint"``), for ``--algo brecq``/``adaround``, whose
   preset learns the rounding of every unit first and the activation steps in a second pass, as BRECQ's code.
 
@@ -55,6 +58,7 @@ VARIANTS: dict[str, dict] = {
     "faithful-cosineV": {"rounding_schedule": "cosine"},
     "faithful-randint": {"sampling": "randint"},
     "faithful-oldgrid": {"quant": {"act_signed_step": "qmax"}},
+    "faithful+clampfirst": {"quant": {"act_clamp_first": True}},
     "faithful-joint": {"stages": "joint"},
 }
 FIELDS = ["model", "strategy", "algo", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "quant_seconds"]
@@ -111,7 +115,8 @@ def main() -> None:
                "genie-m preset now (all of the reference's settings); `faithful-X` = faithful with one former setting put back "
                "(act256: activation init on 256 images through rounded weights; cosineV: rounding lr decayed; randint: "
                "batches drawn with replacement; oldgrid: dfquant's former signed activation step max/(2^(b-1)-1) instead "
-               "of Genie's 2*max/(2^b-1), which changes only signed activations, e.g. MobileNetV2's block inputs; joint: "
+               "of Genie's 2*max/(2^b-1), which changes only signed activations, e.g. MobileNetV2's block inputs; +clampfirst: "
+               "Genie's activation STE round_ste(clamp(x/s)) in place of clamp(round_ste(x/s)); joint: "
                "brecq/adaround in one joint pass instead of BRECQ's weights-then-activations passes). The MobileNetV2 "
                "rows labelled faithful-oldgrid at W2A4 and W3A3 were made as `faithful` before genie-m took Genie's "
                "signed step (the same code path: a fresh faithful-oldgrid run reproduced that W4A4 row, 79.05, "

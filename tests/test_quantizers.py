@@ -226,3 +226,27 @@ def test_genie_m_preset_uses_the_span_step_and_the_former_grid_by_name():
         make_quant_config("genie-m", 4, 4, act_signed_step="half")
     with pytest.raises(DfqError, match="unknown quantization setting"):
         make_quant_config("genie-m", 4, 4, signed_step="qmax")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clamp_first_passes_gradients_inside_the_range_like_genie(fused, monkeypatch):
+    """Genie's round_ste(clamp(x / s)) gives the same values as clamp(round_ste(x / s)) but its STE passes the
+    gradient wherever x / s is strictly inside the range, also within half a step of a bound."""
+    import dfquant.quant.quantizers as quantizers
+
+    monkeypatch.setattr(quantizers, "FUSED", fused)
+    grads, values = {}, {}
+    for clamp_first in (False, True):
+        q = UniformQuantizer(2, symmetric=True, signed=False, learn_scale=True, clamp_first=clamp_first)
+        q.set_params(torch.tensor([0.5]), torch.zeros(1))
+        q.initialized = True
+        x = (torch.tensor([0.2, 0.7, 2.7, 3.4]) * 0.5).requires_grad_()
+        out = q(x)
+        out.backward(torch.ones_like(out))
+        grads[clamp_first], values[clamp_first] = (x.grad.clone(), q.scale.grad.clone()), out.detach()
+    assert torch.equal(values[False], values[True])
+    assert grads[False][0].tolist() == [0.0, 1.0, 0.0, 0.0]  # rounded 0 and 3 sit on the bounds
+    assert grads[True][0].tolist() == [1.0, 1.0, 1.0, 0.0]
+    # d out / d s: (c - u) where the gradient passes, c at or beyond a bound (c = 0, 1, 3, 3)
+    assert grads[False][1].item() == pytest.approx(0 + (1 - 0.7) + 3 + 3)
+    assert grads[True][1].item() == pytest.approx((0 - 0.2) + (1 - 0.7) + (3 - 2.7) + 3)

@@ -31,12 +31,15 @@ class QuantConfig:
     act_init: str = "mse"
     act_symmetric: bool = True       # signed iff the calibration data has negatives
     act_signed_step: str = "qmax"    # signed grids: qmax: max/(2^(b-1)-1) | span: 2*max/(2^b-1) (Genie; see UniformQuantizer)
+    act_clamp_first: bool = False    # round_ste(clamp(x/s)) (Genie): the STE passes gradients inside the range, not
+                                     # only where the rounded value is (BRECQ/QDrop: clamp(round_ste(x/s)))
     fold_bn: bool = False
     keep_fp: list[str] = field(default_factory=list)  # module-name globs left in full precision
 
 
 def _act_quantizer(bits: float, cfg: QuantConfig) -> UniformQuantizer:
-    q = UniformQuantizer(bits, symmetric=cfg.act_symmetric, learn_scale=True, signed_step=cfg.act_signed_step)
+    q = UniformQuantizer(bits, symmetric=cfg.act_symmetric, learn_scale=True, signed_step=cfg.act_signed_step,
+                         clamp_first=cfg.act_clamp_first)
     q.init_method = cfg.act_init
     return q
 

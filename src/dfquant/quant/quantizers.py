@@ -58,7 +58,8 @@ class UniformQuantizer(nn.Module):
     """
 
     def __init__(self, bits: float, channel_axis: int | None = None, symmetric: bool = False,
-                 signed: bool | None = None, learn_scale: bool = False, signed_step: str = "qmax"):
+                 signed: bool | None = None, learn_scale: bool = False, signed_step: str = "qmax",
+                 clamp_first: bool = False):
         super().__init__()
         self.bits = check_bits(bits)
         self.channel_axis = channel_axis
@@ -67,6 +68,7 @@ class UniformQuantizer(nn.Module):
         if signed_step not in SIGNED_STEPS:
             raise ValueError(f"signed_step must be one of {', '.join(SIGNED_STEPS)}, got {signed_step!r}")
         self.signed_step = signed_step
+        self.clamp_first = clamp_first
         self.enabled = True
         self.initialized = False
         self.init_method = "mse"  # used when the range is initialized lazily from the first batch
@@ -94,6 +96,9 @@ class UniformQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                  qrange: tuple[int, int] | None = None) -> torch.Tensor:
         qmin, qmax = qrange or self.qrange
+        if self.clamp_first:  # Genie's activations: round_ste(clamp(x / s)); same values, the STE passes every
+            # gradient strictly inside the clip range (not only where the *rounded* value is)
+            return (round_ste(torch.clamp(x / scale + zero_point, qmin, qmax)) - zero_point) * scale
         return (torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +113,7 @@ class UniformQuantizer(nn.Module):
             keep = torch.rand_like(x).lt_(self.drop_prob) if drop else None  # 0/1 float: see _FakeQuant
             qmin, qmax = self.qrange
             zero = self.zero_point if self.zero_point.any() else None
-            return _FakeQuant.apply(x, self.scale, zero, qmin, qmax, keep)
+            return _FakeQuant.apply(x, self.scale, zero, qmin, qmax, keep, self.clamp_first)
         out = self.quantize(x, self.scale.view(shape), self.zero_point.view(shape))
         if drop:
             out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
@@ -222,13 +227,16 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
-                keep: torch.Tensor | None) -> torch.Tensor:
+                keep: torch.Tensor | None, clamp_first: bool = False) -> torch.Tensor:
         u = x / scale
         v = torch.round(u)
         if zero_point is not None:  # None: a symmetric grid, whose zero point is 0 (two passes saved)
             v.add_(zero_point)
         c = v.clamp(qmin, qmax)
-        inside = (v > qmin).logical_and_(v < qmax).to(x.dtype)  # where torch.clamp passes gradients (bounds excluded)
+        # where torch.clamp passes gradients (bounds excluded): on the rounded value (clamp after round), or on the
+        # scaled input itself (clamp_first, Genie's round_ste(clamp(x / s)))
+        w = (u if zero_point is None else u + zero_point) if clamp_first else v
+        inside = (w > qmin).logical_and_(w < qmax).to(x.dtype)
         if zero_point is not None:
             c.sub_(zero_point)
         out = c * scale
@@ -247,7 +255,7 @@ class _FakeQuant(torch.autograd.Function):
         passes, ds = ctx.saved_tensors
         grad_x = grad * passes if ctx.needs_input_grad[0] else None
         grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).view(ctx.scale_shape) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_s, None, None, None, None
+        return grad_x, grad_s, None, None, None, None, None
 
 
 class SoftRoundingWeight(nn.Module):
