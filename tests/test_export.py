@@ -443,3 +443,42 @@ def test_verification_error_names_the_fix():
     assert isinstance(err, DfqError) and "--eval-limit 1000" in str(err) and "0.006" in str(err) and "\n" not in str(err)
     report["verify"]["passed"] = True
     assert E.verification_error(report) is None
+
+
+def _mobilenet(data) -> nn.Module:
+    """A tiny random-weight torchvision MobileNetV2 (depthwise convs, ReLU6, inverted residuals) whose
+    BatchNorm scales span three decades, as trained depthwise layers' do, with running statistics
+    measured on real images."""
+    from torchvision.models.mobilenetv2 import MobileNetV2
+
+    torch.manual_seed(0)
+    model = MobileNetV2(num_classes=10, inverted_residual_setting=[[1, 8, 1, 1], [6, 16, 2, 2], [6, 16, 1, 1]])
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = 10 ** torch.empty_like(m.weight).uniform_(-3.0, 0.0)
+            m.bias.data.uniform_(-0.2, 0.2)
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(data[0])
+    return model.eval()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_mobilenet_export_agrees_with_simulation(data, tmp_path, bits):
+    """Regression (fmnist/mobilenetv2 deployed at chance): with fused biases, a Conv that onnxruntime
+    runs in float although its input is dequantized and its output reaches a QuantizeLinear (through
+    a ReLU6 Clip that cuts the grid, or between uint8 and int8 activations) must keep dfquant's
+    per-channel DequantizeLinear weight and a float bias. Handed a float weight, onnxruntime's
+    WeightBiasQuantization re-quantizes it per tensor to int8 (small depthwise channels vanish);
+    handed a bias input, it rounds it to int32 for a kernel that stays float."""
+    from dfquant.quant.api import quantize
+
+    qmodel, _ = quantize(_mobilenet(data), data[0][:32], "minmax", bits, bits, iters=1, batch_size=32, progress=False)
+    path = tmp_path / "mbv2.onnx"
+    summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True)
+    rt = E.runtime_graph(path)
+    assert rt["float"] == len(summary["float_kernels"]) and rt["integer"] + rt["float"] == 14, (rt, summary)
+    assert any("Clip" in why for why in summary["float_kernels"].values()) == (bits == 4)  # 4-bit u8 grids pass 6
+    report = E.verify_onnx(qmodel, path, data[1][:128], data[2][:128])
+    assert report["argmax_agreement"] >= 97.0 and report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE, report

@@ -745,33 +745,127 @@ INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatM
 FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
+def _const(graph, name: str):
+    """The value of ``name`` as a numpy array when it is an initializer or a Constant node's output,
+    else None."""
+    from onnx import numpy_helper
+
+    init = next((t for t in graph.initializer if t.name == name), None)
+    if init is not None:
+        return numpy_helper.to_array(init)
+    node = next((n for n in graph.node if n.op_type == "Constant" and n.output[0] == name), None)
+    value = next((a.t for a in node.attribute if a.name == "value"), None) if node is not None else None
+    return None if value is None else numpy_helper.to_array(value)
+
+
+def _activation_chain(graph, node) -> tuple[list, list]:
+    """The Relu/Clip nodes that follow ``node`` one consumer after another, and the consumers of
+    the last of them (of ``node`` itself when there are none)."""
+    chain: list = []
+    consumers = [n for n in graph.node if node.output[0] in n.input]
+    while len(consumers) == 1 and consumers[0].op_type in ("Relu", "Clip"):
+        chain.append(consumers[0])
+        consumers = [n for n in graph.node if consumers[0].output[0] in n.input]
+    return chain, consumers
+
+
+def _made_redundant_by_q(graph, act, q) -> bool:
+    """Whether onnxruntime drops the Relu/Clip ``act`` in front of QuantizeLinear ``q``
+    (ReluQuantFusion / ClipQuantFusion, in float32 with their epsilon): the float range of q's
+    integer container, ``s (qmin - z) .. s (qmax - z)``, lies inside what ``act`` lets through."""
+    import numpy as np
+
+    scale, zp = _const(graph, q.input[1]), _const(graph, q.input[2]) if len(q.input) > 2 else None
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+        return False
+    info = np.iinfo(zp.dtype)
+    s, z = np.float32(scale.item()), int(zp.item())
+    lower, upper = s * np.float32(info.min - z), s * np.float32(info.max - z)
+    if act.op_type == "Relu":
+        return bool(lower >= 0)
+    lo, hi = (_const(graph, act.input[k]) if len(act.input) > k and act.input[k] else np.float32(b)
+              for k, b in ((1, -np.inf), (2, np.inf)))
+    if lo is None or hi is None:
+        return False
+    eps = np.finfo(np.float32).eps
+    return bool(np.float32(lo) - lower <= eps and upper - np.float32(hi) <= eps)
+
+
 def _float_reason(graph, node) -> str | None:
-    """Why onnxruntime will run the exported Conv/Gemm/MatMul ``node`` in float, or None when it
+    """Why onnxruntime runs the exported Conv/Gemm/MatMul ``node`` in float, or None when it
     matches the QDQ pattern its CPU optimizer turns into an integer kernel: DequantizeLinear on
-    input and weight, the bias as the node's input, and a QuantizeLinear (possibly behind a Relu,
-    which it removes) as the only consumer of the output."""
+    input and weight, the bias as the node's input, and a QuantizeLinear of the input's integer
+    type as the only consumer of the output, possibly behind one Relu/Clip that the
+    QuantizeLinear makes redundant (:func:`_made_redundant_by_q`; onnxruntime removes it).
+    The exporter asks onnxruntime which nodes it fuses (:func:`_runtime_integer_nodes`); this
+    function only explains the ones it did not."""
     prod = {o: n for n in graph.node for o in n.output}
     kinds = [prod[i].op_type if i in prod else "initializer" for i in node.input[:2]]
     if kinds[0] != "DequantizeLinear":
         return "input not quantized (float activations)"
     if len(kinds) > 1 and kinds[1] != "DequantizeLinear":
         return f"weight not quantized, or not directly DequantizeLinear (comes from {kinds[1]})"
-    consumers = [n for n in graph.node if node.output[0] in n.input]
-    while len(consumers) == 1 and consumers[0].op_type == "Relu":
-        consumers = [n for n in graph.node if consumers[0].output[0] in n.input]
+    chain, consumers = _activation_chain(graph, node)
     if not consumers:
         return "output is a model output (float logits)"
     if [c.op_type for c in consumers] != ["QuantizeLinear"]:
         if node.op_type in ("Conv", "Gemm") and len(node.input) < 3 and {c.op_type for c in consumers} == {"Add"}:
             return "bias is a separate float Add (export with fuse_bias)"
         return f"output not quantized (feeds {', '.join(sorted({c.op_type for c in consumers}))} in float)"
+    kept = [a.op_type for a in chain if not _made_redundant_by_q(graph, a, consumers[0])]
+    if kept:
+        return (f"{'/'.join(kept)} before QuantizeLinear cuts the quantizer's range (e.g. ReLU6 in front of a grid "
+                "reaching past 6), so onnxruntime keeps it")
+    zps = [_const(graph, n.input[2]) if len(n.input) > 2 else None for n in (prod[node.input[0]], consumers[0])]
+    if all(z is not None for z in zps) and zps[0].dtype != zps[1].dtype:
+        return f"input {zps[0].dtype} and output {zps[1].dtype} activations (integer kernels take one type for both)"
     return None
 
 
+def _runtime_requantizes_float_weight(graph, node) -> bool:
+    """Whether onnxruntime's WeightBiasQuantization would re-quantize a float weight of ``node``.
+
+    It gives a Conv/Gemm whose input is a per-tensor DequantizeLinear and whose output reaches a
+    QuantizeLinear through Relu/Clip nodes only a weight quantized *per tensor* to int8 (and an
+    int32 bias), whether or not an integer kernel results. For dfquant's per-channel grids that
+    puts every channel on the largest channel's grid and erases small channels (BN-folded
+    depthwise convolutions of MobileNetV2 lost all their signal), so such a node must keep
+    dfquant's DequantizeLinear weight even when it runs in float.
+    """
+    prod = {o: n for n in graph.node for o in n.output}
+    first = prod.get(node.input[0])
+    if node.op_type not in ("Conv", "Gemm") or first is None or first.op_type != "DequantizeLinear":
+        return False
+    _, consumers = _activation_chain(graph, node)
+    return [c.op_type for c in consumers] == ["QuantizeLinear"]
+
+
+def _runtime_integer_nodes(model) -> set[str]:
+    """Names of the Conv/Gemm/MatMul nodes of ``model`` that onnxruntime (CPU, this machine) turns
+    into integer kernels. Its QDQ fusions keep the target node's name up to the extended
+    optimization level (the layout passes of the full level rename nodes)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise DfqError(f"onnxruntime {ort.__version__} cannot load the exported graph ({first}); export with "
+                           f"--opset {DEFAULT_OPSET} or check the runtime version") from None
+        optimized = onnx.load(opts.optimized_model_filepath)
+    return {n.name for n in optimized.graph.node if n.op_type in INTEGER_KERNELS}
+
+
 def _float_kernel_weights(model) -> dict[str, str]:
-    """Give every Conv/Gemm/MatMul that the runtime will run in float (:func:`_float_reason`) its
-    weight dequantized by ``Cast -> (Sub) -> Mul`` instead of DequantizeLinear; returns node name ->
-    reason.
+    """Give every Conv/Gemm/MatMul that the runtime will run in float (:func:`_runtime_integer_nodes`)
+    its weight dequantized by ``Cast -> (Sub) -> Mul`` instead of DequantizeLinear; returns node
+    name -> reason (:func:`_float_reason`).
 
     onnxruntime keeps a DequantizeLinear of a constant as it is (for its QDQ fusions), so a float
     Conv behind one re-dequantizes its weight on every run and cannot pre-pack it or use its
@@ -783,19 +877,33 @@ def _float_kernel_weights(model) -> dict[str, str]:
     graph = model.graph
     prod = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
+    integer = _runtime_integer_nodes(model)
     swap: dict[str, list] = {}
     reasons: dict[str, str] = {}
     for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or (node.name and node.name in integer):
             continue
-        why = _float_reason(graph, node)
-        if why is None:
-            continue
+        why = _float_reason(graph, node) or "onnxruntime does not fuse it into an integer kernel"
         reasons[node.name] = why
         if why.startswith("bias"):
             # onnxruntime folds a constant bias Add into a Conv with a constant weight, which would
             # complete the QDQ pattern around a float weight; it then re-quantizes that weight on
             # a grid of its own choosing. Kept behind DequantizeLinear, the weight stays dfquant's.
+            continue
+        if _runtime_requantizes_float_weight(graph, node):
+            # a float weight here would be re-quantized per tensor, and a bias input rounded to
+            # int32 (step s_x s_w: coarser than the next activation grid for depthwise convs with
+            # large folded weights) although the node runs in float: the weight stays behind
+            # DequantizeLinear and the bias becomes a separate float Add, which is exact
+            if len(node.input) > 2 and node.input[2]:
+                bias = numpy_helper.to_array(inits[node.input[2]])
+                spatial = next((len(a.ints) for a in node.attribute if a.name == "kernel_shape"), 2)
+                shape = [-1] + [1] * spatial if node.op_type == "Conv" else [-1]
+                name, out = node.input[2] + "_separate", node.output[0]
+                graph.initializer.append(numpy_helper.from_array(bias.reshape(shape), name))
+                del node.input[2]
+                node.output[0] = out + "_without_bias"
+                swap[node.name or out] = [node, helper.make_node("Add", [node.output[0], name], [out])]
             continue
         dq = prod.get(node.input[1]) if len(node.input) > 1 else None
         weight = inits.get(dq.input[0]) or inits.get(dq.input[0].replace("_from_int4", "_int4")) if dq else None
@@ -814,7 +922,7 @@ def _float_kernel_weights(model) -> dict[str, str]:
         swap[dq.name or out] = nodes
     kept = []
     for n in graph.node:
-        kept += swap.get(n.name or n.output[0], [n]) if n.op_type == "DequantizeLinear" else [n]
+        kept += swap.get(n.name or n.output[0], [n]) if n.op_type in ("DequantizeLinear", "Conv", "Gemm") else [n]
     del graph.node[:]
     graph.node.extend(kept)
     return reasons
