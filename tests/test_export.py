@@ -439,6 +439,17 @@ def test_vit_export_runs_in_default_onnxruntime(data, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear", "Log", "Pow", "Where"} <= set(ops)
     report = E.verify_onnx(qmodel, path, data[1][:64], data[2][:64])
     assert report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE and report["argmax_agreement"] >= 99.0, report
+    # the integer-kernel form: every linear layer and the q.k^T product run as integer MatMuls; the
+    # attention-times-value MatMuls stay float (log-sqrt2 softmax grid), as do the patch embedding
+    # (its output is not quantized) and the head (float logits)
+    summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True)
+    rt = E.runtime_graph(path)
+    depth = len(qmodel.blocks)
+    assert rt["ops"].get("MatMulIntegerToFloat", 0) + rt["ops"].get("QLinearMatMul", 0) == 5 * depth, rt["ops"]
+    assert rt["integer"] == 5 * depth and rt["float"] == depth + 2, rt
+    assert sum("log-sqrt2" in why for why in summary["float_kernels"].values()) == depth
+    report = E.verify_onnx(qmodel, path, data[1][:64], data[2][:64])
+    assert report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE and report["argmax_agreement"] >= 98.0, report
 
 
 def test_verification_error_names_the_fix():

@@ -735,15 +735,18 @@ def _fold_activation_clips(model) -> int:
 
 def _float_activation_points(graph) -> list[str]:
     """Float tensors that keep a Conv/Gemm or a residual Add off integer kernels: the input of a
-    Conv/Gemm that is not dequantized, the output of a Conv/Gemm (after its Relu/Clip) and of an
-    Add of two computed tensors that is not quantized next. Model outputs stay float."""
+    Conv/Gemm that is not dequantized, the output of a Conv/Gemm (after its Relu/Clip) and of a
+    residual Add with a convolution branch that is not quantized next. Model outputs stay float."""
     inits = {t.name for t in graph.initializer}
     prod = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     points: dict[str, None] = {}
     for node in graph.node:
         kernel = node.op_type in ("Conv", "Gemm")
-        residual = node.op_type == "Add" and not any(i in inits for i in node.input)
+        # a residual sum with a convolution branch (ResNet, MobileNetV2); a ViT's residual stream
+        # feeds LayerNorm, where quantizing it would buy no integer kernel
+        residual = (node.op_type == "Add" and not any(i in inits for i in node.input)
+                    and any(i in prod and prod[i].op_type in ("Conv", "Gemm") for i in node.input))
         if not (kernel or residual):
             continue
         if kernel and (node.input[0] not in prod or prod[node.input[0]].op_type != "DequantizeLinear"):
@@ -1048,6 +1051,8 @@ def _float_reason(graph, node) -> str | None:
     function only explains the ones it did not."""
     prod = {o: n for n in graph.node for o in n.output}
     kinds = [prod[i].op_type if i in prod else "initializer" for i in node.input[:2]]
+    if kinds[0] == "Where":
+        return "input on RepQ-ViT's log-sqrt2 softmax grid (not uniform: no QDQ form, no integer MatMul)"
     if kinds[0] != "DequantizeLinear":
         return "input not quantized (float activations)"
     if len(kinds) > 1 and kinds[1] != "DequantizeLinear":
