@@ -157,7 +157,8 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
         "folded, biases fused (the form onnxruntime turns into QLinearConv), ReLU/ReLU6 folded into the "
         "integer clip after QuantizeLinear and activation grids written in uint8 (both exact), weights of "
         "<= 4 bits packed as INT4/UINT4 on disk. Two forms per bit-width:", "",
-        "* **W8A8, W4A4** — the simulated model (`dfq export --fuse-bias`). What stays float stays float.",
+        "* **W8A8, W4A4** — the simulated model in integer-kernel form (`dfq export --fuse-bias`): what the "
+        "simulation keeps in float stays float; exact except that integer kernels round biases to int32 (below).",
         "* **W8A8 int, W4A4 int** — an **approximation** of it (`dfq export --integer-residual --int8-weights`): "
         "8-bit QuantizeLinear/DequantizeLinear added on every activation the simulation keeps in float around a "
         "convolution (residual branch outputs and residual sums, the image input of the first Conv, outputs "
@@ -205,11 +206,14 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
               "both ends of 0..255 and never fit int8 with zero point 0, so exact W8 exports run u8u8 kernels with "
               "per-channel zero points (the slow path); grids of at most 6 bits are written exactly as int8 with "
               "zero point 0 (u8s8). `--int8-weights` re-rounds the 8-bit grids onto symmetric int8.",
-              "* Integer kernels round each bias to int32 on the step s_x·s_w, which the simulation does not model. "
-              "For depthwise convolutions with large BN-folded weights at 4-bit activations that step is "
-              "comparable to the next activation grid's step, so even the exact-form W4A4 MobileNetV2 rows move "
-              "away from the simulation once their Convs run as integer kernels (before the ReLU6 fold they ran in "
-              "float).",
+              "* Integer kernels (QLinearConv) round each bias to int32 on the step s_x·s_w, which the simulation "
+              "does not model: a constant shift of up to half that step per output channel. For MobileNetV2's "
+              "depthwise convolutions with large BN-folded weights at 4-bit activations the step is comparable to "
+              "the next activation grid's step, so the shift moves many outputs by a grid step in every block and "
+              "the W4A4 MobileNetV2 rows lose most of their top-1 once their Convs run as integer kernels (with "
+              "the ReLU6 folded; onnxruntime runs them in float otherwise, and the export is then exact). W8A8 and "
+              "the ResNets are barely affected. Not done: keeping a Conv float where its bias rounding exceeds a "
+              "fraction of the output step, or modelling int32 bias rounding in the simulation.",
               "* ViT: every linear layer and q·kᵀ run as MatMulIntegerToFloat; the attention-times-value MatMuls "
               "stay float because RepQ-ViT's log-sqrt2 softmax grid is not uniform (no QDQ form), the patch "
               "embedding because its output is not quantized, the head because it gives float logits.",

@@ -824,7 +824,9 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     The fused form also writes every activation grid in uint8 (int8 grids shifted by 128) and
     folds a Relu/ReLU6 in front of a QuantizeLinear into the integer clip after it (both exact,
     see :func:`_uint8_activations`, :func:`_fold_activation_clips`), so that a Conv between a
-    signed and an unsigned grid, or behind a ReLU6, can run as QLinearConv.
+    signed and an unsigned grid, or behind a ReLU6, can run as QLinearConv. Integer kernels round
+    biases to int32 on the step ``s_x * s_w``; for 4-bit depthwise convolutions with large folded
+    weights that step is comparable to the output grid's and moves top-1 (benchmarks/results/deploy.md).
 
     ``integer_residual=True`` (implies ``fuse_bias``) goes further than the simulated model: it
     adds 8-bit QuantizeLinear/DequantizeLinear on the activations dfquant keeps in float around
