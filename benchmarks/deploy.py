@@ -1,7 +1,13 @@
 """Deployment benchmark: what a dfquant ONNX export buys in onnxruntime on this machine's CPU.
 
-For each model: FP32, W8A8 and W4A4 exports (the integer-kernel form: BatchNorm folded,
-biases fused so onnxruntime can run QLinearConv), and per export
+For each model: FP32, W8A8 and W4A4 exports in two forms, and per export
+* exact (``W8A8``, ``W4A4``): the integer-kernel form of the simulated model (BatchNorm folded,
+  biases fused so onnxruntime can run QLinearConv, ReLU/ReLU6 folded into the integer clip,
+  activation grids in uint8),
+* approximate (``W8A8 int``, ``W4A4 int``): the same plus ``integer_residual`` (8-bit quantizers on
+  the residual branches and sums, the image input and pooled outputs that the simulation keeps in
+  float; scales from max |x| over the calibration images) and ``int8_weights`` (8-bit asymmetric
+  weight grids re-rounded to symmetric int8), so that every Conv can run as an integer kernel,
 * the file size and its ratio to FP32,
 * onnxruntime latency at batch 1 and 32: median of ``--runs`` runs, FP32 and both quantized
   models interleaved in one process, the ratio to FP32 taken from the same run,
@@ -11,9 +17,10 @@ biases fused so onnxruntime can run QLinearConv), and per export
   ``--n`` Fashion-MNIST test images.
 
 Quantization is range initialization only, no reconstruction: algorithm ``minmax`` (the Lp
-search of ``mse`` costs CPU-minutes per model on a shared 2-core machine) on 64 real split-A
-images for the zoo models and 16 random images for the torchvision models (random weights,
-224 px): the point is
+search of ``mse`` costs CPU-minutes per model on a shared 2-core machine; the ViT uses RepQ-ViT,
+``repq-vit`` without reconstruction) on 64 real split-A images for the zoo models and 16 random
+images for the torchvision models (random weights, 224 px); the same images calibrate the
+approximate form's added quantizers: the point is
 speed, size and deployed-vs-simulated agreement, not accuracy. Rows go to <out>.csv as they are
 measured; <out>.md and <out>.png are written from the CSV (``--report-only`` rewrites them).
 """
@@ -40,6 +47,7 @@ from dfquant.quant import export as E
 MODELS = ["torchvision/resnet50", "fmnist/resnet20", "torchvision/resnet18", "torchvision/mobilenet_v2",
           "fmnist/mobilenetv2", "fmnist/vit"]
 SETTINGS = {"W8A8": (8, 8), "W4A4": (4, 4)}
+APPROX = " int"  # suffix of the approximate (integer-residual, int8-weight) rows
 FIELDS = ["model", "setting", "bytes", "size_ratio", "b1_ms", "b1_ratio", "b32_ms", "b32_ratio", "integer_kernels",
           "float_kernels", "float_reasons", "top1_sim", "top1_deployed", "argmax_agreement", "mean_rel_diff"]
 
@@ -73,13 +81,12 @@ def load(name: str):
 def quantized(spec, calib: torch.Tensor, wbits: int, abits: int):
     from dfquant.quant.api import quantize
 
-    vit = None
     if spec.is_vit:
-        from dfquant.quant.vit import default_vit_options
+        from dfquant.quant.api import repq_vit
 
-        vit = default_vit_options(spec.model)
+        return repq_vit(copy.deepcopy(spec.model), calib, wbits, abits, iters=0, progress=False)[0]
     qmodel, _ = quantize(copy.deepcopy(spec.model), calib, "minmax", wbits, abits, iters=1, batch_size=len(calib),
-                         progress=False, vit=vit)
+                         progress=False)
     return qmodel
 
 
@@ -94,9 +101,12 @@ def measure(name: str, runs: int, n: int, tmp: Path) -> list[dict]:
     E.export_onnx(spec.model, spec.input_size, paths["FP32"])
     qmodels = {}
     for setting, (w, a) in SETTINGS.items():
-        qmodels[setting] = quantized(spec, calib, w, a)
+        qmodels[setting] = qmodels[setting + APPROX] = quantized(spec, calib, w, a)
         paths[setting] = tmp / f"{setting}.onnx"
         E.export_onnx(qmodels[setting], spec.input_size, paths[setting], fuse_bias=True)
+        paths[setting + APPROX] = tmp / f"{setting}_int.onnx"
+        E.export_onnx(qmodels[setting], spec.input_size, paths[setting + APPROX], integer_residual=True, calib=calib,
+                      int8_weights=True)
         log(f"{name}: {setting} quantized and exported")
     lat = E.measure_latency(paths, spec.input_size, (1, 32), runs)
     log(f"{name}: timed")
@@ -114,7 +124,7 @@ def measure(name: str, runs: int, n: int, tmp: Path) -> list[dict]:
             from dfquant.evaluate import test_tensors
 
             x, y = test_tensors(spec, n)
-            v = E.verify_onnx(qmodels[setting], path, x, y)
+            v = E.verify_onnx(qmodels[setting], path, x, y, approximate=setting.endswith(APPROX))
             row.update(top1_sim=v["top1_torch"], top1_deployed=v["top1_onnx"], argmax_agreement=v["argmax_agreement"],
                        mean_rel_diff=v["mean_rel_diff"])
         rows.append(row)
@@ -140,12 +150,23 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
         "so absolute latencies are noisy; the FP32 and quantized models ran interleaved in one process and "
         f"each ratio is FP32 median / quantized median over the same {runs} rounds, which cancels most of "
         "the shared load.", "",
-        "Quantization: range initialization only, no reconstruction (`minmax`, chosen over `mse` for CPU time), "
-        "on 64 real split-A images for the zoo models and 16 random images for the torchvision models (random "
-        "weights, 224 px); W4A4 top-1 of range-init-only models is low, the point is deployed vs simulated. Exports: opset 21, "
-        "BatchNorm folded, biases fused (`fuse_bias=True`, the form onnxruntime turns into QLinearConv), "
-        "weights of <= 4 bits packed as INT4/UINT4 on disk. Top-1 on "
-        f"{n} Fashion-MNIST test images (zoo models only).", "",
+        "Quantization: range initialization only, no reconstruction (`minmax`, chosen over `mse` for CPU time; "
+        "the ViT with RepQ-ViT, `repq-vit` without reconstruction), on 64 real split-A images for the zoo "
+        "models and 16 random images for the torchvision models (random weights, 224 px); W4A4 top-1 of "
+        "range-init-only models is low, the point is deployed vs simulated. All exports: opset 21, BatchNorm "
+        "folded, biases fused (the form onnxruntime turns into QLinearConv), ReLU/ReLU6 folded into the "
+        "integer clip after QuantizeLinear and activation grids written in uint8 (both exact), weights of "
+        "<= 4 bits packed as INT4/UINT4 on disk. Two forms per bit-width:", "",
+        "* **W8A8, W4A4** — the simulated model in integer-kernel form (`dfq export --fuse-bias`): what the "
+        "simulation keeps in float stays float; exact except that integer kernels round biases to int32 (below).",
+        "* **W8A8 int, W4A4 int** — an **approximation** of it (`dfq export --integer-residual --int8-weights`): "
+        "8-bit QuantizeLinear/DequantizeLinear added on every activation the simulation keeps in float around a "
+        "convolution (residual branch outputs and residual sums, the image input of the first Conv, outputs "
+        "that feed pooling), scales max |x| over the same calibration images (uint8, zero point 128 for signed "
+        "tensors), and 8-bit asymmetric weight grids re-rounded onto symmetric int8 (scale max|w|/127 per "
+        "channel), so that every Conv runs as an integer kernel with u8s8 arithmetic.", "",
+        f"Top-1 on {n} Fashion-MNIST test images (zoo models only): simulated (fake-quantized PyTorch) → "
+        "deployed (onnxruntime), and the share of images whose predicted class agrees.", "",
         "| model | setting | size | size ratio | b1 ms | b1 speed-up | b32 ms | b32 speed-up | int / float kernels "
         "| top-1 sim → deployed | argmax agree | float kernels: why |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -157,34 +178,53 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
                      f"| {f(r['argmax_agreement'], '.1f')} | {r['float_reasons'] if r['setting'] != 'FP32' else ''} |")
     done = sorted({r["model"] for r in rows})
     missing = [m for m in MODELS if m not in done]
+    r50 = {r["setting"]: float(r["b32_ratio"]) for r in rows if r["model"] == "torchvision/resnet50"}
+    goal = []
+    for setting in ("W8A8", "W4A4"):
+        exact, approx = r50.get(setting), r50.get(setting + APPROX)
+        if exact is None:
+            continue
+        as_sim = "reached" if exact >= 2.0 else "**not reached**"
+        by_approx = "reached" if (approx or 0) >= 2.0 else "**not reached**"
+        goal.append(f"{setting}: {exact:.2f}x as simulated (2x {as_sim}), {approx:.2f}x in the approximate "
+                    f"integer form (2x {by_approx}, at the cost of not computing the simulated model)")
     lines += ["", "## Reading the table", "",
               "* *int / float kernels* counts Conv/Gemm/MatMul nodes in the graph onnxruntime runs (its optimized "
-              "graph, saved with `SessionOptions.optimized_model_filepath`): QLinearConv/QGemm/MatMulInteger... vs "
-              "float Conv (incl. its NCHWc form)/Gemm/MatMul. The last column says why each float one stayed float, "
-              "as the exporter recorded it.",
-              "* A Conv becomes QLinearConv only when its output goes into a QuantizeLinear. dfquant's simulation "
-              "(Genie/BRECQ/QDrop conventions) keeps the residual sum in float, so the last Conv of every residual "
-              "block and its downsample Conv feed a float Add and have no integer kernel in onnxruntime; so do the "
-              "first Conv (float image input, Genie) and the classifier (float logits). Quantizing those outputs "
-              "would change the model that was calibrated and evaluated. In MobileNetV2 a ReLU6 (Clip 0..6) sits "
-              "between most Convs and their QuantizeLinear; onnxruntime drops it only when the quantizer's range "
-              "lies inside 0..6, otherwise the Conv stays float (folding ReLU6 into the activation grid is not done).",
-              "* The integer kernels themselves run in NHWC; between them and the float (NCHWc) convolutions "
-              "onnxruntime inserts layout changes, QuantizeLinear and DequantizeLinear on every activation. Where "
-              "many convolutions stay float, these conversions most likely cost more than the int8 arithmetic "
-              "saves (not profiled op by op here). W8A8 is slower than W4A4 because "
-              "8-bit asymmetric weight grids do not fit int8 with zero point 0 and run as uint8 with per-channel "
-              "zero points (u8u8 kernels); grids of at most 6 bits are written as int8 with zero point 0.",
-              "* The goal (W8A8/W4A4 ResNet-50 2x faster than FP32 at batch 32) is therefore **not reached**; "
-              "the W4 size goal (>= 6x smaller) is met where 4-bit layers dominate the weights (see size ratio).",
-              "* top-1 sim → deployed: the fused (integer-kernel) form rounds biases to int32 (step s_x·s_w) and "
-              "requantizes in integer arithmetic, which the simulation does not model; the unfused default export "
-              "of `dfq export` matches the simulation within float noise (tests/test_export.py)."]
-    broken = [f"{r['model']} {r['setting']}" for r in rows if r["argmax_agreement"] and float(r["argmax_agreement"]) < 90]
+              "graph, saved with `SessionOptions.optimized_model_filepath`): QLinearConv/QGemm/MatMulIntegerToFloat... "
+              "vs float Conv (incl. its NCHWc form)/Gemm/MatMul. The last column says why each float one stayed "
+              "float, as the exporter recorded it (it asks onnxruntime which nodes it fuses).",
+              "* Exact form: a Conv becomes QLinearConv only when its input is dequantized and its output goes into "
+              "a QuantizeLinear of the same integer type. dfquant's simulation (Genie/BRECQ/QDrop conventions) keeps "
+              "the residual sum in float, so the last Conv of every residual block and its downsample Conv feed a "
+              "float Add and stay float, and so do the first Conv (float image input) and the classifier (float "
+              "logits). Between float and integer kernels onnxruntime inserts layout changes, QuantizeLinear and "
+              "DequantizeLinear, which cost more than the int8 arithmetic saves where many convolutions stay float.",
+              "* Approximate form: only the classifier (float logits) stays float in the convolutional nets. Its "
+              "top-1 is not the simulated model's; the table shows by how much it moves. On these range-init-only "
+              "W4A4 models a small perturbation moves many argmaxes (quantizing only the image input to 8 bits "
+              "changes about a third of fmnist/mobilenetv2's W4A4 predictions) while top-1 moves less.",
+              "* 8-bit weights: the presets quantize weights with asymmetric per-channel grids, which at 8 bits use "
+              "both ends of 0..255 and never fit int8 with zero point 0, so exact W8 exports run u8u8 kernels with "
+              "per-channel zero points (the slow path); grids of at most 6 bits are written exactly as int8 with "
+              "zero point 0 (u8s8). `--int8-weights` re-rounds the 8-bit grids onto symmetric int8.",
+              "* Integer kernels (QLinearConv) round each bias to int32 on the step s_x·s_w, which the simulation "
+              "does not model: a constant shift of up to half that step per output channel. For MobileNetV2's "
+              "depthwise convolutions with large BN-folded weights at 4-bit activations the step is comparable to "
+              "the next activation grid's step, so the shift moves many outputs by a grid step in every block and "
+              "the W4A4 MobileNetV2 rows lose most of their top-1 once their Convs run as integer kernels (with "
+              "the ReLU6 folded; onnxruntime runs them in float otherwise, and the export is then exact). W8A8 and "
+              "the ResNets are barely affected. Not done: keeping a Conv float where its bias rounding exceeds a "
+              "fraction of the output step, or modelling int32 bias rounding in the simulation.",
+              "* ViT: every linear layer and q·kᵀ run as MatMulIntegerToFloat; the attention-times-value MatMuls "
+              "stay float because RepQ-ViT's log-sqrt2 softmax grid is not uniform (no QDQ form), the patch "
+              "embedding because its output is not quantized, the head because it gives float logits.",
+              f"* Goal (W8A8 and W4A4 ResNet-50 >= 2x faster than FP32 at batch 32): {'; '.join(goal) or 'not measured'}. "
+              "The W4 size goal (>= 6x smaller) is met where 4-bit layers dominate the weights (see size ratio)."]
+    broken = [f"{r['model']} {r['setting']}" for r in rows
+              if r["argmax_agreement"] and not r["setting"].endswith(APPROX) and float(r["argmax_agreement"]) < 90]
     if broken:
-        lines += ["", f"**Open bug:** the fused (integer-kernel) export of {', '.join(broken)} disagrees with the "
-                  "simulation (deployed top-1 near chance), while the unfused export of the same model matches it; "
-                  "the cause is not found yet, so those rows' latencies are of a graph that computes wrong outputs."]
+        lines += ["", f"**Check:** the exact-form export of {', '.join(broken)} agrees with the simulation on fewer "
+                  "than 90% of the images (int32 bias rounding of integer kernels, see above)."]
     if missing:
         lines += ["", f"Not measured in this run (time limit of the shared machine): {', '.join(missing)}."]
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
@@ -200,7 +240,8 @@ def report(csv_path: Path, out: Path, command: str, flags: str, runs: int, n: in
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(q)), 4.5))
     for ax, key, title in ((axes[0], "b32_ratio", "onnxruntime speed-up over FP32, batch 32"),
                            (axes[1], "size_ratio", "file size ratio FP32 / export")):
-        ax.bar(range(len(q)), [float(r[key]) for r in q], color=["C0" if r["setting"] == "W8A8" else "C1" for r in q])
+        colors = {"W8A8": "C0", "W4A4": "C1", "W8A8" + APPROX: "C2", "W4A4" + APPROX: "C3"}
+        ax.bar(range(len(q)), [float(r[key]) for r in q], color=[colors[r["setting"]] for r in q])
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(2.0 if key == "b32_ratio" else 6.0, color="r", lw=0.8, ls="--", label="goal")
         ax.set_xticks(range(len(q)), labels, rotation=90, fontsize=7)

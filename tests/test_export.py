@@ -415,6 +415,12 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
     res = runner.invoke(app, ["export", str(ckpt), "--format", "int-state", "--out", str(tmp_path / "w.safetensors")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "w.safetensors").exists() and (tmp_path / "export_report.json").exists()
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "int.onnx"), "--integer-residual",
+                              "--int8-weights", "--eval-limit", "64", "--speed-runs", "2"])
+    rep = json.loads((tmp_path / "export_report.json").read_text())
+    assert "approximate export" in res.output and rep["verify"]["approximate"], res.output
+    assert res.exit_code == (0 if rep["verify"]["passed"] else 2), res.output
+    assert rep["deployment"]["runtime_graph"]["float"] == 1 and rep["export"]["integer_residual"]["calibration_images"] == 64
     res = runner.invoke(app, ["export", str(ckpt), "--format", "tflite"])
     assert isinstance(res.exception, DfqError) and "onnx, int-state" in str(res.exception)
 
@@ -433,6 +439,17 @@ def test_vit_export_runs_in_default_onnxruntime(data, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear", "Log", "Pow", "Where"} <= set(ops)
     report = E.verify_onnx(qmodel, path, data[1][:64], data[2][:64])
     assert report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE and report["argmax_agreement"] >= 99.0, report
+    # the integer-kernel form: every linear layer and the q.k^T product run as integer MatMuls; the
+    # attention-times-value MatMuls stay float (log-sqrt2 softmax grid), as do the patch embedding
+    # (its output is not quantized) and the head (float logits)
+    summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True)
+    rt = E.runtime_graph(path)
+    depth = len(qmodel.blocks)
+    assert rt["ops"].get("MatMulIntegerToFloat", 0) + rt["ops"].get("QLinearMatMul", 0) == 5 * depth, rt["ops"]
+    assert rt["integer"] == 5 * depth and rt["float"] == depth + 2, rt
+    assert sum("log-sqrt2" in why for why in summary["float_kernels"].values()) == depth
+    report = E.verify_onnx(qmodel, path, data[1][:64], data[2][:64])
+    assert report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE and report["argmax_agreement"] >= 98.0, report
 
 
 def test_verification_error_names_the_fix():
@@ -443,3 +460,105 @@ def test_verification_error_names_the_fix():
     assert isinstance(err, DfqError) and "--eval-limit 1000" in str(err) and "0.006" in str(err) and "\n" not in str(err)
     report["verify"]["passed"] = True
     assert E.verification_error(report) is None
+
+
+def _mobilenet(data) -> nn.Module:
+    """A tiny random-weight torchvision MobileNetV2 (depthwise convs, ReLU6, inverted residuals) whose
+    BatchNorm scales span three decades, as trained depthwise layers' do, with running statistics
+    measured on real images."""
+    from torchvision.models.mobilenetv2 import MobileNetV2
+
+    torch.manual_seed(0)
+    model = MobileNetV2(num_classes=10, inverted_residual_setting=[[1, 8, 1, 1], [6, 16, 2, 2], [6, 16, 1, 1]])
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = 10 ** torch.empty_like(m.weight).uniform_(-3.0, 0.0)
+            m.bias.data.uniform_(-0.2, 0.2)
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(data[0])
+    return model.eval()
+
+
+def test_fused_mobilenet_export_agrees_with_simulation(data, tmp_path):
+    """Regression (fmnist/mobilenetv2 deployed at chance): with fused biases, a Conv that onnxruntime
+    runs in float although its input is dequantized and its output reaches a QuantizeLinear must keep
+    dfquant's per-channel DequantizeLinear weight and a float bias. Handed a float weight,
+    onnxruntime's WeightBiasQuantization re-quantizes it per tensor to int8 (small depthwise
+    channels vanish); handed a bias input, it rounds it to int32 for a kernel that stays float."""
+    from dfquant.quant.api import quantize
+
+    qmodel, _ = quantize(_mobilenet(data), data[0][:32], "minmax", 8, 8, iters=1, batch_size=32, progress=False)
+    path = tmp_path / "mbv2.onnx"
+    summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True)
+    rt = E.runtime_graph(path)
+    assert rt["float"] == len(summary["float_kernels"]) and rt["integer"] + rt["float"] == 14, (rt, summary)
+    report = E.verify_onnx(qmodel, path, data[1][:128], data[2][:128])
+    assert report["argmax_agreement"] >= 97.0 and report["mean_rel_diff"] <= E.LOGIT_MEAN_TOLERANCE, report
+
+
+def _ort_outputs(path, x: torch.Tensor, optimize: bool) -> torch.Tensor:
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+
+
+def test_fused_form_folds_relu6_and_writes_uint8_grids_exactly(data, tmp_path):
+    """W4A4 MobileNetV2: the ReLU6 Clips in front of 4-bit grids (which reach past 6 in their uint8
+    container) fold into the integer clip after QuantizeLinear and every int8 activation grid is
+    rewritten in uint8 (zero point + 128): as written (optimizations off) the graph still computes
+    the simulation exactly, and onnxruntime runs every Conv with a quantized input and output as
+    QLinearConv: all but the stem (float image), the classifier, and the convs feeding the float
+    residual Adds and pooling."""
+    from dfquant.quant.api import quantize
+
+    qmodel, _ = quantize(_mobilenet(data), data[0][:32], "minmax", 4, 4, iters=1, batch_size=32, progress=False)
+    path = tmp_path / "mbv2.onnx"
+    summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True)
+    graph = onnx.load(str(path)).graph
+    prod = {o: n for n in graph.node for o in n.output}
+    assert summary["folded_activation_clips"] >= 8
+    assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and prod.get(n.input[0]) is not None
+                and prod[n.input[0]].op_type in ("Clip", "Relu")]
+    zps = {t.name: t.data_type for t in graph.initializer}
+    assert {zps[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"} == {onnx.TensorProto.UINT8}
+    x = data[1][:64]
+    with torch.no_grad():
+        ref = qmodel(x)
+    assert (_ort_outputs(path, x, optimize=False) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    rt = E.runtime_graph(path)
+    assert rt["integer"] == 9 and rt["float"] == 5, rt
+    assert sorted(rt["float_nodes"].values()) == ["input not quantized (float activations)",
+                                                  "output is a model output (float logits)",
+                                                  "output not quantized (feeds Add in float)",
+                                                  "output not quantized (feeds Add in float)",
+                                                  "output not quantized (feeds GlobalAveragePool in float)"]
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenet"])
+def test_integer_residual_runs_every_conv_as_integer_kernel(fp_model, data, tmp_path, arch):
+    """--integer-residual (approximate): 8-bit quantizers on the residual branches and sums, the image
+    input and pooled outputs, calibrated on images, leave no float Conv in onnxruntime's optimized
+    graph; only the classifier (float logits) stays float. --int8-weights writes the 8-bit
+    asymmetric weight grids as symmetric int8 (no zero points). The deployed top-1 is reported
+    next to the simulated one, not asserted equal."""
+    from dfquant.quant.api import quantize
+
+    model = copy.deepcopy(fp_model) if arch == "resnet20" else _mobilenet(data)
+    qmodel, _ = quantize(model, data[0][:32], "minmax", 8, 8, iters=1, batch_size=32, progress=False)
+    path = tmp_path / "int.onnx"
+    with pytest.raises(DfqError, match="calibration images"):
+        E.export_onnx(qmodel, INPUT, path, integer_residual=True)
+    assert not path.exists()
+    summary = E.export_onnx(qmodel, INPUT, path, integer_residual=True, calib=data[0][32:], int8_weights=True)
+    assert summary["fused_bias"] and summary["integer_residual"]["points"] >= 3
+    assert summary["reround_weights"] and not any("zero points" in w for w in summary["weights"].values())
+    rt = E.runtime_graph(path)
+    assert not any(op in rt["ops"] for op in ("Conv", "FusedConv")), rt
+    assert rt["float"] == 1 and list(rt["float_nodes"].values()) == ["output is a model output (float logits)"], rt
+    report = E.verify_onnx(qmodel, path, data[1][:128], data[2][:128], approximate=True)
+    assert report["approximate"] and report["argmax_agreement"] >= 80.0, report
+    assert E.verification_passed(report) == (report["top1_diff_points"] <= E.APPROX_TOP1_TOLERANCE_POINTS)

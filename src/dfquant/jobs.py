@@ -82,14 +82,20 @@ def _verify_images(spec, n: int, val: str | Path | None) -> tuple[torch.Tensor, 
 
 def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True,
                n: int = 1000, opset: int | None = None, val: str | Path | None = None,
-               fuse_bias: bool = False, raise_on_failure: bool = True, speed_runs: int = 10) -> dict[str, Any]:
+               fuse_bias: bool = False, raise_on_failure: bool = True, speed_runs: int = 10,
+               integer_residual: bool = False, int8_weights: bool = False) -> dict[str, Any]:
     """``dfq export``: load a quantized checkpoint, write ``fmt`` to ``out`` (default inside the
     checkpoint folder), verify an ONNX export with onnxruntime on ``n`` test images, and
     write ``export_report.json`` next to the output. An ONNX export is also timed against the
     same architecture in float32 (``speed_runs`` interleaved runs at batch 1 and 32; 0 skips it):
     ``report["deployment"]`` is :func:`~dfquant.quant.export.deployment_gain`. Raises
     :class:`DfqError` (after writing the report) when the verification fails, unless
-    ``raise_on_failure`` is false (then see :func:`verification_error`)."""
+    ``raise_on_failure`` is false (then see :func:`verification_error`).
+
+    ``integer_residual`` / ``int8_weights``: the approximate integer forms of
+    :func:`~dfquant.quant.export.export_onnx`; the scales of the added activation quantizers come
+    from max |x| over the 64 test images after the ``n`` verification images (with ``val``: 64
+    images spread over the folder, which may overlap them)."""
     from dfquant.io import read_json, versions, write_json
     from dfquant.models.source import load_quantized_spec
     from dfquant.quant.export import (DEFAULT_OPSET, FORMATS, LOGIT_MEAN_TOLERANCE, TOP1_TOLERANCE_POINTS,
@@ -115,10 +121,12 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
     if fmt == "int-state":
         report["export"] = export_int_state(qmodel, out, metadata=meta)
     else:
-        report["export"] = export_onnx(qmodel, spec.input_size, out, opset, metadata=meta, fuse_bias=fuse_bias)
+        calib = _verify_images(spec, n + 64, val)[0][-64:] if integer_residual else None
+        report["export"] = export_onnx(qmodel, spec.input_size, out, opset, metadata=meta, fuse_bias=fuse_bias,
+                                       integer_residual=integer_residual, calib=calib, int8_weights=int8_weights)
         if verify:
             images, labels = _verify_images(spec, n, val)
-            report["verify"] = verify_onnx(qmodel, out, images, labels)
+            report["verify"] = verify_onnx(qmodel, out, images, labels, approximate=integer_residual or int8_weights)
             report["tolerance"] = {"top1_diff_points": TOP1_TOLERANCE_POINTS, "mean_rel_diff": LOGIT_MEAN_TOLERANCE}
         if speed_runs > 0:
             report["deployment"] = deployment_gain(spec.model, out, spec.input_size, (1, 32), speed_runs)
