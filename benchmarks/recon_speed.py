@@ -102,6 +102,9 @@ def main() -> None:
     ap.add_argument("--complete-iters", type=int, default=200, help="iterations per unit of the complete run "
                     "(also timed at a quarter of it, to project 2000)")
     ap.add_argument("--out", default="benchmarks/results/recon_speed")
+    ap.add_argument("--keep", nargs="*", default=[], metavar="FILE",
+                    help="earlier rows to keep in the table (JSON lines, one row per line, e.g. a previous run's log "
+                         "lines); rows of the units measured now replace them")
     ap.add_argument("--worker", nargs=4, metavar=("MODEL", "UNIT", "ITERS", "WARMUP"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -138,6 +141,10 @@ def main() -> None:
                     print(rows[-1], flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
+    measured = {(r["unit"], r["threads"]) for r in rows}
+    kept = [json.loads(line.replace("'", '"')) for f in args.keep for line in Path(f).read_text().splitlines()
+            if line.startswith("{")]
+    rows = [r for r in kept if (r["unit"], r["threads"]) not in measured] + rows
     _write(out, rows, command, args)
 
 
