@@ -161,7 +161,7 @@ def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out:
     spec = resolve_model(model_name)
     if spec.is_vit:
         raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with `dfq quantize --algo repq-vit`")
-    calib = load_calibration(calib_source, spec, n, seed, augment, augment_alpha) if calib is None else calib
+    calib = load_calibration(calib_source, spec, n, seed) if calib is None else calib
     if len(calib) < batch_size:
         raise DfqError(f"calibration source {calib_source} gave {len(calib)} images, fewer than the batch size {batch_size}")
     if fp_top1 is None:
