@@ -29,7 +29,6 @@ SOURCES = {
     "single-compose": dict(strategy="single", generator="mini-compose"),
     "mixup-compose": dict(strategy="mixup", generator="mini-compose"),
 }
-AUGMENT_FIELDS = ("augment", "augment_alpha")
 
 
 def base_source(source: str) -> str:
@@ -38,8 +37,9 @@ def base_source(source: str) -> str:
 
 
 def augmentation(source: str) -> dict:
-    """The ``load_calibration`` augmentation arguments of benchmark ``source`` (empty for none)."""
-    return {k: v for k, v in SOURCES[source].items() if k in AUGMENT_FIELDS}
+    """The :func:`dfquant.data.augment.augment` arguments of benchmark ``source`` (empty for none)."""
+    fields = SOURCES[source]
+    return {"method": fields["augment"], "alpha": fields.get("augment_alpha", 1.0)} if "augment" in fields else {}
 
 
 def calib_run_dir(spec, source: str, seed: int) -> str:

@@ -85,12 +85,14 @@ def main() -> None:
                     fp_top1s[model] = evaluate(spec, limit=args.eval_limit)
                 fp_top1 = fp_top1s[model]
                 src = cached_source(spec, source, seed, args.n, args.distill_iters)
-                calib = load_calibration(src, spec, args.n, seed, **augmentation(source))
-                sheet = out.parent / f"{out.name}_{source.replace('+', '_')}.png"
-                if augmentation(source) and not sheet.exists():
-                    from dfquant.data.augment import save_grid
+                calib = load_calibration(src, spec, args.n, seed)
+                if augmentation(source):
+                    from dfquant.data.augment import augment, save_grid
 
-                    save_grid(load_calibration(src, spec, args.n, seed), calib, sheet, spec.mean, spec.std)
+                    plain, calib = calib, augment(calib, seed=seed, **augmentation(source))
+                    sheet = out.parent / f"{out.name}_{source.replace('+', '_')}.png"
+                    if not sheet.exists():
+                        save_grid(plain, calib, sheet, spec.mean, spec.std)
                 for algo, bits in pending:
                     wbits, abits = parse_bits(bits)
                     algo = _algo(algo, spec)

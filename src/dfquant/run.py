@@ -136,12 +136,13 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     r.log(f"run {r.dir}: {cfg.model} source={cfg.source} strategy={cfg.strategy} algo={algo} bits={cfg.bits}")
 
     calib_key, calib_src = _calibration_stage(r, spec, progress)
-    calib = load_calibration(calib_src, spec, cfg.n, cfg.seed, cfg.augment, cfg.augment_alpha)
+    calib = load_calibration(calib_src, spec, cfg.n, cfg.seed)
     if cfg.augment != "none":
-        from dfquant.data.augment import save_grid
+        from dfquant.data.augment import augment, save_grid
 
         calib_key = _key(calib_key, cfg.augment, cfg.augment_alpha)
-        save_grid(load_calibration(calib_src, spec, cfg.n, cfg.seed), calib, r.dir / "augment_grid.png", spec.mean, spec.std)
+        plain, calib = calib, augment(calib, cfg.augment, cfg.augment_alpha, cfg.seed)
+        save_grid(plain, calib, r.dir / "augment_grid.png", spec.mean, spec.std)
         r.log(f"augment: pixel-level {cfg.augment} (alpha {cfg.augment_alpha:g}) of the calibration set; "
               f"sample grid {r.dir / 'augment_grid.png'}")
 
