@@ -104,6 +104,11 @@ def class_similarity(class_names: Sequence[str], tokenizer, text_encoder) -> np.
     return (emb @ emb.T).numpy()
 
 
+def mixup_prompt(class_names: Sequence[str]) -> str:
+    """The mixup-class wording: "a photo of a kite and a vulture" (any number of classes)."""
+    return "a photo of " + " and ".join(f"a {c}" for c in class_names)
+
+
 def make_manifest(class_names: Sequence[str], n: int, strategy: str = "mixup", k: int = 2, pairing: str = "random",
                   seed: int = 0, similarity: np.ndarray | None = None) -> list[PromptRow]:
     """Build ``n`` prompt rows for ``strategy`` (see module docstring)."""
@@ -135,7 +140,7 @@ def make_manifest(class_names: Sequence[str], n: int, strategy: str = "mixup", k
             a1, a2 = rng.choice(len(ADJECTIVES), size=2, replace=False)
             prompt = f"a {ADJECTIVES[a1]} photo of a {ADJECTIVES[a2]} {cls[0]}"
         else:
-            prompt = "a photo of " + " and ".join(f"a {c}" for c in cls)
+            prompt = mixup_prompt(cls)
         rows.append(PromptRow(i, prompt, g, cls, image_seed(seed, i), strategy if strategy != "mixup" else f"mixup-{pairing}-k{k}"))
     return rows
 

@@ -32,7 +32,7 @@ from dfquant.data import fmnist
 from dfquant.errors import DfqError
 from dfquant.generate.tokenizer import build_tokenizer
 from dfquant.io import versions, write_json
-from dfquant.prompts import ADJECTIVES
+from dfquant.prompts import ADJECTIVES, mixup_prompt
 
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -117,8 +117,7 @@ def compose_scenes(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0,
 
 def pair_caption(a: str, b: str, rng: random.Random) -> str:
     """The mixup prompt's own wording, "a photo of a X and a Y", with the order drawn at random."""
-    first, second = (a, b) if rng.random() < 0.5 else (b, a)
-    return f"a photo of a {first} and a {second}"
+    return mixup_prompt((a, b) if rng.random() < 0.5 else (b, a))
 
 
 def train_vae(vae: AutoencoderKL, x: torch.Tensor, epochs: int, batch_size: int = 64, lr: float = 1e-3,
