@@ -220,8 +220,8 @@ class _FakeQuant(torch.autograd.Function):
     these elementwise passes cost more than the convolutions (``benchmarks/results/recon_speed.md``).
 
     The masks are 0/1 float tensors combined by multiplication, never ``torch.where``/``masked_fill_``: with a
-    random QDrop mask those select kernels run 4-15x slower than a multiply on this CPU (2.0 / 3.6 ms against
-    0.23 ms on a 32x16x32x32 tensor). For finite values the products are exact (``a * 1 = a``, ``a * 0 + b = b``),
+    random QDrop mask those select kernels run about 10x slower than a multiply on this CPU (about 2.1 ms against
+    0.22 ms on a 32x16x32x32 tensor, ``benchmarks/results/select_kernels.md``). For finite values the products are exact (``a * 1 = a``, ``a * 0 + b = b``),
     so the outputs and gradients are bit-identical to the selecting form.
     """
 
