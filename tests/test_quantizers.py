@@ -250,3 +250,50 @@ def test_clamp_first_passes_gradients_inside_the_range_like_genie(fused, monkeyp
     # d out / d s: (c - u) where the gradient passes, c at or beyond a bound (c = 0, 1, 3, 3)
     assert grads[False][1].item() == pytest.approx(0 + (1 - 0.7) + 3 + 3)
     assert grads[True][1].item() == pytest.approx((0 - 0.2) + (1 - 0.7) + (3 - 2.7) + 3)
+
+
+def _brecq_mse_init(x: torch.Tensor, bits: int) -> tuple[float, float]:
+    """yhhhli/BRECQ (and wimh966/QDrop) ``UniformAffineQuantizer`` per-tensor ``mse`` init, written out: for
+    i in 0..79, the range [min, max] * (1 - 0.01 i) on 2^b - 1 steps, zero point round(-min / step), scored by
+    the mean of |x - x_q|^2.4; the best step and zero point."""
+    lo, hi, n = x.min(), x.max(), 2**bits - 1
+    best, out = float("inf"), None
+    for i in range(80):
+        new_lo, new_hi = lo * (1.0 - i * 0.01), hi * (1.0 - i * 0.01)
+        delta = (new_hi - new_lo) / n
+        zp = (-new_lo / delta).round()
+        xq = (torch.clamp(torch.round(x / delta) + zp, 0, n) - zp) * delta
+        score = (x - xq).abs().pow(2.4).mean().item()
+        if score < best:
+            best, out = score, (delta.item(), zp.item())
+    return out
+
+
+@pytest.mark.parametrize("algo", ["brecq", "qdrop", "adaround"])
+def test_brecq_family_activation_grid_is_the_reference_affine_one(algo):
+    """BRECQ/QDrop/AdaRound presets: affine activation grids, range searched over 80 clip ratios as their code's
+    UniformAffineQuantizer does, so a signed input gets an asymmetric grid and no ratio below 0.21 is chosen."""
+    from dfquant.errors import DfqError
+    from dfquant.quant.modules import _act_quantizer
+    from dfquant.quant.transform import make_quant_config
+
+    g = torch.Generator().manual_seed(3)
+    signed_x = torch.randn(16, 8, 6, 6, generator=g) * 1.5 + 0.8          # asymmetric: min ~ -6, max ~ 8
+    cfg = make_quant_config(algo, 4, 4)
+    assert (cfg.act_symmetric, cfg.clip_ratios) == (False, 80)
+    for bits in (2, 4):
+        q = _act_quantizer(bits, cfg)
+        q.init_range(signed_x)
+        step, zp = _brecq_mse_init(signed_x, bits)
+        assert q.scale.item() == pytest.approx(step, rel=1e-5) and q.zero_point.item() == zp
+        assert 0 < zp < 2**bits - 1                                          # neither symmetric nor unsigned
+    # one far outlier at 2 bits: Genie's 100 ratios clip the range to 0.06 of it, the 80 ratios stop at 0.21
+    spiky = torch.cat([torch.randn(20000, generator=g).abs(), torch.tensor([40.0])])
+    genie, brecq = UniformQuantizer(2), UniformQuantizer(2, clip_ratios=80)
+    genie.init_range(spiky)
+    brecq.init_range(spiky)
+    assert genie.scale.item() < 0.2 * 40 / 3 <= brecq.scale.item()
+    assert brecq.scale.item() == pytest.approx(_brecq_mse_init(spiky, 2)[0], rel=1e-5)
+    assert make_quant_config("genie-m", 4, 4).clip_ratios == 100
+    with pytest.raises(DfqError, match="clip_ratios 0 is not an integer from 1 to 100"):
+        make_quant_config(algo, 4, 4, clip_ratios=0)

@@ -55,11 +55,14 @@ class UniformQuantizer(nn.Module):
             either way): ``qmax`` puts ``m`` on the top level, ``m / (2^(b-1) - 1)``; ``span`` lets the 2^b - 1
             steps span [-m, m], ``2m / (2^b - 1)``, and scores the range search as Genie's ``init_scale`` does
             (SamsungLabs/Genie quantizer.py), on the affine form with zero point ``round(m / step)``.
+        clamp_first: ``round_ste(clamp(x / s))`` (Genie's activations) instead of ``clamp(round_ste(x / s))``.
+        clip_ratios: how many clip ratios 1.0, 0.99, ... the ``mse`` range search tries: 100 (down to 0.01, Genie's
+            ``init_scale``) or 80 (down to 0.21, BRECQ's and QDrop's ``UniformAffineQuantizer``).
     """
 
     def __init__(self, bits: float, channel_axis: int | None = None, symmetric: bool = False,
                  signed: bool | None = None, learn_scale: bool = False, signed_step: str = "qmax",
-                 clamp_first: bool = False):
+                 clamp_first: bool = False, clip_ratios: int = 100):
         super().__init__()
         self.bits = check_bits(bits)
         self.channel_axis = channel_axis
@@ -69,6 +72,9 @@ class UniformQuantizer(nn.Module):
             raise ValueError(f"signed_step must be one of {', '.join(SIGNED_STEPS)}, got {signed_step!r}")
         self.signed_step = signed_step
         self.clamp_first = clamp_first
+        if not 1 <= clip_ratios <= 100:
+            raise ValueError(f"clip_ratios must be in 1..100, got {clip_ratios}")
+        self.clip_ratios = clip_ratios
         self.enabled = True
         self.initialized = False
         self.init_method = "mse"  # used when the range is initialized lazily from the first batch
@@ -144,10 +150,9 @@ class UniformQuantizer(nn.Module):
         return scale.clamp_min(1e-8), zp
 
     @torch.no_grad()
-    def init_range(self, x: torch.Tensor, method: str = "mse", p: float = 2.4, percentile: float = 0.9999,
-                   grid: int = 100) -> None:
+    def init_range(self, x: torch.Tensor, method: str = "mse", p: float = 2.4, percentile: float = 0.9999) -> None:
         """Set scale/zero point from data: ``minmax``, ``percentile``, ``psearch`` (best of three
-        percentiles) or ``mse`` (Lp error over clip ratios 1.0..0.01)."""
+        percentiles) or ``mse`` (Lp error over ``clip_ratios`` clip ratios 1.0, 0.99, ...)."""
         x = x.detach().float()
         if self.signed is None:
             self.signed = bool(x.min() < 0)
@@ -179,8 +184,8 @@ class UniformQuantizer(nn.Module):
             shape = self._shape(x)
             best = torch.full_like(lo, float("inf"))
             scale, zp = self._params_for(lo, hi)
-            for i in range(grid):
-                r = 1.0 - i / grid
+            for i in range(self.clip_ratios):
+                r = 1.0 - i / 100
                 s, z = self._params_for(lo * r, hi * r)
                 if self._span:  # Genie scores the affine form: zero point round(m / step) on 0..2^b-1, in float
                     # arithmetic 2^(b-1) or 2^(b-1) - 1, i.e. now and then the grid one level up
