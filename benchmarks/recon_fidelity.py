@@ -12,15 +12,20 @@ fields:
 * ``old+loss+rw``: both (the issue's middle row);
 * ``faithful``: the genie-m preset as it is now (both, plus a constant rounding learning rate, epoch shuffling and
   Genie's first-batch activation init);
-* ``faithful-act256`` / ``faithful-cosineV`` / ``faithful-randint``: ``faithful`` with one former setting put back
-  (activation init on 256 images through rounded weights / the rounding lr decayed / sampling with replacement);
-* ``faithful-oldgrid``: ``faithful`` with dfquant's former signed activation step ``max/(2^(b-1)-1)`` in place of
-  Genie's ``2*max/(2^b-1)`` (``act_signed_step="qmax"``; only signed activations, e.g. MobileNetV2's block inputs);
-* ``faithful+clampfirst``: ``faithful`` with Genie's activation STE, ``round_ste(clamp(x / s))``
-  (``act_clamp_first=True``: gradients pass wherever x / s is inside the range; dfquant's ``clamp(round_ste(x / s))``,
-  as BRECQ/QDrop, blocks them within half a step of either bound);
+* ``faithful-clampafter``: ``faithful`` with dfquant's former activation STE ``clamp(round_ste(x / s))`` (as
+  BRECQ/QDrop: it blocks gradients within half a step of either bound) in place of Genie's
+  ``round_ste(clamp(x / s))`` (``act_clamp_first``: gradients pass wherever x / s is inside the range);
+* ``faithful-act256`` / ``faithful-cosineV`` / ``faithful-randint``: ``faithful-clampafter`` with one former setting
+  put back (activation init on 256 images through rounded weights / the rounding lr decayed / sampling with
+  replacement): they were measured before genie-m took Genie's STE;
+* ``faithful-oldgrid``: ``faithful-clampafter`` with dfquant's former signed activation step ``max/(2^(b-1)-1)`` in
+  place of Genie's ``2*max/(2^b-1)`` (``act_signed_step="qmax"``; only signed activations, e.g. MobileNetV2's
+  block inputs);
 * ``faithful-joint``: ``faithful`` in one joint pass (``stages="joint"``), for ``--algo brecq``/``adaround``, whose
-  preset learns the rounding of every unit first and the activation steps in a second pass, as BRECQ's code.
+  preset learns the rounding of every unit first and the activation steps in a second pass, as BRECQ's code;
+* ``faithful-symgrid``: for ``--algo brecq``/``qdrop``/``adaround``, dfquant's former activation grid (symmetric,
+  signed iff the data has negatives) and range search over 100 clip ratios, in place of their code's affine grid
+  searched over 80 ratios (1.0..0.21).
 
 Rows are appended to ``<out>.csv`` as they finish (an interrupted study resumes); ``<out>.md`` and ``<out>.png`` are
 rewritten at the end, with every command that produced rows.
@@ -46,20 +51,23 @@ from dfquant.report import accuracy_vs_bits, aggregate, pivot_table
 from dfquant.run import parse_bits
 
 OLD = dict(loss_reduction="sample", round_weight=0.01, rounding_schedule="cosine", sampling="randint",
-           act_init="images", act_init_images=256, quant={"act_signed_step": "qmax"})
+           act_init="images", act_init_images=256, quant={"act_signed_step": "qmax", "act_clamp_first": False})
+AFTER = {"act_clamp_first": False}  # dfquant's STE clamp(round_ste(x / s)), under which the faithful-X rows were made
 VARIANTS: dict[str, dict] = {
     "old": OLD,
     "old+loss": {**OLD, "loss_reduction": "channel"},
     "old+rw": {**OLD, "round_weight": 1.0},
     "old+loss+rw": {**OLD, "loss_reduction": "channel", "round_weight": 1.0},
     "faithful": {},
-    # the faithful preset with one of the remaining former settings put back (which of them matters)
-    "faithful-act256": {"act_init": "images", "act_init_images": 256},
-    "faithful-cosineV": {"rounding_schedule": "cosine"},
-    "faithful-randint": {"sampling": "randint"},
-    "faithful-oldgrid": {"quant": {"act_signed_step": "qmax"}},
-    "faithful+clampfirst": {"quant": {"act_clamp_first": True}},
+    # the faithful preset with one of the remaining former settings put back (which of them matters); the first four
+    # were measured before genie-m took Genie's STE, so they keep dfquant's (compare them with faithful-clampafter)
+    "faithful-clampafter": {"quant": AFTER},
+    "faithful-act256": {"act_init": "images", "act_init_images": 256, "quant": AFTER},
+    "faithful-cosineV": {"rounding_schedule": "cosine", "quant": AFTER},
+    "faithful-randint": {"sampling": "randint", "quant": AFTER},
+    "faithful-oldgrid": {"quant": {"act_signed_step": "qmax", **AFTER}},
     "faithful-joint": {"stages": "joint"},
+    "faithful-symgrid": {"quant": {"act_symmetric": True, "clip_ratios": 100}},
 }
 FIELDS = ["model", "strategy", "algo", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "quant_seconds"]
 
@@ -112,15 +120,23 @@ def main() -> None:
                "docstring): `old` = dfquant before issue 17 (error summed over C*H*W, rounding weight 0.01, rounding lr "
                "decayed, sampling with replacement, activation init on 256 images); `+loss` = reference loss reduction "
                "(sum over channels, mean over batch and positions); `+rw` = rounding weight 1.0; `faithful` = the "
-               "genie-m preset now (all of the reference's settings); `faithful-X` = faithful with one former setting put back "
-               "(act256: activation init on 256 images through rounded weights; cosineV: rounding lr decayed; randint: "
-               "batches drawn with replacement; oldgrid: dfquant's former signed activation step max/(2^(b-1)-1) instead "
-               "of Genie's 2*max/(2^b-1), which changes only signed activations, e.g. MobileNetV2's block inputs; +clampfirst: "
-               "Genie's activation STE round_ste(clamp(x/s)) in place of clamp(round_ste(x/s)); joint: "
-               "brecq/adaround in one joint pass instead of BRECQ's weights-then-activations passes). The MobileNetV2 "
+               "preset now (all of the reference's settings); `faithful-clampafter` = faithful with dfquant's former "
+               "activation STE clamp(round_ste(x/s)) in place of Genie's round_ste(clamp(x/s)); `faithful-X` (act256, "
+               "cosineV, randint, oldgrid; measured before genie-m took Genie's STE) = faithful-clampafter with one "
+               "former setting put back (act256: activation init on 256 images through rounded weights; cosineV: "
+               "rounding lr decayed; randint: batches drawn with replacement; oldgrid: dfquant's former signed "
+               "activation step max/(2^(b-1)-1) instead of Genie's 2*max/(2^b-1), which changes only signed "
+               "activations, e.g. MobileNetV2's block inputs); joint: "
+               "brecq/adaround in one joint pass instead of BRECQ's weights-then-activations passes; symgrid: "
+               "brecq/qdrop/adaround with dfquant's former symmetric activation grid and 100 clip ratios instead of their "
+               "code's affine grid and 80 ratios, 1.0..0.21). The MobileNetV2 "
                "rows labelled faithful-oldgrid at W2A4 and W3A3 were made as `faithful` before genie-m took Genie's "
                "signed step (the same code path: a fresh faithful-oldgrid run reproduced that W4A4 row, 79.05, "
-               "exactly). ResNet-20 has no signed activation quantizer, so its genie-m rows hold for either grid."
+               "exactly). ResNet-20 has no signed activation quantizer, so its genie-m rows hold for either grid. "
+               "Relabelled when genie-m took Genie's STE and BRECQ/QDrop/AdaRound their affine 80-ratio grid: genie-m "
+               "rows made as `faithful` are now `faithful-clampafter` and those made as `faithful+clampfirst` are "
+               "`faithful` (the same settings); brecq rows made as `faithful` are now `faithful-symgrid`, and the "
+               "former brecq `faithful-joint` rows (symmetric grid) were dropped and re-run."
                "\n\nCommands:\n\n" + cmds
                + "\n## Top-1 % by variant\n\nRows: variant (the column header says calibration: every row uses the same "
                "real split-A images). Columns: model, iterations per block, bits. The CSV's quant_seconds is the wall "

@@ -222,6 +222,10 @@ def test_genie_m_preset_uses_the_span_step_and_the_former_grid_by_name():
     assert _act_quantizer(4, make_quant_config("genie-m", 4, 4)).signed_step == "span"
     assert _act_quantizer(4, make_quant_config("genie-m", 4, 4, act_signed_step="qmax")).signed_step == "qmax"
     assert {make_quant_config(a, 4, 4).act_signed_step for a in ("brecq", "qdrop", "adaround")} == {"qmax"}
+    # Genie's STE round_ste(clamp(x / s)); BRECQ's and QDrop's clamp(round_ste(x / s))
+    assert _act_quantizer(4, make_quant_config("genie-m", 4, 4)).clamp_first
+    assert not _act_quantizer(4, make_quant_config("genie-m", 4, 4, act_clamp_first=False)).clamp_first
+    assert not any(make_quant_config(a, 4, 4).act_clamp_first for a in ("brecq", "qdrop", "adaround"))
     with pytest.raises(DfqError, match="act_signed_step 'half' is not one of qmax, span"):
         make_quant_config("genie-m", 4, 4, act_signed_step="half")
     with pytest.raises(DfqError, match="unknown quantization setting"):

@@ -55,8 +55,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     # Genie-M (SamsungLabs/Genie main.py / reconstruct.py): round_weight 1.0, Adam on V without a schedule,
     # weight and activation steps with cosine decay, activation steps initialised on the first shuffled batch
     # through the block with soft weights, batches drawn by shuffling once per epoch; signed activation grids with
-    # the step 2*max/(2^b - 1) (its quantizer.py init_scale)
-    Algorithm("genie-m", dict(second_input_bits=8, fold_bn=False, act_signed_step="span"),
+    # the step 2*max/(2^b - 1) (its quantizer.py init_scale); activations round_ste(clamp(x / s)), so the
+    # straight-through gradient passes everywhere inside the clip range
+    Algorithm("genie-m", dict(second_input_bits=8, fold_bn=False, act_signed_step="span", act_clamp_first=True),
               dict(round_weight=1.0, drop_prob=0.5, learn_weight_scale=True, lr_rounding=1e-3, lr_weight_scale=1e-4,
                    lr_act_scale=4e-5, rounding_schedule="constant", loss_reduction="channel", sampling="epoch",
                    act_init="first-batch"),
