@@ -25,7 +25,7 @@ fields:
   preset learns the rounding of every unit first and the activation steps in a second pass, as BRECQ's code;
 * ``faithful-symgrid``: for ``--algo brecq``/``qdrop``/``adaround``, dfquant's former activation grid (symmetric,
   signed iff the data has negatives) and range search over 100 clip ratios, in place of their code's affine grid
-  searched over 80 ratios (1.0..0.21).
+  (BRECQ/AdaRound: searched over 80 ratios, 1.0..0.21).
 
 Rows are appended to ``<out>.csv`` as they finish (an interrupted study resumes); ``<out>.md`` and ``<out>.png`` are
 rewritten at the end, with every command that produced rows.
@@ -129,7 +129,7 @@ def main() -> None:
                "activations, e.g. MobileNetV2's block inputs); joint: "
                "brecq/adaround in one joint pass instead of BRECQ's weights-then-activations passes; symgrid: "
                "brecq/qdrop/adaround with dfquant's former symmetric activation grid and 100 clip ratios instead of their "
-               "code's affine grid and 80 ratios, 1.0..0.21). The MobileNetV2 "
+               "code's affine grid (BRECQ/AdaRound: 80 ratios, 1.0..0.21). The MobileNetV2 "
                "rows labelled faithful-oldgrid at W2A4 and W3A3 were made as `faithful` before genie-m took Genie's "
                "signed step (the same code path: a fresh faithful-oldgrid run reproduced that W4A4 row, 79.05, "
                "exactly). ResNet-20 has no signed activation quantizer, so its genie-m rows hold for either grid. "

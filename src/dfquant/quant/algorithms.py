@@ -36,8 +36,10 @@ _ADAROUND = dict(round_weight=0.01, lr_rounding=1e-3, rounding_schedule="constan
 # quantization off, then activation steps initialised on the first 64 images through the whole model and learned in
 # a second pass (lr 4e-4, cosine, L2.4 loss, a quarter of the iterations: 5000 after 20000), weights hard
 _TWO_STAGES = dict(stages="weights-then-acts", act_init_images=64, lr_act_scale=4e-4)
-# their UniformAffineQuantizer: affine activation grids (a zero point from the range, so signed inputs get an
-# asymmetric grid) and an Lp (p=2.4) range search over 80 clip ratios 1.0..0.21, for weights and activations
+# BRECQ's UniformAffineQuantizer: affine activation grids (a zero point from the range, so signed inputs get an
+# asymmetric grid) and an Lp (p=2.4) range search over 80 clip ratios 1.0..0.21, for weights and activations.
+# QDrop's MSEObserver (qdrop/quantization/observer.py, the code behind its published configs) is affine too but
+# tries 100 ranges (xrange * i / 100), and for two-sided data also every zero point (not reproduced here)
 _AFFINE = dict(act_symmetric=False, clip_ratios=80)
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
@@ -50,7 +52,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               "learned rounding layer by layer, then activation steps"),
     Algorithm("brecq", dict(second_input_bits=8, fold_bn=True, **_AFFINE),
               dict(_ADAROUND, **_TWO_STAGES), "learned rounding per block, then activation steps"),
-    Algorithm("qdrop", dict(second_input_bits=None, fold_bn=True, **_AFFINE),
+    Algorithm("qdrop", dict(second_input_bits=None, fold_bn=True, act_symmetric=False),
               dict(_ADAROUND, drop_prob=0.5, lr_act_scale=4e-5, sampling="randint"), "as brecq, with random drop of activation quantization"),
     # Genie-M (SamsungLabs/Genie main.py / reconstruct.py): round_weight 1.0, Adam on V without a schedule,
     # weight and activation steps with cosine decay, activation steps initialised on the first shuffled batch
