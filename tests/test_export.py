@@ -429,6 +429,15 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
     assert "approximate export" in res.output and rep["verify"]["approximate"], res.output
     assert res.exit_code == (0 if rep["verify"]["passed"] else 2), res.output
     assert rep["deployment"]["runtime_graph"]["float"] == 1 and rep["export"]["integer_residual"]["calibration_images"] == 64
+    # the exact integer-kernel form: which Convs keep float because of their int32 bias, printed and reported
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "fused.onnx"), "--fuse-bias",
+                              "--eval-limit", "64", "--speed-runs", "0"])
+    assert res.exit_code == 0, res.output
+    biases = json.loads((tmp_path / "export_report.json").read_text())["export"]["int32_biases"]
+    assert biases["calibration_images"] == 64 and biases["integer_kernels"] == 9, biases
+    assert f"int32 biases of 9 integer kernels: {len(biases['exact'])} reproduce" in res.output
+    assert f"{len(biases['kept_float'])} kept float (measured on 64 calibration images)" in res.output
+    assert all(name in res.output for name in biases["kept_float"])
     res = runner.invoke(app, ["export", str(ckpt), "--format", "tflite"])
     assert isinstance(res.exception, DfqError) and "onnx, int-state" in str(res.exception)
 
@@ -587,8 +596,8 @@ def test_fused_w4a4_mobilenet_int32_biases_reproduce_the_simulation(data, tmp_pa
     out = _ort_outputs(path, x, optimize=True)
     assert (out.argmax(1) == ref.argmax(1)).float().mean() == 1.0 and (out - ref).abs().mean() <= 1e-5 * ref.abs().max()
     biases, rt = summary["int32_biases"], E.runtime_graph(path)
-    assert biases["exact"] >= 1 and rt["integer"] == biases["exact"], (biases, rt)
-    assert len(biases["kept_float"]) == biases["integer_kernels"] - biases["exact"] and not biases["rounded"]
+    assert biases["exact"] and rt["integer"] == len(biases["exact"]), (biases, rt)
+    assert len(biases["kept_float"]) == biases["integer_kernels"] - len(biases["exact"]) and not biases["rounded"]
     assert all(summary["float_kernels"][n].startswith("int32 bias rounding changes") for n in biases["kept_float"])
     path = tmp_path / "measured.onnx"
     summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True, calib=data[0][32:])

@@ -16,7 +16,8 @@ This module writes what a deployment runtime consumes:
   grids) or uint8 (unsigned or asymmetric grids); below 8 bits a ``Clip`` to the b-bit range
   acts on the integer tensor between the two. With ``fuse_bias`` the Conv/Gemm nodes fit the
   pattern onnxruntime turns into QLinearConv (:func:`runtime_graph` shows what it ran; nodes it
-  will run in float get their weights dequantized by constant ops it folds at load). What
+  will run in float get their weights dequantized by constant ops it folds at load), with int32
+  biases that reproduce the simulation's output integers, or the Conv kept float (:func:`_int32_biases`). What
   dfquant keeps in float (ReLU, pooling, residual additions, LayerNorm, GELU, softmax) stays
   float in the graph. RepQ-ViT's log-sqrt2 softmax quantizer has no QDQ form and is written as
   elementwise ops (Div, Clip, Log, Round, Pow, Where).
@@ -296,7 +297,8 @@ class _ExportLayer(nn.Module):
     Unless ``fuse_bias``, the bias is added after the Conv/MatMul instead of being its bias
     input: runtimes that fuse DequantizeLinear -> Conv round a float bias to int32 with step
     ``s_x * s_w`` (onnxruntime's CPU optimizer does), which dfquant's simulation does not
-    model — but the separate Add also keeps the Conv out of the integer-kernel pattern.
+    model — but the separate Add also keeps the Conv out of the integer-kernel pattern. With
+    ``fuse_bias`` the exporter chooses those int32 biases itself (:func:`_int32_biases`).
     """
 
     def __init__(self, ql: QuantLayer, name: str, fuse_bias: bool = False, int8_weights: bool = False):
@@ -1011,12 +1013,15 @@ def _int32_biases(model, layers: dict[str, "_ExportLayer"], calib: torch.Tensor 
     about log2(n) onnxruntime sessions). How much a moved output integer matters depends on the
     rest of the network (one step in an early 4-bit layer of a range-initialized MobileNetV2 changes
     the class of a third of the images), which only running it shows. Returns the multipliers for
-    :func:`_to_int4` and a summary for the export report."""
+    :func:`_to_int4` and a summary for the export report: ``integer_kernels`` (how many Convs/Gemms
+    onnxruntime fuses), ``exact`` (their names where the int32 bias is exact), ``rounded`` and
+    ``kept_float`` (name -> bias error as a share of the output range), ``calibration_images`` and,
+    when measured, ``mean_rel_logit_diff`` of the chosen form and its ``tolerance``."""
     import numpy as np
 
     plans = _bias_plans(model, layers)
     inexact = [p["node"] for p in sorted((p for p in plans if not p["exact"]), key=lambda p: -p["error"])]
-    summary: dict[str, Any] = {"integer_kernels": len(plans), "exact": len(plans) - len(inexact),
+    summary: dict[str, Any] = {"integer_kernels": len(plans), "exact": [p["node"] for p in plans if p["exact"]],
                                "calibration_images": 0 if calib is None else len(calib)}
     n_float = 0 if approximate else len(inexact)
     if calib is not None and n_float:
@@ -1068,8 +1073,12 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     folds a Relu/ReLU6 in front of a QuantizeLinear into the integer clip after it (both exact,
     see :func:`_uint8_activations`, :func:`_fold_activation_clips`), so that a Conv between a
     signed and an unsigned grid, or behind a ReLU6, can run as QLinearConv. Integer kernels round
-    biases to int32 on the step ``s_x * s_w``; for 4-bit depthwise convolutions with large folded
-    weights that step is comparable to the output grid's and moves top-1 (benchmarks/results/deploy.md).
+    biases to int32 on the step ``s_x * s_w``, which for 4-bit depthwise convolutions with large
+    folded weights exceeds the output grid's step; the exporter gives each such Conv per-channel
+    weight multipliers and int32 biases that reproduce the simulation's output integers, and keeps
+    the Convs where some channel has none in float, unless ``calib`` (pre-normalized images) shows
+    that they move the logits by less than ``BIAS_ROUNDING_LOGIT_TOLERANCE`` (:func:`_int32_biases`;
+    the summary's ``int32_biases`` lists them).
 
     ``integer_residual=True`` (implies ``fuse_bias``) goes further than the simulated model: it
     adds 8-bit QuantizeLinear/DequantizeLinear on the activations dfquant keeps in float around
@@ -1135,9 +1144,10 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
         multipliers, biases = _int32_biases(model, layers, calib, approximate=integer_residual or int8_weights)
         small = {k: (q, z, multipliers.get(k, m)) for k, (q, z, m) in small.items()}
     converted = _to_int4(model, small) if small else {}
-    float_kernels = _float_kernel_weights(model, {
-        n: f"int32 bias rounding changes its output integers (bias error up to {100 * err:.2g}% of the output range)"
-        for n, err in (biases or {}).get("kept_float", {}).items()})
+    why = ("int32 bias rounding changes its output integers, "
+           + ("and the logits on the calibration images" if biases and biases["calibration_images"]
+              else "no calibration images to measure the logits"))
+    float_kernels = _float_kernel_weights(model, dict.fromkeys((biases or {}).get("kept_float", {}), why))
     _prune_initializers(model)
     weights: dict[str, str] = {}
     for n, m in layers.items():
@@ -1611,8 +1621,9 @@ def verification_error(report: dict[str, Any]) -> DfqError | None:
     flips = v["disagreements"]
     near_tie = (f"{len(flips)} image(s) changed class, with top-2 logit margins up to "
                 f"{max(d['torch_top2_margin'] for d in flips):.3g} in the fake-quantized model. ") if flips else ""
-    bias = ("--fuse-bias lets onnxruntime round biases to int32, which the simulation does not model; export without it. "
-            if report["export"].get("fused_bias") else "")
+    rounded = (report["export"].get("int32_biases") or {}).get("rounded") or {}
+    bias = (f"{len(rounded)} integer kernel(s) round their int32 bias inexactly (measured harmless on calibration "
+            "images); export without --fuse-bias. " if report["export"].get("fused_bias") and rounded else "")
     return DfqError(
         f"onnxruntime disagrees with the fake-quantized model on {v['n']} images: top-1 {v['top1_onnx']:.2f}% vs "
         f"{v['top1_torch']:.2f}% (tolerance {TOP1_TOLERANCE_POINTS} points), mean |logit diff| "
