@@ -144,13 +144,13 @@ def report(csv_path: Path, out: Path, commands: list[str], flags: str, runs: int
     lines = [
         "# Deployment benchmark: dfquant ONNX exports in onnxruntime (CPU)", "",
         (f"Command: `{commands[0]}`" if len(commands) == 1 else
-         "Commands (each later one re-measured the rows of its `--models` with `--update`, keeping the others): "
+         "Commands (with `--update` each measured the rows of its `--models` and kept the file's other rows): "
          + "; ".join(f"`{c}`" for c in commands)), "",
         f"CPU: {flags}", "",
         f"Versions: torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
         f"onnx {__import__('onnx').__version__}. Threads: onnxruntime intra-op threads = torch threads "
         "(OMP_NUM_THREADS in the command).", "",
-        "**The machine was shared** with other jobs during the run (load average far above its core count), "
+        "**The machine was shared** with other jobs during the run (load average above its core count), "
         "so absolute latencies are noisy; the FP32 and quantized models ran interleaved in one process and "
         f"each ratio is FP32 median / quantized median over the same {runs} rounds, which cancels most of "
         "the shared load.", "",
@@ -214,16 +214,18 @@ def report(csv_path: Path, out: Path, commands: list[str], flags: str, runs: int
               "zero point 0 (u8s8). `--int8-weights` re-rounds the 8-bit grids onto symmetric int8.",
               "* int32 biases: integer kernels (QLinearConv) add each bias rounded to int32 on the step s_x·s_w, "
               "which the simulation does not model. For BN-folded depthwise convolutions at 4 bits that step reaches "
-              "up to 200 output grid steps, and with onnxruntime's own rounding the exact W4A4 fmnist/mobilenetv2 "
-              "deployed at 20.3% top-1 against 61.5% simulated (rounding the biases in the simulation gives the same "
-              "20.3%). The exporter now picks per output channel a weight multiplier k (weights k(q - z), still int8) "
-              "and an int32 bias that give the simulation's output integer for every accumulator value the kernel can "
-              "reach; a Conv where some channel has no such pair (about 5% of the 4-bit channels, almost all 8-bit "
-              "ones, whose weights leave no room for k) stays float, unless, with that Conv and all Convs of smaller "
-              "bias error as integer kernels, onnxruntime's logits on the calibration images keep every argmax and "
-              "move by at most 0.1% of the largest logit (`BIAS_ROUNDING_LOGIT_TOLERANCE`). Those are the "
-              "\"int32 bias rounding\" float kernels in the last column. W4A4 MobileNetV2 amplifies a single moved "
-              "output integer into changed classes, so most of its Convs stay float.",
+              "51 output grid steps in one channel of fmnist/mobilenetv2, and with onnxruntime's own rounding the "
+              "exact W4A4 fmnist/mobilenetv2 deployed at 20.3% top-1 against 61.5% simulated (rounding the biases "
+              "in the simulation gives the same 20.3%: benchmarks/results/int32_bias.md). The exporter now picks per "
+              "output channel a weight multiplier k (weights k(q - z), still int8) and an int32 bias that give the "
+              "simulation's output integer for every accumulator value the kernel can reach. A Conv where some "
+              "channel has no such pair stays float, unless, with it and every Conv of smaller bias error as "
+              "integer kernels, onnxruntime's logits on the calibration images keep every argmax and move by at "
+              "most 0.1% of the largest logit (`BIAS_ROUNDING_LOGIT_TOLERANCE`): those are the \"int32 bias "
+              "rounding\" float kernels in the last column. No threshold on the rounding error itself would do: "
+              "the range-initialized W4A4 MobileNetV2 turns a single moved output integer into changed classes "
+              "(int32_bias.md), so most of its Convs stay float, and at 8 bits the asymmetric weight grids (zero "
+              "points) leave no room for k.",
               "* ViT: every linear layer and q·kᵀ run as MatMulIntegerToFloat; the attention-times-value MatMuls "
               "stay float because RepQ-ViT's log-sqrt2 softmax grid is not uniform (no QDQ form), the patch "
               "embedding because its output is not quantized, the head because it gives float logits.",
