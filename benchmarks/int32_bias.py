@@ -119,7 +119,8 @@ def main() -> None:
              f"calibration images): deployed **{v['top1_onnx']:.1f}%**, argmax agreement {v['argmax_agreement']:.1f}%, "
              f"mean |logit diff| {100 * v['mean_rel_diff']:.3f}% of the largest logit; onnxruntime runs "
              f"{rt['integer']} integer and {rt['float']} float Conv/Gemm kernels. Of the {b['integer_kernels']} Convs it "
-             f"would fuse, {len(b['exact'])} have an exact int32 bias in every channel, {len(b['rounded'])} run with the "
+             f"would fuse, {len(b['exact'])} have an exact int32 bias in every output channel (of all {b['integer_kernels']}, "
+             f"{b['exact_channels'][0]} of {b['exact_channels'][1]} channels have one), {len(b['rounded'])} run with the "
              f"nearest one, {len(b['kept_float'])} stay float.", "",
              "Per fused Conv, worst channel: the int32 step s_x·s_w and the rounding error |round(b/step)·step − b| in "
              "output grid steps s_y (mean over channels in the last column); the 8 largest errors:", "",

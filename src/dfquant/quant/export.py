@@ -894,7 +894,7 @@ def _bias_plans(model, layers: dict[str, "_ExportLayer"]) -> list[dict[str, Any]
     float32); grids stored with zero points keep ``k = 1``. A channel without such a pair takes the
     nearest ``B / k``.
 
-    Each plan: ``node`` (name), ``exact`` (every channel), ``error`` (worst bias error of an inexact
+    Each plan: ``node`` (name), ``exact`` (every channel), ``channels`` (exact ones, all), ``error`` (worst bias error of an inexact
     channel, ``|t - B/k| s_x s_w``, as a share of the output grid's range) and the rewrite
     (``weight``, ``scale``, ``bias``, ``multiplier``; ``weight`` None where the weight stays)."""
     import numpy as np
@@ -950,7 +950,7 @@ def _bias_plans(model, layers: dict[str, "_ExportLayer"]) -> list[dict[str, Any]
             residual = np.where(ok, 0.0, np.where(better, np.abs(t - near / k), residual))
             exact |= ok
         scale = (s_w / k_best).astype(np.float32)
-        plans.append({"node": node.name, "exact": bool(exact.all()),
+        plans.append({"node": node.name, "exact": bool(exact.all()), "channels": (int(exact.sum()), len(d)),
                       "error": float((residual * m).max() / (y_hi - y_lo)),
                       "weight": (d * k_best.reshape([-1] + [1] * (d.ndim - 1))).astype(np.int8) if own_grid else None,
                       "scale": scale, "multiplier": torch.from_numpy(k_best.astype(np.int64)),
@@ -1014,7 +1014,8 @@ def _int32_biases(model, layers: dict[str, "_ExportLayer"], calib: torch.Tensor 
     rest of the network (one step in an early 4-bit layer of a range-initialized MobileNetV2 changes
     the class of a third of the images), which only running it shows. Returns the multipliers for
     :func:`_to_int4` and a summary for the export report: ``integer_kernels`` (how many Convs/Gemms
-    onnxruntime fuses), ``exact`` (their names where the int32 bias is exact), ``rounded`` and
+    onnxruntime fuses), ``exact`` (their names where the int32 bias is exact in every channel),
+    ``exact_channels`` ([exact, all] output channels of those Convs), ``rounded`` and
     ``kept_float`` (name -> bias error as a share of the output range), ``calibration_images`` and,
     when measured, ``mean_rel_logit_diff`` of the chosen form and its ``tolerance``."""
     import numpy as np
@@ -1022,6 +1023,7 @@ def _int32_biases(model, layers: dict[str, "_ExportLayer"], calib: torch.Tensor 
     plans = _bias_plans(model, layers)
     inexact = [p["node"] for p in sorted((p for p in plans if not p["exact"]), key=lambda p: -p["error"])]
     summary: dict[str, Any] = {"integer_kernels": len(plans), "exact": [p["node"] for p in plans if p["exact"]],
+                               "exact_channels": [sum(p["channels"][i] for p in plans) for i in (0, 1)],
                                "calibration_images": 0 if calib is None else len(calib)}
     n_float = 0 if approximate else len(inexact)
     if calib is not None and n_float:
