@@ -194,14 +194,22 @@ def _chain(data, wbits: int, abits: int, width: int = 32) -> nn.Module:
 
 def test_w8a8_optimized_graph_runs_integer_convolutions(data, tmp_path):
     """With biases fused, onnxruntime's optimized graph (saved through optimized_model_filepath)
-    runs every Conv as an integer kernel; only the float classifier stays float."""
+    runs every Conv as an integer kernel; only the float classifier stays float. The int32 biases
+    cannot reproduce every output integer of 8-bit grids, but measured on calibration images they
+    move the logits by less than the exporter's bound; without images the exporter cannot tell and
+    keeps those Convs float."""
     model = _chain(data, 8, 8)
     path = tmp_path / "chain.onnx"
-    summary = E.export_onnx(model, INPUT, path, fuse_bias=True)
+    summary = E.export_onnx(model, INPUT, path, fuse_bias=True, calib=data[0])
     rt = E.runtime_graph(path)
     assert rt["ops"].get("QLinearConv") == 2 and rt["integer"] == 2, rt
     assert not any(op in rt["ops"] for op in ("Conv", "FusedConv", "BatchNormalization")), rt
     assert rt["float"] == 1 and list(summary["float_kernels"].values()) == ["input not quantized (float activations)"]
+    biases = summary["int32_biases"]
+    assert biases["integer_kernels"] == 2 and len(biases["rounded"]) == 2 and not biases["kept_float"], biases
+    assert biases["mean_rel_logit_diff"] <= E.BIAS_ROUNDING_LOGIT_TOLERANCE
+    strict = E.export_onnx(model, INPUT, tmp_path / "strict.onnx", fuse_bias=True)["int32_biases"]
+    assert sorted(strict["kept_float"]) == sorted(biases["rounded"]) and strict["calibration_images"] == 0
     # the same export without fused biases: every Conv stays float, and the exporter says why
     E.export_onnx(model, INPUT, tmp_path / "unfused.onnx")
     rt = E.runtime_graph(tmp_path / "unfused.onnx")
@@ -217,13 +225,13 @@ def test_int4_weights_are_packed_on_disk(data, tmp_path):
     the runtime still gets the int8 weight its integer kernel takes."""
     model = _chain(data, 4, 4, width=256)  # the 4-bit layer (36,864 weights) dominates the file
     q_path, q8_path, fp_path = tmp_path / "w4.onnx", tmp_path / "w8.onnx", tmp_path / "fp.onnx"
-    summary = E.export_onnx(model, INPUT, q_path, fuse_bias=True)
+    summary = E.export_onnx(model, INPUT, q_path, fuse_bias=True, calib=data[0])
     assert summary["weights"]["3"] in ("INT4", "UINT4") and summary["weights"]["0"].split()[0] in ("INT8", "UINT8")
     n4 = model[3].layer.weight.numel()
     (packed,) = [t for t in onnx.load(str(q_path)).graph.initializer if t.name == "3.weight_int_int4"]
     assert len(packed.raw_data) == n4 // 2
     # the same layer in int8 (opset 20 has no INT4) and in float32: 1 and 4 bytes per weight
-    E.export_onnx(model, INPUT, q8_path, opset=20, fuse_bias=True)
+    E.export_onnx(model, INPUT, q8_path, opset=20, fuse_bias=True, calib=data[0])
     fp = copy.deepcopy(model)
     for i in (0, 3):
         fp[i] = fp[i].layer
@@ -421,6 +429,15 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
     assert "approximate export" in res.output and rep["verify"]["approximate"], res.output
     assert res.exit_code == (0 if rep["verify"]["passed"] else 2), res.output
     assert rep["deployment"]["runtime_graph"]["float"] == 1 and rep["export"]["integer_residual"]["calibration_images"] == 64
+    # the exact integer-kernel form: which Convs keep float because of their int32 bias, printed and reported
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "fused.onnx"), "--fuse-bias",
+                              "--eval-limit", "64", "--speed-runs", "0"])
+    assert res.exit_code == 0, res.output
+    biases = json.loads((tmp_path / "export_report.json").read_text())["export"]["int32_biases"]
+    assert biases["calibration_images"] == 64 and biases["integer_kernels"] == 9, biases
+    assert f"int32 biases of 9 integer kernels: {len(biases['exact'])} reproduce" in res.output
+    assert f"{len(biases['kept_float'])} kept float (measured on 64 calibration images)" in res.output
+    assert all(name in res.output for name in biases["kept_float"])
     res = runner.invoke(app, ["export", str(ckpt), "--format", "tflite"])
     assert isinstance(res.exception, DfqError) and "onnx, int-state" in str(res.exception)
 
@@ -517,7 +534,7 @@ def test_fused_form_folds_relu6_and_writes_uint8_grids_exactly(data, tmp_path):
 
     qmodel, _ = quantize(_mobilenet(data), data[0][:32], "minmax", 4, 4, iters=1, batch_size=32, progress=False)
     path = tmp_path / "mbv2.onnx"
-    summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True)
+    summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True, calib=data[0][32:])
     graph = onnx.load(str(path)).graph
     prod = {o: n for n in graph.node for o in n.output}
     assert summary["folded_activation_clips"] >= 8
@@ -536,6 +553,57 @@ def test_fused_form_folds_relu6_and_writes_uint8_grids_exactly(data, tmp_path):
                                                   "output not quantized (feeds Add in float)",
                                                   "output not quantized (feeds Add in float)",
                                                   "output not quantized (feeds GlobalAveragePool in float)"]
+
+
+def test_exact_bias_window_keeps_every_output_integer():
+    """Any bias offset c inside the window gives every reachable accumulator A the output integer of
+    the exact offset t, and the window is tight: just outside a finite end some output changes
+    (brute force over all A, 4-bit output grid with zero point 3)."""
+    rng = np.random.default_rng(0)
+    z, lo, hi = 3, 0, 15
+    levels = np.arange(lo + 1, hi + 1) - 0.5 - z
+    t = rng.uniform(-50, 50, 200)
+    m = 10 ** rng.uniform(-2, 2.5, 200)
+    a_min, a_max = -rng.integers(0, 400, 200).astype(float), rng.integers(0, 400, 200).astype(float)
+    left, right = E._exact_bias_window(t, m, a_min, a_max, levels)
+    for i in range(200):
+        acc = np.arange(a_min[i], a_max[i] + 1)
+        out = lambda c: np.clip(np.round((acc + c) * m[i]) + z, lo, hi)  # noqa: E731
+        assert left[i] <= t[i] < right[i]
+        inside = np.linspace(max(left[i], t[i] - 5), min(right[i], t[i] + 5), 9)[1:-1]  # the ends are ties
+        assert all((out(c) == out(t[i])).all() for c in inside), i
+        eps = 1e-7 * max(1.0, abs(t[i]))
+        for end in (left[i] - eps, right[i] + eps):
+            if np.isfinite(end):
+                assert (out(end) != out(t[i])).any(), i
+
+
+def test_fused_w4a4_mobilenet_int32_biases_reproduce_the_simulation(data, tmp_path):
+    """Regression (fmnist/mobilenetv2 W4A4 deployed at 20% top-1 against 61.5% simulated): QLinearConv
+    rounds each bias to int32 on the step s_x s_w, which for BN-folded 4-bit depthwise convolutions
+    is not small against the output grid's step; here it changed the class of a quarter of the
+    images. Per channel the exporter picks a weight multiplier and an int32 bias that give the
+    simulation's output integer for every accumulator; Convs where some channel has none run in
+    float (no calibration images) or only where calibration images show they move the logits."""
+    from dfquant.quant.api import quantize
+
+    qmodel, _ = quantize(_mobilenet(data), data[0][:32], "minmax", 4, 4, iters=1, batch_size=32, progress=False)
+    x = data[1]
+    with torch.no_grad():
+        ref = qmodel(x)
+    path = tmp_path / "strict.onnx"
+    summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True)
+    out = _ort_outputs(path, x, optimize=True)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() == 1.0 and (out - ref).abs().mean() <= 1e-5 * ref.abs().max()
+    biases, rt = summary["int32_biases"], E.runtime_graph(path)
+    assert biases["exact"] and rt["integer"] == len(biases["exact"]), (biases, rt)
+    assert len(biases["kept_float"]) == biases["integer_kernels"] - len(biases["exact"]) and not biases["rounded"]
+    assert all(summary["float_kernels"][n].startswith("int32 bias rounding changes") for n in biases["kept_float"])
+    path = tmp_path / "measured.onnx"
+    summary = E.export_onnx(qmodel, INPUT, path, fuse_bias=True, calib=data[0][32:])
+    assert E.runtime_graph(path)["integer"] > rt["integer"]
+    report = E.verify_onnx(qmodel, path, x, data[2])
+    assert report["passed"] and report["argmax_agreement"] == 100.0, report
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "mobilenet"])

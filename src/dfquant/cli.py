@@ -439,8 +439,9 @@ def export_cmd(
     eval_limit: int = typer.Option(1000, help="test images for --verify (at 256 a single near-tie flip is 0.39 points > the 0.1-point bound)"),
     opset: int = typer.Option(21, help="ONNX opset; 21+ stores weights of <= 4 bits as INT4/UINT4, 13..20 in int8 containers"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder for --verify (off the mini world)"),
-    fuse_bias: bool = typer.Option(False, help="onnx: biases as the Conv/Gemm bias input (runtimes may round them to int32, "
-                                               "which the simulation does not model) instead of a float Add after it"),
+    fuse_bias: bool = typer.Option(False, help="onnx: biases as the Conv/Gemm bias input, so onnxruntime runs QLinearConv; "
+                                               "it rounds them to int32, so Convs whose int32 bias cannot reproduce the "
+                                               "simulation stay float unless 64 test images show the logits unmoved"),
     speed_runs: int = typer.Option(10, help="onnx: time the export against float32 in onnxruntime over this many "
                                             "interleaved runs at batch 1 and 32 (0: skip)"),
     integer_residual: bool = typer.Option(False, help="onnx, approximate (implies --fuse-bias): 8-bit quantizers on the "
@@ -469,6 +470,15 @@ def export_cmd(
         typer.echo(f"wrote {exp['path']} (opset {exp['opset']}, {exp['bytes'] / 1024:.0f} KiB; weights: "
                    + ", ".join(f"{c} {t}" for t, c in sorted(kinds.items()))
                    + f"; {exp['ops'].get('QuantizeLinear', 0)} QuantizeLinear, {exp['ops'].get('DequantizeLinear', 0)} DequantizeLinear)")
+        b = exp.get("int32_biases")
+        if b:
+            how = (f"measured on {b['calibration_images']} calibration images" if b["calibration_images"]
+                   else "no calibration images to measure the inexact ones")
+            typer.echo(f"int32 biases of {b['integer_kernels']} integer kernels: {len(b['exact'])} reproduce the simulation's "
+                       f"output integers exactly, {len(b['rounded'])} round them within the logit bound, "
+                       f"{len(b['kept_float'])} kept float ({how})")
+            if b["kept_float"]:
+                typer.echo("  kept float: " + ", ".join(b["kept_float"]))
         v = rep.get("verify")
         if v is not None and v.get("approximate"):
             typer.echo(f"approximate export (not the simulated function) on {v['n']} test images: top-1 "
@@ -501,7 +511,7 @@ def _echo_deployment(dep: dict, fused_bias: bool) -> None:
                f"speed-up {speed}; {rt['integer']} integer and {rt['float']} float Conv/Gemm/MatMul kernels")
     if not fused_bias and rt["integer"] == 0:
         typer.echo("  no integer kernels: biases are separate float Adds; --fuse-bias lets onnxruntime run QLinearConv "
-                   "(it rounds biases to int32, which the simulation does not model)")
+                   "where its int32 biases reproduce the simulation")
 
 
 @app.command("analyze")

@@ -95,7 +95,8 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
     ``integer_residual`` / ``int8_weights``: the approximate integer forms of
     :func:`~dfquant.quant.export.export_onnx`; the scales of the added activation quantizers come
     from max |x| over the 64 test images after the ``n`` verification images (with ``val``: 64
-    images spread over the folder, which may overlap them)."""
+    images spread over the folder, which may overlap them). ``fuse_bias`` measures on the same
+    images which integer kernels with inexact int32 biases leave the logits alone."""
     from dfquant.io import read_json, versions, write_json
     from dfquant.models.source import load_quantized_spec
     from dfquant.quant.export import (DEFAULT_OPSET, FORMATS, LOGIT_MEAN_TOLERANCE, TOP1_TOLERANCE_POINTS,
@@ -121,7 +122,11 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
     if fmt == "int-state":
         report["export"] = export_int_state(qmodel, out, metadata=meta)
     else:
-        calib = _verify_images(spec, n + 64, val)[0][-64:] if integer_residual else None
+        # 64 test images after the verification ones: the scales of --integer-residual's quantizers, and
+        # the measurement that lets --fuse-bias keep inexact int32 biases as integer kernels (without
+        # images the exporter keeps those Convs float)
+        images = val is not None or spec.embedded
+        calib = _verify_images(spec, n + 64, val)[0][-64:] if integer_residual or (fuse_bias and images) else None
         report["export"] = export_onnx(qmodel, spec.input_size, out, opset, metadata=meta, fuse_bias=fuse_bias,
                                        integer_residual=integer_residual, calib=calib, int8_weights=int8_weights)
         if verify:

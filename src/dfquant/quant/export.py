@@ -16,7 +16,8 @@ This module writes what a deployment runtime consumes:
   grids) or uint8 (unsigned or asymmetric grids); below 8 bits a ``Clip`` to the b-bit range
   acts on the integer tensor between the two. With ``fuse_bias`` the Conv/Gemm nodes fit the
   pattern onnxruntime turns into QLinearConv (:func:`runtime_graph` shows what it ran; nodes it
-  will run in float get their weights dequantized by constant ops it folds at load). What
+  will run in float get their weights dequantized by constant ops it folds at load), with int32
+  biases that reproduce the simulation's output integers, or the Conv kept float (:func:`_int32_biases`). What
   dfquant keeps in float (ReLU, pooling, residual additions, LayerNorm, GELU, softmax) stays
   float in the graph. RepQ-ViT's log-sqrt2 softmax quantizer has no QDQ form and is written as
   elementwise ops (Div, Clip, Log, Round, Pow, Where).
@@ -83,6 +84,11 @@ LOGIT_MEAN_TOLERANCE = 0.01  # mean |logit diff| / max |logit|
 # --integer-residual / --int8-weights quantize what the simulation keeps in float: the deployed top-1
 # may move, and only that is bounded (1 point: the size of the drop a user would notice)
 APPROX_TOP1_TOLERANCE_POINTS = 1.0
+# Integer kernels whose int32 bias cannot reproduce the simulation's output integers run in float
+# unless, measured on calibration images, they move the logits by at most this mean |difference| /
+# max |logit| and change no argmax (_int32_biases). A tenth of LOGIT_MEAN_TOLERANCE: measured on 1000
+# test images, 0.0013 changed 0.1% of the classes (fmnist/resnet20 W8A8), 0.006 changed 2%.
+BIAS_ROUNDING_LOGIT_TOLERANCE = 0.001
 
 
 # ----------------------------------------------------------------------------------------
@@ -291,7 +297,8 @@ class _ExportLayer(nn.Module):
     Unless ``fuse_bias``, the bias is added after the Conv/MatMul instead of being its bias
     input: runtimes that fuse DequantizeLinear -> Conv round a float bias to int32 with step
     ``s_x * s_w`` (onnxruntime's CPU optimizer does), which dfquant's simulation does not
-    model — but the separate Add also keeps the Conv out of the integer-kernel pattern.
+    model — but the separate Add also keeps the Conv out of the integer-kernel pattern. With
+    ``fuse_bias`` the exporter chooses those int32 biases itself (:func:`_int32_biases`).
     """
 
     def __init__(self, ql: QuantLayer, name: str, fuse_bias: bool = False, int8_weights: bool = False):
@@ -572,10 +579,10 @@ def _pack4(t: torch.Tensor) -> bytes:
     return (v[0::2] | (v[1::2] << 4)).numpy().tobytes()
 
 
-def _to_int4(model, grids: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, str]:
+def _to_int4(model, grids: dict[str, tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]]) -> dict[str, str]:
     """Store the weights of ``grids`` (initializer name -> the grid's integers q, per-channel
-    zero points z, all within a 4-bit range, and the layer's power-of-two multiplier m) packed
-    as INT4/UINT4.
+    zero points z, all within a 4-bit range, and the layer's multiplier m: its power of two, or
+    one per channel from :func:`_int32_biases`) packed as INT4/UINT4.
 
     The graph keeps consuming the int8 ``m (q - z)`` (see :class:`_ExportLayer`): it is rebuilt
     from the packed initializers by ``Cast -> Sub -> Mul -> Cast`` on constants, which onnxruntime folds
@@ -595,7 +602,10 @@ def _to_int4(model, grids: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) ->
         packed = {f"{name}_int4": (q, list(q.shape)), f"{name}_zero_point_int4": (z, zshape)}
         for init_name, (t, shape) in packed.items():
             model.graph.initializer.append(helper.make_tensor(init_name, ttype, shape, _pack4(t), raw=True))
-        model.graph.initializer.append(helper.make_tensor(f"{name}_multiplier", TensorProto.INT32, [], [m]))
+        mult = torch.as_tensor(m, dtype=torch.int32)
+        mshape = [len(mult)] + [1] * (q.dim() - 1) if mult.dim() else []
+        model.graph.initializer.append(helper.make_tensor(f"{name}_multiplier", TensorProto.INT32, mshape,
+                                                          mult.flatten().tolist()))
         nodes += [helper.make_node("Cast", [f"{name}_int4"], [f"{name}_q32"], to=TensorProto.INT32),
                   helper.make_node("Cast", [f"{name}_zero_point_int4"], [f"{name}_z32"], to=TensorProto.INT32),
                   helper.make_node("Sub", [f"{name}_q32", f"{name}_z32"], [f"{name}_d32"]),
@@ -807,6 +817,242 @@ def _quantize_float_activations(model, calib: torch.Tensor, batch_size: int = 32
             "calibration": "8-bit uint8 grids from max |x| over the calibration images"}
 
 
+# ----------------------------------------------------------------------------------------
+# int32 biases of integer kernels
+# ----------------------------------------------------------------------------------------
+def _accumulator_range(d, x_lo: int, x_hi: int):
+    """Per output channel, the least and greatest integer accumulator ``sum (x_q - z_x) d`` over inputs
+    ``x_q - z_x`` in ``[x_lo, x_hi]`` (zero included: padding), for integer weights ``d`` [C, ...]."""
+    import numpy as np
+
+    d = d.reshape(len(d), -1).astype(np.float64)
+    lo, hi = min(x_lo, 0), max(x_hi, 0)
+    return (np.minimum(d * lo, d * hi).sum(1), np.maximum(d * lo, d * hi).sum(1))
+
+
+def _exact_bias_window(t, m, a_min, a_max, levels):
+    """The offsets ``c`` that give the same output integers as the exact offset ``t``, per channel.
+
+    An integer kernel computes the output integer ``clip(round((A + c) M) + z, lo, hi)`` from the
+    integer accumulator ``A`` and a bias offset ``c`` (the int32 bias over the weight multiplier, in
+    units of ``s_x s_w``); the simulation uses the exact ``t = b / (s_x s_w)``. The output reaches
+    level ``j`` once ``A >= ceil(u_j - c)``, ``u_j = (j - 1/2 - z) / M``, so ``c`` changes no output
+    on reachable accumulators ``[a_min, a_max]`` when every such threshold is unchanged (clipped to
+    that range). Each threshold confines ``c`` to an interval; returns their intersection ``[L, R)``
+    per channel (it contains ``t``). ``levels`` are ``j - 1/2 - z`` for the output levels above ``lo``.
+    """
+    import numpy as np
+
+    u = levels[None, :] / m[:, None]
+    thr = np.ceil(u - t[:, None])
+    a_min, a_max = a_min[:, None], a_max[:, None]
+    inside = (thr > a_min) & (thr <= a_max)
+    lo = np.where(inside, u - thr, np.where(thr <= a_min, u - a_min, -np.inf))
+    hi = np.where(inside, u - thr + 1, np.where(thr > a_max, u - a_max, np.inf))
+    return lo.max(1), hi.min(1)
+
+
+def _q_bounds(graph, q) -> tuple[int, int]:
+    """The integer range of QuantizeLinear ``q``'s output: the bounds of the integer Clip after it
+    (the b-bit grid, or a folded ReLU/ReLU6), else its container's."""
+    import numpy as np
+
+    cons = _consumers(graph, q.output[0])
+    if len(cons) == 1 and cons[0].op_type == "Clip":
+        return int(_const(graph, cons[0].input[1])), int(_const(graph, cons[0].input[2]))
+    info = np.iinfo(_const(graph, q.input[2]).dtype)
+    return info.min, info.max
+
+
+def _separate_bias(graph, node) -> None:
+    """Move the bias input of Conv/Gemm ``node`` into a float Add after it (in place): no runtime
+    rounds it, and the node no longer fits the integer-kernel pattern."""
+    from onnx import helper
+
+    bias = _const(graph, node.input[2])
+    spatial = next((len(a.ints) for a in node.attribute if a.name == "kernel_shape"), 2)
+    name, out = node.input[2] + "_separate", node.output[0]
+    _set_const(graph, name, bias.reshape([-1] + [1] * spatial if node.op_type == "Conv" else [-1]))
+    del node.input[2]
+    node.output[0] = out + "_without_bias"
+    graph.node.insert(list(graph.node).index(node) + 1, helper.make_node("Add", [node.output[0], name], [out]))
+
+
+def _bias_plans(model, layers: dict[str, "_ExportLayer"]) -> list[dict[str, Any]]:
+    """For each Conv/Gemm with a bias that onnxruntime runs as an integer kernel, the int32 bias (and
+    weight multiplier) that reproduces the simulation's output integers best.
+
+    QLinearConv/QGemm add the bias rounded to int32 on the step ``s_x s_w`` to the integer
+    accumulator; the simulation adds the exact float bias. Where that step is not small against the
+    output grid's (a BN-folded 4-bit depthwise channel of fmnist/mobilenetv2: 51 output steps) the rounding
+    moves outputs by grid steps. The output integer depends on the bias only through the
+    accumulator thresholds of the output levels (:func:`_exact_bias_window`), so per output channel
+    this searches a weight multiplier ``k`` (weights ``k (q - z)`` in int8, scale ``s_w / k``: the
+    same weight) and an int32 bias ``B`` for which ``B / k`` keeps every threshold within the
+    reachable accumulator range: the same output integer for every input the kernel can get (up to
+    float noise of 1e-4 output steps). Powers of two come first (``s_w / k`` is then exact in
+    float32); grids stored with zero points keep ``k = 1``. A channel without such a pair takes the
+    nearest ``B / k``.
+
+    Each plan: ``node`` (name), ``exact`` (every channel), ``channels`` (exact ones, all), ``error`` (worst bias error of an inexact
+    channel, ``|t - B/k| s_x s_w``, as a share of the output grid's range) and the rewrite
+    (``weight``, ``scale``, ``bias``, ``multiplier``; ``weight`` None where the weight stays)."""
+    import numpy as np
+
+    graph = model.graph
+    prod = {o: n for n in graph.node for o in n.output}
+    by_init = {f"{n}.weight_int": m for n, m in layers.items() if m.quantized}
+    integer = _runtime_integer_nodes(model)
+    plans = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or node.name not in integer or len(node.input) < 3 or not node.input[2]:
+            continue
+        dq_x, dq_w = prod[node.input[0]], prod[node.input[1]]
+        src = prod.get(dq_x.input[0])
+        q_x = prod.get(src.input[0]) if src is not None and src.op_type == "Clip" else src
+        _, consumers = _activation_chain(graph, node)
+        if q_x is None or q_x.op_type != "QuantizeLinear" or len(consumers) != 1:
+            continue
+        q_y = consumers[0]
+        s_x, z_x = float(_const(graph, dq_x.input[1])), int(_const(graph, dq_x.input[2]))
+        s_y, z_y = float(_const(graph, q_y.input[1])), int(_const(graph, q_y.input[2]))
+        (x_lo, x_hi), (y_lo, y_hi) = _q_bounds(graph, q_x), _q_bounds(graph, q_y)
+        layer = by_init.get(dq_w.input[0])
+        own_grid = layer is not None and not layer.reround and not layer.weight_zero_point.any()
+        if own_grid:  # the zero-point-0 int8 form of _ExportLayer: its grid times any multiplier that fits
+            d = (layer.q - layer.z.view([-1] + [1] * (layer.q.dim() - 1))).numpy().astype(np.float64)
+            s_w = layer.s.numpy().astype(np.float32)
+        else:  # stored as it is (zero points, or re-rounded): only the int32 bias is free
+            w = _const(graph, dq_w.input[0]).astype(np.float64)
+            zp = _const(graph, dq_w.input[2]).astype(np.float64) if len(dq_w.input) > 2 else np.zeros(1)
+            d = w - np.broadcast_to(zp.reshape([-1] + [1] * (w.ndim - 1)), w.shape)
+            s_w = np.broadcast_to(_const(graph, dq_w.input[1]).astype(np.float32).reshape(-1), (len(w),)).copy()
+        span = np.abs(d.reshape(len(d), -1)).max(1)
+        # AVX2 without VNNI sums pairs of uint8 x int8 products in int16 (VPMADDUBSW, see _S8_MAX): the
+        # input's largest uint8 value (onnxruntime shifts int8 inputs by 128) bounds the exact weights
+        w_max = min(127, 32767 // (2 * max(x_hi + (128 if x_lo < 0 else 0), 1)))
+        pow2 = [2 ** e for e in range(int(math.log2(w_max)), -1, -1)]
+        t = _const(graph, node.input[2]).astype(np.float64) / (s_x * s_w.astype(np.float64))
+        m = s_x * s_w.astype(np.float64) / s_y
+        lo, hi = _exact_bias_window(t, m, *_accumulator_range(d, x_lo - z_x, x_hi - z_x),
+                                    np.arange(y_lo + 1, y_hi + 1) - 0.5 - z_y)
+        margin = 1e-4 / m
+        k_best, b_best = np.ones(len(d)), np.round(t)
+        residual, exact = np.abs(t - b_best), np.zeros(len(d), dtype=bool)
+        for k in (pow2 + [k for k in range(1, w_max + 1) if k not in pow2]) if own_grid else [1]:
+            allowed = k * span <= w_max if own_grid else np.ones(len(d), dtype=bool)
+            near = np.round(k * t)
+            b_lo, b_hi = np.ceil(k * (lo + margin)), np.ceil(k * (hi - margin)) - 1  # B / k inside the window
+            ok = allowed & ~exact & (b_lo <= b_hi)
+            better = allowed & ~exact & ~ok & (np.abs(t - near / k) < residual)
+            b = np.clip(near, b_lo, b_hi)  # the nearest to t (windows are unbounded past unreachable levels)
+            k_best, b_best = np.where(ok | better, k, k_best), np.where(ok, b, np.where(better, near, b_best))
+            residual = np.where(ok, 0.0, np.where(better, np.abs(t - near / k), residual))
+            exact |= ok
+        scale = (s_w / k_best).astype(np.float32)
+        plans.append({"node": node.name, "exact": bool(exact.all()), "channels": (int(exact.sum()), len(d)),
+                      "error": float((residual * m).max() / (y_hi - y_lo)),
+                      "weight": (d * k_best.reshape([-1] + [1] * (d.ndim - 1))).astype(np.int8) if own_grid else None,
+                      "scale": scale, "multiplier": torch.from_numpy(k_best.astype(np.int64)),
+                      "bias": (b_best * (np.float32(s_x) * scale)).astype(np.float32)})
+    return plans
+
+
+def _apply_bias_plans(model, plans: list[dict[str, Any]], kept_float: set[str]) -> dict[str, torch.Tensor]:
+    """Write ``plans`` (:func:`_bias_plans`) into ``model``; the nodes in ``kept_float`` get their bias
+    as a float Add instead (:func:`_separate_bias`: onnxruntime runs them in float, exactly). Returns
+    weight initializer name -> per-channel multiplier of the rewritten weights."""
+    graph = model.graph
+    prod = {o: n for n in graph.node for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+    multipliers = {}
+    for plan in plans:
+        node = nodes[plan["node"]]
+        if plan["node"] in kept_float:
+            _separate_bias(graph, node)
+            continue
+        dq_w = prod[node.input[1]]
+        if plan["weight"] is not None:
+            _set_const(graph, dq_w.input[0], plan["weight"])
+            _set_const(graph, dq_w.input[1] + "_k", plan["scale"])
+            dq_w.input[1] = dq_w.input[1] + "_k"
+            multipliers[dq_w.input[0]] = plan["multiplier"]
+        _set_const(graph, node.input[2], plan["bias"])
+    return multipliers
+
+
+def _run_graph(model, images: torch.Tensor, optimized: bool, batch_size: int = 32):
+    """``model``'s first output on ``images`` in onnxruntime (CPU), with all graph optimizations (the
+    integer kernels) or none (the graph as written)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: images[i : i + batch_size].float().numpy()})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+def _int32_biases(model, layers: dict[str, "_ExportLayer"], calib: torch.Tensor | None,
+                  approximate: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Give every integer Conv/Gemm the int32 bias of :func:`_bias_plans`, keeping float the ones
+    whose rounding moves the model's output.
+
+    Exact plans always run as integer kernels, and so does every plan of an ``approximate`` export
+    (--integer-residual / --int8-weights: integer kernels everywhere is its point, and its
+    verification bounds top-1 only). Without ``calib`` every inexact one stays float, so
+    the export computes the simulation. With ``calib`` (pre-normalized images) the inexact nodes are
+    kept float in order of their bias error (share of the output range) until onnxruntime's output
+    on those images agrees with the simulation's (the graph run as written) in every argmax and
+    within ``BIAS_ROUNDING_LOGIT_TOLERANCE`` mean |logit difference| (bisection over that order:
+    about log2(n) onnxruntime sessions). How much a moved output integer matters depends on the
+    rest of the network (one step in an early 4-bit layer of a range-initialized MobileNetV2 changes
+    the class of a third of the images), which only running it shows. Returns the multipliers for
+    :func:`_to_int4` and a summary for the export report: ``integer_kernels`` (how many Convs/Gemms
+    onnxruntime fuses), ``exact`` (their names where the int32 bias is exact in every channel),
+    ``exact_channels`` ([exact, all] output channels of those Convs), ``rounded`` and
+    ``kept_float`` (name -> bias error as a share of the output range), ``calibration_images`` and,
+    when measured, ``mean_rel_logit_diff`` of the chosen form and its ``tolerance``."""
+    import numpy as np
+
+    plans = _bias_plans(model, layers)
+    inexact = [p["node"] for p in sorted((p for p in plans if not p["exact"]), key=lambda p: -p["error"])]
+    summary: dict[str, Any] = {"integer_kernels": len(plans), "exact": [p["node"] for p in plans if p["exact"]],
+                               "exact_channels": [sum(p["channels"][i] for p in plans) for i in (0, 1)],
+                               "calibration_images": 0 if calib is None else len(calib)}
+    n_float = 0 if approximate else len(inexact)
+    if calib is not None and n_float:
+        ref = _run_graph(model, calib, optimized=False)
+        scale = max(float(np.abs(ref).max()), 1e-12)
+        measured: dict[int, tuple[float, bool]] = {}  # nodes kept float -> (mean rel logit diff, all argmax equal)
+
+        def passes(n: int) -> bool:
+            variant = copy.deepcopy(model)
+            _apply_bias_plans(variant, plans, set(inexact[:n]))
+            out = _run_graph(variant, calib, optimized=True)
+            measured[n] = (float(np.abs(out - ref).mean()) / scale, bool((out.argmax(1) == ref.argmax(1)).all()))
+            return measured[n][1] and measured[n][0] <= BIAS_ROUNDING_LOGIT_TOLERANCE
+
+        # passes(lo) is false, passes(hi) true (all inexact nodes float compute the simulation)
+        lo, hi = (-1, 0) if passes(0) else (0, len(inexact))
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+        n_float = hi
+        summary["mean_rel_logit_diff"] = measured[n_float][0] if n_float in measured else None
+        summary["tolerance"] = BIAS_ROUNDING_LOGIT_TOLERANCE
+    by_name = {p["node"]: p for p in plans}
+    kept = set(inexact[:n_float])
+    summary["kept_float"] = {n: by_name[n]["error"] for n in inexact[:n_float]}
+    summary["rounded"] = {n: by_name[n]["error"] for n in inexact[n_float:]}
+    return _apply_bias_plans(model, plans, kept), summary
+
+
 def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path, opset: int = DEFAULT_OPSET,
                 metadata: dict[str, str] | None = None, fuse_bias: bool = False, integer_residual: bool = False,
                 calib: torch.Tensor | None = None, int8_weights: bool = False) -> dict[str, Any]:
@@ -825,8 +1071,12 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     folds a Relu/ReLU6 in front of a QuantizeLinear into the integer clip after it (both exact,
     see :func:`_uint8_activations`, :func:`_fold_activation_clips`), so that a Conv between a
     signed and an unsigned grid, or behind a ReLU6, can run as QLinearConv. Integer kernels round
-    biases to int32 on the step ``s_x * s_w``; for 4-bit depthwise convolutions with large folded
-    weights that step is comparable to the output grid's and moves top-1 (benchmarks/results/deploy.md).
+    biases to int32 on the step ``s_x * s_w``, which for 4-bit depthwise convolutions with large
+    folded weights exceeds the output grid's step; the exporter gives each such Conv per-channel
+    weight multipliers and int32 biases that reproduce the simulation's output integers, and keeps
+    the Convs where some channel has none in float, unless ``calib`` (pre-normalized images) shows
+    that they move the logits by less than ``BIAS_ROUNDING_LOGIT_TOLERANCE`` (:func:`_int32_biases`;
+    the summary's ``int32_biases`` lists them).
 
     ``integer_residual=True`` (implies ``fuse_bias``) goes further than the simulated model: it
     adds 8-bit QuantizeLinear/DequantizeLinear on the activations dfquant keeps in float around
@@ -885,12 +1135,17 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
              if m.quantized and opset >= INT4_MIN_OPSET and m.qrange[0] >= -8 and m.qrange[1] <= 15}
     _materialize_identities(model)
     added = _quantize_float_activations(model, calib) if integer_residual else None
-    folded = 0
+    folded, biases = 0, None
     if fuse_bias:
         folded = _fold_activation_clips(model)
         _uint8_activations(model)
+        multipliers, biases = _int32_biases(model, layers, calib, approximate=integer_residual or int8_weights)
+        small = {k: (q, z, multipliers.get(k, m)) for k, (q, z, m) in small.items()}
     converted = _to_int4(model, small) if small else {}
-    float_kernels = _float_kernel_weights(model)
+    why = ("int32 bias rounding changes its output integers, "
+           + ("and the logits on the calibration images" if biases and biases["calibration_images"]
+              else "no calibration images to measure the logits"))
+    float_kernels = _float_kernel_weights(model, dict.fromkeys((biases or {}).get("kept_float", {}), why))
     _prune_initializers(model)
     weights: dict[str, str] = {}
     for n, m in layers.items():
@@ -917,7 +1172,7 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"path": str(path), "opset": opset, "ops": ops, "weights": weights, "int4_fallback": missing,
-            "fused_bias": fuse_bias, "integer_residual": added, "folded_activation_clips": folded,
+            "fused_bias": fuse_bias, "integer_residual": added, "folded_activation_clips": folded, "int32_biases": biases,
             "reround_weights": sorted(n for n, m in layers.items() if m.quantized and m.reround),
             "float_kernels": float_kernels, "bytes": path.stat().st_size}
 
@@ -1116,10 +1371,11 @@ def _runtime_integer_nodes(model) -> set[str]:
     return {n.name for n in optimized.graph.node if n.op_type in INTEGER_KERNELS}
 
 
-def _float_kernel_weights(model) -> dict[str, str]:
+def _float_kernel_weights(model, kept_float: dict[str, str] | None = None) -> dict[str, str]:
     """Give every Conv/Gemm/MatMul that the runtime will run in float (:func:`_runtime_integer_nodes`)
     its weight dequantized by ``Cast -> (Sub) -> Mul`` instead of DequantizeLinear; returns node
-    name -> reason (:func:`_float_reason`).
+    name -> reason (:func:`_float_reason`, or ``kept_float``'s for the nodes the exporter kept float on
+    purpose: their bias is a separate float Add, handled as below).
 
     onnxruntime keeps a DequantizeLinear of a constant as it is (for its QDQ fusions), so a float
     Conv behind one re-dequantizes its weight on every run and cannot pre-pack it or use its
@@ -1132,14 +1388,15 @@ def _float_kernel_weights(model) -> dict[str, str]:
     prod = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
     integer = _runtime_integer_nodes(model)
+    kept_float = kept_float or {}
     swap: dict[str, list] = {}
     reasons: dict[str, str] = {}
-    for node in graph.node:
+    for node in list(graph.node):  # _separate_bias inserts nodes
         if node.op_type not in ("Conv", "Gemm", "MatMul") or (node.name and node.name in integer):
             continue
-        why = _float_reason(graph, node) or "onnxruntime does not fuse it into an integer kernel"
+        why = kept_float.get(node.name) or _float_reason(graph, node) or "onnxruntime does not fuse it into an integer kernel"
         reasons[node.name] = why
-        if why.startswith("bias"):
+        if why.startswith("bias") or node.name in kept_float:
             # onnxruntime folds a constant bias Add into a Conv with a constant weight, which would
             # complete the QDQ pattern around a float weight; it then re-quantizes that weight on
             # a grid of its own choosing. Kept behind DequantizeLinear, the weight stays dfquant's.
@@ -1150,14 +1407,7 @@ def _float_kernel_weights(model) -> dict[str, str]:
             # large folded weights) although the node runs in float: the weight stays behind
             # DequantizeLinear and the bias becomes a separate float Add, which is exact
             if len(node.input) > 2 and node.input[2]:
-                bias = numpy_helper.to_array(inits[node.input[2]])
-                spatial = next((len(a.ints) for a in node.attribute if a.name == "kernel_shape"), 2)
-                shape = [-1] + [1] * spatial if node.op_type == "Conv" else [-1]
-                name, out = node.input[2] + "_separate", node.output[0]
-                graph.initializer.append(numpy_helper.from_array(bias.reshape(shape), name))
-                del node.input[2]
-                node.output[0] = out + "_without_bias"
-                swap[node.name or out] = [node, helper.make_node("Add", [node.output[0], name], [out])]
+                _separate_bias(graph, node)
             continue
         dq = prod.get(node.input[1]) if len(node.input) > 1 else None
         weight = inits.get(dq.input[0]) or inits.get(dq.input[0].replace("_from_int4", "_int4")) if dq else None
@@ -1176,7 +1426,7 @@ def _float_kernel_weights(model) -> dict[str, str]:
         swap[dq.name or out] = nodes
     kept = []
     for n in graph.node:
-        kept += swap.get(n.name or n.output[0], [n]) if n.op_type in ("DequantizeLinear", "Conv", "Gemm") else [n]
+        kept += swap.get(n.name or n.output[0], [n]) if n.op_type == "DequantizeLinear" else [n]
     del graph.node[:]
     graph.node.extend(kept)
     return reasons
@@ -1369,8 +1619,9 @@ def verification_error(report: dict[str, Any]) -> DfqError | None:
     flips = v["disagreements"]
     near_tie = (f"{len(flips)} image(s) changed class, with top-2 logit margins up to "
                 f"{max(d['torch_top2_margin'] for d in flips):.3g} in the fake-quantized model. ") if flips else ""
-    bias = ("--fuse-bias lets onnxruntime round biases to int32, which the simulation does not model; export without it. "
-            if report["export"].get("fused_bias") else "")
+    rounded = (report["export"].get("int32_biases") or {}).get("rounded") or {}
+    bias = (f"{len(rounded)} integer kernel(s) round their int32 bias inexactly (measured harmless on calibration "
+            "images); export without --fuse-bias. " if report["export"].get("fused_bias") and rounded else "")
     return DfqError(
         f"onnxruntime disagrees with the fake-quantized model on {v['n']} images: top-1 {v['top1_onnx']:.2f}% vs "
         f"{v['top1_torch']:.2f}% (tolerance {TOP1_TOLERANCE_POINTS} points), mean |logit diff| "
