@@ -30,7 +30,7 @@ import torch
 
 from dfquant.data.calib import load_calibration
 from calib_cache import SOURCES, augmentation, cached_source
-from resumable_csv import append_row, log_command, open_results
+from resumable_csv import append_row, log_command, open_results, notes_for
 from dfquant.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
@@ -134,7 +134,7 @@ def main() -> None:
     accuracy_vs_bits(agg, out.with_suffix(".png"))
     write_text(out.with_suffix(".md"), f"# {out.name}\n\nCommands that produced the rows (CPU, 2 cores shared; "
                "each row of the CSV records its iterations per block, calibration size and seed; paper: 20000 "
-               "iterations per block, 1024 images, batch 32):\n\n" + cmds + "\ntime (s): wall time of one row on one "
+               "iterations per block, 1024 images, batch 32):\n\n" + cmds + "\n" + notes_for(out) + "time (s): wall time of one row on one "
                "CPU thread (quantization, joint steps if any, and the test-set evaluation), mean over seeds; the calibration "
                "set's generation or distillation is not included.\n\nTest set: "
                f"{'first ' + str(args.eval_limit) if args.eval_limit else 'full 10k'} images.\n\n"

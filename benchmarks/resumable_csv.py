@@ -35,3 +35,10 @@ def log_command(out: Path, record: bool = True) -> str:
         with open(log, "a") as fh:
             fh.write("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
     return "".join(f"- `{c}`\n" for c in log.read_text().splitlines()) if log.exists() else ""
+
+
+def notes_for(out: Path) -> str:
+    """The hand-written provenance kept beside a results table in ``<out>.notes.md`` (what the CSV cannot hold, e.g.
+    which rows an older engine made), as a Markdown paragraph for the table's report; ``""`` when there is none."""
+    notes = Path(out).with_suffix(".notes.md")
+    return f"Notes ({notes.name}):\n\n{notes.read_text().strip()}\n\n" if notes.exists() else ""

@@ -42,3 +42,12 @@ def test_generated_sets_are_shared_by_label_set_and_inversion_sets_are_per_model
     assert calib_run_dir(a, "mixup", 0) != calib_run_dir(a, "mixup", 1)
     assert calib_run_dir(a, "distill", 0) != calib_run_dir(b, "distill", 0)
     assert Path(calib_run_dir(a, "distill", 0)).parent.parent == tmp_path
+
+
+def test_notes_beside_a_table_reach_its_report(tmp_path):
+    from resumable_csv import notes_for
+
+    out = tmp_path / "grid"
+    assert notes_for(out) == ""
+    (tmp_path / "grid.notes.md").write_text("The ResNet-20 rows are older.\n\n")
+    assert notes_for(out) == "Notes (grid.notes.md):\n\nThe ResNet-20 rows are older.\n\n"
