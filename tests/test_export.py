@@ -630,3 +630,46 @@ def test_integer_residual_runs_every_conv_as_integer_kernel(fp_model, data, tmp_
     report = E.verify_onnx(qmodel, path, data[1][:128], data[2][:128], approximate=True)
     assert report["approximate"] and report["argmax_agreement"] >= 80.0, report
     assert E.verification_passed(report) == (report["top1_diff_points"] <= E.APPROX_TOP1_TOLERANCE_POINTS)
+
+
+def test_int32_biases_stay_inside_int32(data, tmp_path):
+    """A BN-folded channel with a vanishing scale and a large shift (gamma 1e-9, beta 5) needs a bias of
+    ~1e10 steps s_x s_w: no int32 holds it, so its Conv must not be called exact with a wrapped bias; the
+    export still computes the simulation."""
+    from dfquant.quant.api import quantize
+
+    model = _mobilenet(data)
+    dw_bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][4]
+    dw_bn.weight.data[0], dw_bn.bias.data[0] = 1e-9, 5.0
+    qmodel, _ = quantize(model, data[0][:32], "minmax", 4, 4, iters=1, batch_size=32, progress=False)
+    for calib in (None, data[0][32:]):
+        path = tmp_path / f"big_bias_{calib is None}.onnx"
+        E.export_onnx(qmodel, INPUT, path, fuse_bias=True, calib=calib)
+        report = E.verify_onnx(qmodel, path, data[1], data[2])
+        assert report["passed"] and report["argmax_agreement"] == 100.0, report
+
+
+def test_uint8_weight_grid_with_zero_zero_points_is_not_rewritten_as_int8(data, tmp_path):
+    """An 8-bit asymmetric weight grid of non-negative weights has zero points 0 but lives in uint8 (0..255):
+    the int32-bias search must not treat it as the int8 form (values above 127 would wrap)."""
+    model = _chain(data, 8, 8)
+    for m in model.modules():
+        if isinstance(m, QuantLayer):
+            m.layer.weight.data.abs_()
+            m.wq.init_range(m.layer.weight)
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.abs_()
+    assert any(m.wq.zero_point.eq(0).all() and m.wq.qrange == (0, 255) for m in model.modules() if isinstance(m, QuantLayer))
+    path = tmp_path / "u8.onnx"
+    E.export_onnx(model, INPUT, path, fuse_bias=True, calib=data[0])
+    report = E.verify_onnx(model, path, data[1][:128], data[2][:128])
+    assert report["passed"], report
+
+
+def test_bad_calibration_images_are_refused_before_writing(data, tmp_path):
+    model = _chain(data, 8, 8)
+    path = tmp_path / "bad.onnx"
+    for calib in (data[0][:0], data[0][:, :1], data[0][:, :, :16]):
+        with pytest.raises(DfqError, match=r"calibration images must be a non-empty batch of shape \(N, 3, 32, 32\)"):
+            E.export_onnx(model, INPUT, path, fuse_bias=True, calib=calib)
+    assert not path.exists()
