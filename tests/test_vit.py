@@ -36,6 +36,19 @@ def test_reparameterization_keeps_fp_function():
     assert qkv.aq.channel_axis is None and qkv.aq.symmetric is False  # per-tensor after reparameterization
 
 
+def test_attention_and_reparameterized_quantizers_follow_the_presets_ste():
+    """genie-m's STE (round_ste(clamp(x/s))) reaches every activation quantizer of a ViT, including q/k/v and the
+    per-tensor quantizers that replace the per-channel ones after LayerNorm reparameterization."""
+    from dfquant.quant.modules import act_quantizers
+    from dfquant.quant.quantizers import UniformQuantizer
+
+    for algo, expected in (("genie-m", True), ("repq-vit", False)):
+        q = build_quantized(_tiny_vit(), make_quant_config(algo, 4, 4), vit={"quant_attention": True})
+        reparameterize_layernorms(q, torch.randn(8, 3, 32, 32))
+        uniform = [a for a in act_quantizers(q) if isinstance(a, UniformQuantizer)]
+        assert len(uniform) > 6 and {a.clamp_first for a in uniform} == {expected}, algo
+
+
 def test_swin_attention_quantizable():
     m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=16, depths=(1, 1),
                           num_heads=(1, 2), num_classes=5).eval()

@@ -36,11 +36,13 @@ FP_KINDS = ("LayerNorm", "GELU", "Softmax", "residual additions", "position embe
 class QuantAttention(nn.Module):
     """Unfused multi-head attention with quantized q, k, v and softmax output."""
 
-    def __init__(self, attn: nn.Module, abits: float, kind: str):
+    def __init__(self, attn: nn.Module, abits: float, kind: str, clamp_first: bool = False):
         super().__init__()
         self.attn = attn
         self.kind = kind
-        self.q_q, self.k_q, self.v_q = (UniformQuantizer(abits, symmetric=True, learn_scale=True) for _ in range(3))
+        # the run's STE convention (QuantConfig.act_clamp_first) holds here too when a preset reconstructs a ViT
+        self.q_q, self.k_q, self.v_q = (UniformQuantizer(abits, symmetric=True, learn_scale=True, clamp_first=clamp_first)
+                                        for _ in range(3))
         for q in (self.q_q, self.k_q, self.v_q):
             q.init_method = "psearch"
         self.softmax_q = LogSqrt2Quantizer(abits)
@@ -85,7 +87,7 @@ def prepare_vit(model: nn.Module, cfg: QuantConfig, options: dict) -> nn.Module:
             raise DfqError(f"attention module {name} ({type(m).__module__}.{type(m).__name__}) cannot be quantized yet; "
                            f"supported: timm {', '.join(SUPPORTED)}. Pass a model built from those, or add its forward to dfquant.quant.vit")
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, QuantAttention(m, cfg.abits, kind))
+        setattr(model.get_submodule(parent) if parent else model, attr, QuantAttention(m, cfg.abits, kind, cfg.act_clamp_first))
     return model
 
 
@@ -133,7 +135,7 @@ def reparameterize_layernorms(qmodel: nn.Module, calib: torch.Tensor, weight_ini
         lin.layer.bias.data = lin.layer.bias.data - w @ (s * r2)
         lin.layer.weight.data = w * r1.view(1, -1)
         lin.wq.init_range(lin.layer.weight, method=weight_init)
-        aq = UniformQuantizer(lin.aq.bits, symmetric=False, learn_scale=True)
+        aq = UniformQuantizer(lin.aq.bits, symmetric=False, learn_scale=True, clamp_first=lin.aq.clamp_first)
         aq.set_params(s_t.view(1), z_t.view(1))
         lin.aq = aq
     return [name for _, _, name in pairs]
