@@ -278,6 +278,8 @@ def main() -> None:
                + " ".join(shlex.quote(a) for a in sys.argv))
     flags = cpu_flags()
     cmd_path = out.parent / (out.name + ".command.txt")  # the measuring commands, kept for --report-only
+    if (args.report_only or args.update) and not (csv_path.exists() and cmd_path.exists()):
+        ap.error(f"{csv_path} or {cmd_path} is missing; run without --update/--report-only first")
     commands = cmd_path.read_text().strip().splitlines() if args.report_only or args.update else []
     if not args.report_only:
         out.parent.mkdir(parents=True, exist_ok=True)
