@@ -25,7 +25,10 @@ fields:
   preset learns the rounding of every unit first and the activation steps in a second pass, as BRECQ's code;
 * ``faithful-symgrid``: for ``--algo brecq``/``qdrop``/``adaround``, dfquant's former activation grid (symmetric,
   signed iff the data has negatives) and range search over 100 clip ratios, in place of their code's affine grid
-  (BRECQ/AdaRound: searched over 80 ratios, 1.0..0.21).
+  (BRECQ/AdaRound: searched over 80 ratios, 1.0..0.21);
+* ``faithful-zp1d``: for ``--algo qdrop``, the range search without QDrop's zero-point search (``zero_point_search``:
+  for two-sided tensors, weights per channel and activations, QDrop's ``MSEObserver`` tries every zero point at each
+  range; the 1-D search takes the zero point that centres the clipped range where min/max put it).
 
 Rows are appended to ``<out>.csv`` as they finish (an interrupted study resumes); ``<out>.md`` and ``<out>.png`` are
 rewritten at the end, with every command that produced rows.
@@ -68,6 +71,7 @@ VARIANTS: dict[str, dict] = {
     "faithful-oldgrid": {"quant": {"act_signed_step": "qmax", **AFTER}},
     "faithful-joint": {"stages": "joint"},
     "faithful-symgrid": {"quant": {"act_symmetric": True, "clip_ratios": 100}},
+    "faithful-zp1d": {"quant": {"zero_point_search": False}},
 }
 FIELDS = ["model", "strategy", "algo", "bits", "seed", "n_calib", "iters", "fp_top1", "q_top1", "quant_seconds"]
 
@@ -129,7 +133,8 @@ def main() -> None:
                "activations, e.g. MobileNetV2's block inputs); joint: "
                "brecq/adaround in one joint pass instead of BRECQ's weights-then-activations passes; symgrid: "
                "brecq/qdrop/adaround with dfquant's former symmetric activation grid and 100 clip ratios instead of their "
-               "code's affine grid (BRECQ/AdaRound: 80 ratios, 1.0..0.21). The MobileNetV2 "
+               "code's affine grid (BRECQ/AdaRound: 80 ratios, 1.0..0.21); zp1d: qdrop without its 2-D search (every zero "
+               "point at each range, for two-sided weights and activations), i.e. with the 1-D range search. The MobileNetV2 "
                "rows labelled faithful-oldgrid at W2A4 and W3A3 were made as `faithful` before genie-m took Genie's "
                "signed step (the same code path: a fresh faithful-oldgrid run reproduced that W4A4 row, 79.05, "
                "exactly). ResNet-20 has no signed activation quantizer, so its genie-m rows hold for either grid. "

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer, check_bits, round_ste
 from dfquant.quant.reconstruct import _Beta
@@ -303,3 +304,62 @@ def test_brecq_family_activation_grid_is_the_reference_affine_one(algo):
     assert (qdrop.act_symmetric, qdrop.clip_ratios) == (False, 100)
     with pytest.raises(DfqError, match="clip_ratios 0 is not an integer from 1 to 100"):
         make_quant_config(algo, 4, 4, clip_ratios=0)
+
+
+def _qdrop_2d_search(x: torch.Tensor, bits: int, ch_axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """QDrop's MSEObserver.perform_2D_search written out: ranges xrange * i / 100 (i = 1..100) and at each one every
+    zero point, scored by the mean |x - Q(x)|^2.4 (per channel for weights), strict improvement in that order."""
+    qmax = 2**bits - 1
+    rows = x.reshape(1, -1) if ch_axis is None else x.transpose(0, ch_axis).reshape(x.shape[ch_axis], -1)
+    x_min, x_max = rows.min(1).values.clamp_max(0), rows.max(1).values.clamp_min(0)
+    best = torch.full_like(x_min, 1e10)
+    scale, zp = torch.zeros_like(x_min), torch.zeros_like(x_min)
+    for i in range(1, 101):
+        delta = (x_max - x_min) / 100 * i / qmax
+        for z in range(0, qmax + 1):
+            new_min, new_max = -z * delta, (x_max - x_min) / 100 * i - z * delta
+            s = ((new_max.clamp_min(0) - new_min.clamp_max(0)) / qmax).clamp_min(1e-8)
+            zero = (-torch.round(new_min.clamp_max(0) / s)).clamp(0, qmax)
+            xq = (torch.clamp(torch.round(rows / s[:, None]) + zero[:, None], 0, qmax) - zero[:, None]) * s[:, None]
+            score = (xq - rows).abs().pow(2.4).mean(1)
+            better = score < best
+            scale, zp, best = torch.where(better, s, scale), torch.where(better, zero, zp), torch.minimum(score, best)
+    return scale, zp
+
+
+def test_qdrop_zero_point_search_is_the_reference_2d_search():
+    """QDrop's preset searches every (range, zero point) pair for two-sided tensors, weights per channel and
+    activations per tensor; one-sided data keeps the 1-D search, and so do the other presets."""
+    from dfquant.quant.modules import QuantLayer, _act_quantizer
+    from dfquant.quant.transform import make_quant_config
+
+    g = torch.Generator().manual_seed(5)
+    cfg = make_quant_config("qdrop", 4, 4)
+    assert cfg.zero_point_search and not make_quant_config("brecq", 4, 4).zero_point_search
+    # a skewed two-sided activation: the error-optimal zero point is not the one min/max centring gives
+    act = torch.cat([torch.randn(6000, generator=g).abs() ** 2 * 3, -torch.rand(2000, generator=g) * 0.5,
+                     torch.tensor([-6.0])]).view(1, -1, 1, 1)
+    for bits in (2, 4):
+        q = _act_quantizer(bits, cfg)
+        q.init_range(act)
+        s_ref, z_ref = _qdrop_2d_search(act, bits, None)
+        assert q.scale.item() == pytest.approx(s_ref.item(), rel=1e-5) and q.zero_point.item() == z_ref.item()
+        one_d = _act_quantizer(bits, make_quant_config("qdrop", 4, 4, zero_point_search=False))
+        one_d.init_range(act)
+        err_2d, err_1d = ((m(act) - act).abs().pow(2.4).sum().item() for m in (q, one_d))
+        assert err_2d <= err_1d
+        if bits == 4:  # the 1-D search lands elsewhere on this data
+            assert one_d.zero_point.item() != z_ref.item() and err_2d < 0.9 * err_1d
+    conv = nn.Conv2d(3, 6, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(6, 3, 3, 3, generator=g) + torch.linspace(-1, 1, 6).view(6, 1, 1, 1))
+    layer = QuantLayer(conv, 2, None, cfg)
+    s_ref, z_ref = _qdrop_2d_search(conv.weight.detach(), 2, 0)
+    torch.testing.assert_close(layer.wq.scale.detach(), s_ref, rtol=1e-5, atol=0)
+    assert torch.equal(layer.wq.zero_point, z_ref)
+    # one-sided data: the 2-D search is not used (QDrop's 1-D branch), so the result equals the plain search
+    pos = act.abs()
+    a, b = _act_quantizer(4, cfg), _act_quantizer(4, make_quant_config("qdrop", 4, 4, zero_point_search=False))
+    a.init_range(pos)
+    b.init_range(pos)
+    assert (a.scale.item(), a.zero_point.item()) == (b.scale.item(), b.zero_point.item())

@@ -38,8 +38,9 @@ _ADAROUND = dict(round_weight=0.01, lr_rounding=1e-3, rounding_schedule="constan
 _TWO_STAGES = dict(stages="weights-then-acts", act_init_images=64, lr_act_scale=4e-4)
 # BRECQ's UniformAffineQuantizer: affine activation grids (a zero point from the range, so signed inputs get an
 # asymmetric grid) and an Lp (p=2.4) range search over 80 clip ratios 1.0..0.21, for weights and activations.
-# QDrop's MSEObserver (qdrop/quantization/observer.py, the code behind its published configs) is affine too but
-# tries 100 ranges (xrange * i / 100), and for two-sided data also every zero point (not reproduced here)
+# QDrop's MSEObserver (qdrop/quantization/observer.py, the code behind its published configs) is affine too, for
+# weights (per channel) and activations, but tries 100 ranges (xrange * i / 100), and for two-sided tensors every
+# zero point at each of them (perform_2D_search)
 _AFFINE = dict(act_symmetric=False, clip_ratios=80)
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
@@ -52,7 +53,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               "learned rounding layer by layer, then activation steps"),
     Algorithm("brecq", dict(second_input_bits=8, fold_bn=True, **_AFFINE),
               dict(_ADAROUND, **_TWO_STAGES), "learned rounding per block, then activation steps"),
-    Algorithm("qdrop", dict(second_input_bits=None, fold_bn=True, act_symmetric=False),
+    Algorithm("qdrop", dict(second_input_bits=None, fold_bn=True, act_symmetric=False, zero_point_search=True),
               dict(_ADAROUND, drop_prob=0.5, lr_act_scale=4e-5, sampling="randint"), "as brecq, with random drop of activation quantization"),
     # Genie-M (SamsungLabs/Genie main.py / reconstruct.py): round_weight 1.0, Adam on V without a schedule,
     # weight and activation steps with cosine decay, activation steps initialised on the first shuffled batch

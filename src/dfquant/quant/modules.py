@@ -33,14 +33,16 @@ class QuantConfig:
     act_signed_step: str = "qmax"    # signed grids: qmax: max/(2^(b-1)-1) | span: 2*max/(2^b-1) (Genie; see UniformQuantizer)
     act_clamp_first: bool = False    # round_ste(clamp(x/s)) (Genie): the STE passes gradients inside the range, not
                                      # only where the rounded value is (BRECQ/QDrop: clamp(round_ste(x/s)))
-    clip_ratios: int = 100           # mse range search over ratios 1.0, 0.99, ...: 100 (Genie) | 80 (BRECQ/QDrop)
+    clip_ratios: int = 100           # mse range search over ratios 1.0, 0.99, ...: 100 (Genie, QDrop) | 80 (BRECQ)
+    zero_point_search: bool = False  # affine grids, two-sided data: also search every zero point (QDrop's 2-D search)
     fold_bn: bool = False
     keep_fp: list[str] = field(default_factory=list)  # module-name globs left in full precision
 
 
 def _act_quantizer(bits: float, cfg: QuantConfig) -> UniformQuantizer:
     q = UniformQuantizer(bits, symmetric=cfg.act_symmetric, learn_scale=True, signed_step=cfg.act_signed_step,
-                         clamp_first=cfg.act_clamp_first, clip_ratios=cfg.clip_ratios)
+                         clamp_first=cfg.act_clamp_first, clip_ratios=cfg.clip_ratios,
+                         zero_point_search=cfg.zero_point_search)
     q.init_method = cfg.act_init
     return q
 
@@ -51,7 +53,8 @@ class QuantLayer(nn.Module):
     def __init__(self, layer: nn.Conv2d | nn.Linear, wbits: float, abits: float | None, cfg: QuantConfig):
         super().__init__()
         self.layer = layer
-        self.wq = UniformQuantizer(wbits, channel_axis=0, clip_ratios=cfg.clip_ratios)
+        self.wq = UniformQuantizer(wbits, channel_axis=0, clip_ratios=cfg.clip_ratios,
+                                   zero_point_search=cfg.zero_point_search)
         self.wq.init_range(layer.weight, method=cfg.weight_init)
         self.aq = _act_quantizer(abits, cfg) if abits else None
         self.soft: SoftRoundingWeight | None = None

@@ -58,11 +58,15 @@ class UniformQuantizer(nn.Module):
         clamp_first: ``round_ste(clamp(x / s))`` (Genie's activations) instead of ``clamp(round_ste(x / s))``.
         clip_ratios: how many clip ratios 1.0, 0.99, ... the ``mse`` range search tries: 100 (down to 0.01, Genie's
             ``init_scale``) or 80 (down to 0.21, BRECQ's and QDrop's ``UniformAffineQuantizer``).
+        zero_point_search: on an affine grid, when the data is two-sided (negative and positive values anywhere in
+            the tensor), the ``mse`` search tries every zero point at each range ``(hi - lo) * ratio`` instead of the
+            one that keeps the clipped range centred where the data is (QDrop's ``MSEObserver.perform_2D_search``:
+            an offset data distribution gets its zero point from the error, not from min/max).
     """
 
     def __init__(self, bits: float, channel_axis: int | None = None, symmetric: bool = False,
                  signed: bool | None = None, learn_scale: bool = False, signed_step: str = "qmax",
-                 clamp_first: bool = False, clip_ratios: int = 100):
+                 clamp_first: bool = False, clip_ratios: int = 100, zero_point_search: bool = False):
         super().__init__()
         self.bits = check_bits(bits)
         self.channel_axis = channel_axis
@@ -75,6 +79,7 @@ class UniformQuantizer(nn.Module):
         if not 1 <= clip_ratios <= 100:
             raise ValueError(f"clip_ratios must be in 1..100, got {clip_ratios}")
         self.clip_ratios = clip_ratios
+        self.zero_point_search = zero_point_search
         self.enabled = True
         self.initialized = False
         self.init_method = "mse"  # used when the range is initialized lazily from the first batch
@@ -181,6 +186,9 @@ class UniformQuantizer(nn.Module):
                 # elements (the range itself, lo/hi above, still comes from every element)
                 idx = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:MSE_SAMPLE]
                 x = x.flatten()[idx.to(x.device)]
+            if self.zero_point_search and not self.symmetric and x.min() < 0 < x.max():
+                self.set_params(*self._search_zero_point(x, lo, hi, p))
+                return
             shape = self._shape(x)
             best = torch.full_like(lo, float("inf"))
             scale, zp = self._params_for(lo, hi)
@@ -202,6 +210,30 @@ class UniformQuantizer(nn.Module):
         else:
             raise ValueError(f"unknown range init {method!r}")
         self.set_params(scale, zp)
+
+    def _search_zero_point(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                           p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 2-D Lp search (``zero_point_search``): every (range ratio, zero point) pair, per channel or tensor.
+
+        At each ratio the codes ``round(x / s)`` are computed once; the zero points are then scored together, a
+        chunk at a time, as ``clamp(k + z) - z`` (the same values as :meth:`quantize`, which rounds before it clamps)."""
+        qmin, qmax = self.qrange
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+        rows = x.reshape(1, -1) if self.channel_axis is None else x.transpose(0, self.channel_axis).reshape(len(lo), -1)
+        zps = torch.arange(qmin, qmax + 1, dtype=rows.dtype, device=rows.device)
+        best = torch.full_like(lo, float("inf"))
+        scale, zp = torch.ones_like(lo), torch.zeros_like(lo)
+        for i in range(self.clip_ratios):
+            s = ((hi - lo) * (1.0 - i / 100) / (qmax - qmin)).clamp_min(1e-8)
+            codes = torch.round(rows / s[:, None])
+            for z in zps.split(max(1, 2**22 // rows.numel())):  # bounds the (zero points, rows, elements) temporary
+                zz = z.view(-1, 1, 1)
+                err = (codes + zz).clamp_(qmin, qmax).sub_(zz).mul_(s[:, None]).sub_(rows).abs_()
+                err = err.log_().mul_(p).exp_().sum(2)  # |d|^p; 2x faster than pow_ on CPU (log 0 = -inf -> 0)
+                e, j = err.min(0)
+                better = e < best
+                best, scale, zp = torch.where(better, e, best), torch.where(better, s, scale), torch.where(better, z[j], zp)
+        return scale, zp
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         self.scale.data = scale.detach().clone().float().flatten()
