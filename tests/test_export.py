@@ -163,8 +163,12 @@ def test_bn_fold_keeps_the_integers_and_mirrors_negative_channels():
     w = (layer.weight_int.float() - layer.weight_zero_point.float().view(-1, 1, 1, 1)) * layer.weight_scale.view(-1, 1, 1, 1)
     assert torch.allclose(w, ql.qweight().detach() * k.view(-1, 1, 1, 1), rtol=1e-6, atol=0)
     assert (layer.weight_scale > 0).all() and layer.q.min() >= 0 and layer.q.max() <= 15
-    # 4-bit grid: stored as int8 m (q - z), zero point 0, m the power of two with 15 m <= 63
-    assert layer.multiplier == 4 and not layer.weight_zero_point.any() and layer.weight_int.abs().max() <= 63
+    # 4-bit grid: stored as int8 m (q - z), zero point 0, m the largest power of two with m max|q - z| <= 64, the
+    # bound that keeps AVX2's int16 pair sums of uint8 x int8 products exact (2 * 255 * 64 < 2^15)
+    span = int((layer.q - layer.z.view(-1, 1, 1, 1)).abs().max())
+    assert E._exact_int8_bound() == 64 and E._exact_int8_bound(127) == 127 and 2 * 255 * 65 >= 2**15
+    assert layer.multiplier * span <= 64 < 2 * layer.multiplier * span
+    assert not layer.weight_zero_point.any() and layer.weight_int.abs().max() <= 64
     assert torch.allclose(layer.bias, ql.layer.bias.detach() * k + c)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -673,3 +677,26 @@ def test_bad_calibration_images_are_refused_before_writing(data, tmp_path):
         with pytest.raises(DfqError, match=r"calibration images must be a non-empty batch of shape \(N, 3, 32, 32\)"):
             E.export_onnx(model, INPUT, path, fuse_bias=True, calib=calib)
     assert not path.exists()
+
+
+def test_export_calibration_images_follow_the_verification_ones(tmp_path):
+    """``dfq export``'s calibration images are the 64 after the ``n`` verification images, decoded alone: the same
+    images with or without --verify, and a folder too small to skip gives its last ones."""
+    from PIL import Image
+
+    from dfquant.evaluate import test_tensors
+    from dfquant.jobs import _verify_images
+    from dfquant.models.registry import get_model
+
+    spec = get_model("fmnist/resnet20")
+    x, y = _verify_images(spec, 64, None, skip=10)
+    ref_x, ref_y = test_tensors(spec, 74)
+    assert torch.equal(x, ref_x[10:]) and torch.equal(y, ref_y[10:])
+    for c in range(10):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(2):
+            Image.new("L", (28, 28), 20 * c + i).save(tmp_path / f"c{c}" / f"{i}.png")
+    after, _ = _verify_images(spec, 4, tmp_path, skip=6)
+    spread, _ = _verify_images(spec, 10, tmp_path)
+    assert torch.equal(after, spread[6:])
+    assert len(_verify_images(spec, 4, tmp_path, skip=30)[0]) == 4   # 20 images: the last 4

@@ -63,18 +63,22 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
     return meta
 
 
-def _verify_images(spec, n: int, val: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` embedded test images of a zoo model, or ``n`` images spread evenly over ``val``."""
+def _verify_images(spec, n: int, val: str | Path | None, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test images ``skip .. skip + n - 1`` of a zoo model's embedded test set, or of ``skip + n`` images spread
+    evenly over ``val`` (only the ``n`` returned are decoded); a set too small to skip gives its last ``n``."""
     if val is None:
         if not spec.embedded:
             raise DfqError(f"{spec.name} has no embedded test set; pass --val /path/to/imagenet/val, or --no-verify")
         from dfquant.evaluate import test_tensors
 
-        return test_tensors(spec, n)
+        x, y = test_tensors(spec, skip + n)
+        keep = slice(skip, None) if len(x) > skip else slice(-n, None)
+        return x[keep], y[keep]
     from dfquant.data.folders import ImageFolder
 
     ds = ImageFolder(val, spec.transform(), num_classes=spec.num_classes)
-    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique().tolist()
+    idx = torch.linspace(0, len(ds) - 1, min(skip + n, len(ds))).round().long().unique().tolist()
+    idx = idx[skip:] or idx[-n:]
     xs, ys = zip(*(ds[i] for i in idx))
     return torch.stack(list(xs)), torch.tensor(list(ys))
 
@@ -126,7 +130,7 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
         # the measurement that lets --fuse-bias keep inexact int32 biases as integer kernels (without
         # images the exporter keeps those Convs float)
         images = val is not None or spec.embedded
-        calib = _verify_images(spec, n + 64, val)[0][-64:] if integer_residual or (fuse_bias and images) else None
+        calib = _verify_images(spec, 64, val, skip=n)[0] if integer_residual or (fuse_bias and images) else None
         report["export"] = export_onnx(qmodel, spec.input_size, out, opset, metadata=meta, fuse_bias=fuse_bias,
                                        integer_residual=integer_residual, calib=calib, int8_weights=int8_weights)
         if verify:

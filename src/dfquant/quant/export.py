@@ -65,11 +65,16 @@ DEFAULT_OPSET = 21          # first opset with INT4/UINT4 (4-bit weights stored 
 MIN_OPSET = 13              # per-axis QuantizeLinear/DequantizeLinear
 TORCHSCRIPT_MAX_OPSET = 20  # highest opset torch's TorchScript exporter writes
 INT4_MIN_OPSET = 21
-# Largest |weight integer| written in the int8 zero-point-0 form. AVX2 CPUs without VNNI multiply
-# uint8 activations by int8 weights with VPMADDUBSW, which saturates a pair of products at
-# int16: 2 * 255 * 63 < 2^15 keeps every pair exact (onnxruntime's "reduce_range" bound).
-_S8_MAX = 63
 INT32_MAX = 2**31 - 1  # an int32 bias plus the accumulator it is added to must stay below this
+
+
+def _exact_int8_bound(x_max: int = 255) -> int:
+    """The largest |int8 weight| whose products with uint8 inputs up to ``x_max`` stay exact on every CPU.
+
+    AVX2 CPUs without VNNI multiply uint8 activations by int8 weights with VPMADDUBSW, which sums
+    each pair of products in int16 with saturation: ``2 * x_max * w <= 2^15 - 1`` keeps every pair
+    exact (64 for a full uint8 input; onnxruntime shifts int8 inputs by 128 first)."""
+    return min(127, (2**15 - 1) // (2 * max(x_max, 1)))
 
 # Acceptance thresholds of ``dfq export --verify``. Q/DQ and the integer weights reproduce
 # dfquant bit for bit (tests/test_export.py), but onnxruntime's float Conv/MatMul sum in
@@ -293,7 +298,7 @@ class _ExportLayer(nn.Module):
     grids use both ends, so they never do) onto a symmetric int8 grid per channel, scale
     ``max|w| / 127``: an approximation (at most half the new step per weight) that lets integer
     kernels run u8s8 instead of u8u8 with per-channel zero points, the slow path. Up to 127 it
-    relies on VNNI/AMX dot products; AVX2 without VNNI may saturate int16 pair sums (see ``_S8_MAX``).
+    relies on VNNI/AMX dot products; AVX2 without VNNI may saturate int16 pair sums (see :func:`_exact_int8_bound`).
 
     Unless ``fuse_bias``, the bias is added after the Conv/MatMul instead of being its bias
     input: runtimes that fuse DequantizeLinear -> Conv round a float bias to int32 with step
@@ -331,10 +336,11 @@ class _ExportLayer(nn.Module):
         shape = [-1] + [1] * (self.q.dim() - 1)
         d = self.q - self.z.view(shape)
         span = int(d.abs().max().item())
-        if span <= _S8_MAX:
-            # the largest power of two m with m |q - z| <= 63: the same weight as (m (q - z)) * (s / m)
+        bound = _exact_int8_bound()  # any uint8 input: the input grid is not known here
+        if span <= bound:
+            # the largest power of two m with m |q - z| <= bound: the same weight as (m (q - z)) * (s / m)
             # (exact: a power of two), and the int32 bias grid s_x s_w / m is m times finer
-            m = 2 ** int(math.floor(math.log2(_S8_MAX / max(span, 1))))
+            m = 2 ** int(math.floor(math.log2(bound / max(span, 1))))
             w, zp, scale = (d * m).to(torch.int8), torch.zeros_like(self.z, dtype=torch.int8), self.s / m
         elif self.int8_weights:
             wf = d * self.s.view(shape)
@@ -717,10 +723,8 @@ def _fold_activation_clips(model) -> int:
             lo, hi = np.float32(0), np.float32(np.inf)
         info = np.iinfo(zp.dtype)
         s, z = np.float32(scale.item()), int(zp.item())
-        q_cons = _consumers(graph, q.output[0])
-        clip = q_cons[0] if len(q_cons) == 1 and q_cons[0].op_type == "Clip" else None
-        cur_lo, cur_hi = ((int(_const(graph, clip.input[1])), int(_const(graph, clip.input[2]))) if clip is not None
-                          else (info.min, info.max))
+        clip = _q_clip(graph, q)
+        cur_lo, cur_hi = _q_bounds(graph, q)
         new_lo = max(cur_lo, int(np.round(np.float32(lo) / s)) + z) if np.isfinite(lo) else cur_lo
         new_hi = min(cur_hi, int(np.round(np.float32(hi) / s)) + z) if np.isfinite(hi) else cur_hi
         if new_lo > new_hi:
@@ -776,7 +780,6 @@ def _quantize_float_activations(model, calib: torch.Tensor, batch_size: int = 32
     through the graph as it is. This changes the model's function (dfquant's simulation keeps
     these tensors in float): an approximation, verified against the simulation on test images."""
     import numpy as np
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -786,10 +789,7 @@ def _quantize_float_activations(model, calib: torch.Tensor, batch_size: int = 32
     probe = copy.deepcopy(model)
     for t in points:
         probe.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = _ort_session(probe, "none")
     lo = {t: np.float32(np.inf) for t in points}
     hi = {t: np.float32(-np.inf) for t in points}
     for i in range(0, len(calib), batch_size):
@@ -853,14 +853,19 @@ def _exact_bias_window(t, m, a_min, a_max, levels):
     return lo.max(1), hi.min(1)
 
 
+def _q_clip(graph, q):
+    """The integer Clip that is QuantizeLinear ``q``'s only consumer (its b-bit grid, or a folded ReLU/ReLU6), or None."""
+    cons = _consumers(graph, q.output[0])
+    return cons[0] if len(cons) == 1 and cons[0].op_type == "Clip" else None
+
+
 def _q_bounds(graph, q) -> tuple[int, int]:
-    """The integer range of QuantizeLinear ``q``'s output: the bounds of the integer Clip after it
-    (the b-bit grid, or a folded ReLU/ReLU6), else its container's."""
+    """The integer range of QuantizeLinear ``q``'s output: the bounds of its :func:`_q_clip`, else its container's."""
     import numpy as np
 
-    cons = _consumers(graph, q.output[0])
-    if len(cons) == 1 and cons[0].op_type == "Clip":
-        return int(_const(graph, cons[0].input[1])), int(_const(graph, cons[0].input[2]))
+    clip = _q_clip(graph, q)
+    if clip is not None:
+        return int(_const(graph, clip.input[1])), int(_const(graph, clip.input[2]))
     info = np.iinfo(_const(graph, q.input[2]).dtype)
     return info.min, info.max
 
@@ -931,9 +936,8 @@ def _bias_plans(model, layers: dict[str, "_ExportLayer"]) -> list[dict[str, Any]
             d = w - np.broadcast_to(zp.reshape([-1] + [1] * (w.ndim - 1)), w.shape)
             s_w = np.broadcast_to(_const(graph, dq_w.input[1]).astype(np.float32).reshape(-1), (len(w),)).copy()
         span = np.abs(d.reshape(len(d), -1)).max(1)
-        # AVX2 without VNNI sums pairs of uint8 x int8 products in int16 (VPMADDUBSW, see _S8_MAX): the
-        # input's largest uint8 value (onnxruntime shifts int8 inputs by 128) bounds the exact weights
-        w_max = min(127, 32767 // (2 * max(x_hi + (128 if x_lo < 0 else 0), 1)))
+        # the input's largest uint8 value (onnxruntime shifts int8 inputs by 128) bounds the exact weights
+        w_max = _exact_int8_bound(x_hi + (128 if x_lo < 0 else 0))
         pow2 = [2 ** e for e in range(int(math.log2(w_max)), -1, -1)]
         t = _const(graph, node.input[2]).astype(np.float64) / (s_x * s_w.astype(np.float64))
         m = s_x * s_w.astype(np.float64) / s_y
@@ -992,14 +996,8 @@ def _run_graph(model, images: torch.Tensor, optimized: bool, batch_size: int = 3
     """``model``'s first output on ``images`` in onnxruntime (CPU), with all graph optimizations (the
     integer kernels) or none (the graph as written)."""
     import numpy as np
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = _ort_session(model, "all" if optimized else "none")
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: images[i : i + batch_size].float().numpy()})[0]
                            for i in range(0, len(images), batch_size)])
@@ -1191,17 +1189,33 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
             "float_kernels": float_kernels, "bytes": path.stat().st_size}
 
 
-def _ort_session(onnx_path: str | Path):
+def _ort_session(model: Any, level: str = "all", optimized_path: str | Path | None = None):
+    """The one way dfquant opens an onnxruntime session: CPU, this process's torch thread count, quiet.
+
+    ``model`` is a path or an in-memory ModelProto; ``level`` the graph optimizations (``none``: the graph as
+    written, ``extended``: the QDQ fusions that keep node names, ``all``: what deployment runs);
+    ``optimized_path`` saves the graph the runtime will execute. A graph the runtime rejects is a one-line
+    :class:`DfqError` that names the fix."""
     import onnxruntime as ort
 
+    levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[level]
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # the "hardware specific optimizations" warning of saving NCHWc graphs
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    on_disk = isinstance(model, (str, Path))
     try:
-        return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model) if on_disk else model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise DfqError(f"onnxruntime {ort.__version__} cannot load {onnx_path} ({first}); export again with "
+        what = model if on_disk else "the exported graph"
+        raise DfqError(f"onnxruntime {ort.__version__} cannot load {what} ({first}); export again with "
                        f"--opset {DEFAULT_OPSET} or check the runtime version") from None
 
 
@@ -1368,20 +1382,10 @@ def _runtime_integer_nodes(model) -> set[str]:
     into integer kernels. Its QDQ fusions keep the target node's name up to the extended
     optimization level (the layout passes of the full level rename nodes)."""
     import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        opts.log_severity_level = 3
-        try:
-            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise DfqError(f"onnxruntime {ort.__version__} cannot load the exported graph ({first}); export with "
-                           f"--opset {DEFAULT_OPSET} or check the runtime version") from None
-        optimized = onnx.load(opts.optimized_model_filepath)
+        _ort_session(model, "extended", Path(tmp) / "optimized.onnx")
+        optimized = onnx.load(str(Path(tmp) / "optimized.onnx"))
     return {n.name for n in optimized.graph.node if n.op_type in INTEGER_KERNELS}
 
 
@@ -1455,17 +1459,10 @@ def runtime_graph(onnx_path: str | Path) -> dict[str, Any]:
     recorded it in the metadata: :func:`_float_reason`)."""
     _require_onnx()
     import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        opts.log_severity_level = 3  # the "hardware specific optimizations" warning of saving NCHWc graphs
-        try:
-            ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise DfqError(f"onnxruntime cannot load {onnx_path} ({str(exc).strip()[:200]})") from None
-        optimized = onnx.load(opts.optimized_model_filepath)
+        _ort_session(onnx_path, "all", Path(tmp) / "optimized.onnx")
+        optimized = onnx.load(str(Path(tmp) / "optimized.onnx"))
     exported = onnx.load(str(onnx_path), load_external_data=False)
     reasons = json.loads({p.key: p.value for p in exported.metadata_props}.get("dfquant.float_kernels", "{}"))
     ops: dict[str, int] = {}
