@@ -313,18 +313,26 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     stages = ("weights", "acts") if cfg.stages == "weights-then-acts" else ("joint",)
     total_iters = cfg.iters + cfg.act_stage_iters
 
-    def announce(seconds_per_iter: float) -> None:
-        """Scale the first trained unit's (``name``'s) rate to every unit by activation size (on CPU the
-        elementwise quantizer passes dominate a step) and say it once, so a 20,000-iteration CPU run is no
-        surprise."""
-        first = max(unit_bytes.get(name, 1), 1)
-        total = seconds_per_iter * total_iters * sum(max(1.0, unit_bytes.get(u, 0) / first) for u in units)
-        tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {total_iters} iterations); "
-                   "lower --iters for a quicker, coarser run", file=sys.stderr)
+    # the run-time estimate: the second unit's seconds per iteration (a typical block; the first is often a lone
+    # stem conv, several times cheaper) for every unit, plus the first unit's seconds outside its iterations (the
+    # capture of its input through the quantized model, init, hardening) once per unit and pass
+    rates: list[float] = []
+    fixed: list[float] = []
+
+    def on_rate(seconds_per_iter: float) -> None:
+        rates.append(seconds_per_iter)
+        if fixed:
+            announce()
+
+    def announce() -> None:
+        """Say once how long the run will take, so a 20,000-iteration CPU run is no surprise."""
         nonlocal rate_cb
         rate_cb = None
+        total = len(units) * (len(stages) * fixed[0] + total_iters * rates[-1])
+        tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {total_iters} iterations); "
+                   "lower --iters for a quicker, coarser run", file=sys.stderr)
 
-    rate_cb: Callable[[float], None] | None = announce if progress else None
+    rate_cb: Callable[[float], None] | None = on_rate if progress else None
     for stage in stages:
         set_quant_state(qmodel, weights=True, acts=stage != "weights")
         if stage == "acts":  # BRECQ: every activation step from one pass of the first images through the model
@@ -344,6 +352,10 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
             s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace, progress, rate_cb, stage)
             del x_q, x_fp, y_fp
             s["seconds"] = round(time.time() - t_unit, 2)  # capture of the unit's input + its optimization
+            if rate_cb is not None and rates and not fixed:  # the first unit, timed
+                fixed.append(max(0.0, time.time() - t_unit - rates[0] * (cfg.act_stage_iters if stage == "acts" else cfg.iters)))
+                if len(units) == 1:
+                    announce()
             summary.append(s)
             bar.set_postfix(unit=name, loss=f"{s['loss_after']:.4g}")
     for s in summary:
