@@ -166,7 +166,8 @@ def test_bn_fold_keeps_the_integers_and_mirrors_negative_channels():
     # 4-bit grid: stored as int8 m (q - z), zero point 0, m the largest power of two with m max|q - z| <= 64, the
     # bound that keeps AVX2's int16 pair sums of uint8 x int8 products exact (2 * 255 * 64 < 2^15)
     span = int((layer.q - layer.z.view(-1, 1, 1, 1)).abs().max())
-    assert E._exact_int8_bound() == 64 and E._exact_int8_bound(127) == 127 and 2 * 255 * 65 >= 2**15
+    bound = E._exact_int8_bound()
+    assert bound == 64 and 2 * 255 * bound <= 2**15 - 1 < 2 * 255 * (bound + 1) and E._exact_int8_bound(127) == 127
     assert layer.multiplier * span <= 64 < 2 * layer.multiplier * span
     assert not layer.weight_zero_point.any() and layer.weight_int.abs().max() <= 64
     assert torch.allclose(layer.bias, ql.layer.bias.detach() * k + c)
@@ -680,8 +681,9 @@ def test_bad_calibration_images_are_refused_before_writing(data, tmp_path):
 
 
 def test_export_calibration_images_follow_the_verification_ones(tmp_path):
-    """``dfq export``'s calibration images are the 64 after the ``n`` verification images, decoded alone: the same
-    images with or without --verify, and a folder too small to skip gives its last ones."""
+    """``dfq export``'s calibration images come after the ``n`` verification images (embedded set: the next 64; an
+    image folder: points n.. of an (n + 64)-point spread, which may meet the n-point spread of verification), decoded
+    alone, the same with or without --verify; a set with fewer than skip + n images gives its last n."""
     from PIL import Image
 
     from dfquant.evaluate import test_tensors
@@ -699,4 +701,7 @@ def test_export_calibration_images_follow_the_verification_ones(tmp_path):
     after, _ = _verify_images(spec, 4, tmp_path, skip=6)
     spread, _ = _verify_images(spec, 10, tmp_path)
     assert torch.equal(after, spread[6:])
-    assert len(_verify_images(spec, 4, tmp_path, skip=30)[0]) == 4   # 20 images: the last 4
+    last4, _ = _verify_images(spec, 20, tmp_path)
+    for skip in (18, 30):  # 20 images: fewer than skip + 4, so the last 4
+        assert torch.equal(_verify_images(spec, 4, tmp_path, skip=skip)[0], last4[-4:])
+    assert len(_verify_images(spec, 64, None, skip=9990)[0]) == 64

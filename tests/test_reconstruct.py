@@ -293,3 +293,23 @@ def test_brecq_learns_weights_then_activation_steps(resnet20, calib, monkeypatch
     p24 = torch.randn(3, 4, 2, 2)
     assert recon.recon_loss(p24, torch.zeros_like(p24), p=2.4).item() == pytest.approx(
         p24.abs().pow(2.4).sum(1).mean().item(), rel=1e-6)
+
+
+def test_time_estimate_carries_two_measured_rates_over_to_every_unit():
+    """The estimate's step model, a * calls + b * forward seconds, solved from the first two units, reproduces a third
+    unit that follows it; captures grow with the forward before each unit and loss evaluations with its own; without
+    the first unit's rate, the forward share alone scales the second's."""
+    from dfquant.quant.reconstruct import _estimate_seconds
+
+    profile = {"stem": (1e-3, 2), "block": (10e-3, 10), "late": (5e-3, 10)}
+    step = {u: 1e-3 * c + 5 * f for u, (f, c) in profile.items()}          # a = 1 ms per call, b = 5
+    timed = {"stem": {"rate": step["stem"], "capture": 0.01, "rest": 0.0}, "block": {"rate": step["block"], "capture": 0.1}}
+    units = list(profile)
+    capture = 0.01 + 0.1 + (0.1 + 32 * 10e-3)      # "late" runs 10 ms more of forward before it than "block"
+    evals = 2 * 32 * ((10e-3 - 1e-3) + (5e-3 - 1e-3))  # two loss evaluations, beyond the stem's (its rest)
+    assert _estimate_seconds(units, profile, timed, 100, 32, 1, 0.0) == pytest.approx(
+        100 * sum(step.values()) + capture + evals)
+    del timed["stem"]["rate"]
+    share = step["block"] * (1 + 0.1 + 0.5)                                  # forward share of the block's rate
+    assert _estimate_seconds(units, profile, timed, 100, 32, 2, 0.5) == pytest.approx(
+        100 * share + capture + 2 * (evals + 0.5))

@@ -65,20 +65,20 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
 
 def _verify_images(spec, n: int, val: str | Path | None, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Test images ``skip .. skip + n - 1`` of a zoo model's embedded test set, or of ``skip + n`` images spread
-    evenly over ``val`` (only the ``n`` returned are decoded); a set too small to skip gives its last ``n``."""
+    evenly over ``val`` (only the ``n`` returned are decoded); a set with fewer than ``skip + n`` gives its last ``n``."""
     if val is None:
         if not spec.embedded:
             raise DfqError(f"{spec.name} has no embedded test set; pass --val /path/to/imagenet/val, or --no-verify")
         from dfquant.evaluate import test_tensors
 
         x, y = test_tensors(spec, skip + n)
-        keep = slice(skip, None) if len(x) > skip else slice(-n, None)
+        keep = slice(skip, None) if len(x) >= skip + n else slice(-n, None)
         return x[keep], y[keep]
     from dfquant.data.folders import ImageFolder
 
     ds = ImageFolder(val, spec.transform(), num_classes=spec.num_classes)
     idx = torch.linspace(0, len(ds) - 1, min(skip + n, len(ds))).round().long().unique().tolist()
-    idx = idx[skip:] or idx[-n:]
+    idx = idx[skip:] if len(idx) >= skip + n else idx[-n:]
     xs, ys = zip(*(ds[i] for i in idx))
     return torch.stack(list(xs)), torch.tensor(list(ys))
 
@@ -108,8 +108,10 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
 
     if fmt not in FORMATS:
         raise DfqError(f"--format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
+    if n < 0:
+        raise DfqError(f"--eval-limit {n} must be 0 or more")
     if verify and fmt == "onnx" and n < 1:
-        raise DfqError(f"--n {n} must be at least 1 (or pass --no-verify)")
+        raise DfqError(f"--eval-limit {n} must be at least 1 (or pass --no-verify)")
     opset = DEFAULT_OPSET if opset is None else opset
     ckpt_dir = Path(ckpt_dir)
     default_name = "model.onnx" if fmt == "onnx" else "model_int.safetensors"

@@ -146,6 +146,40 @@ def io_bytes_per_image(model: torch.nn.Module, modules: dict[str, torch.nn.Modul
     return sizes
 
 
+def forward_profile(model: torch.nn.Module, modules: dict[str, torch.nn.Module], batch: torch.Tensor,
+                    repeats: int = 3) -> dict[str, tuple[float, int]]:
+    """For each of ``modules``: the seconds of its part of a no-grad forward of ``model`` on ``batch`` (the fastest
+    of ``repeats`` passes) and how many module calls that part makes (itself and its descendants).
+
+    On CPU a unit's training step costs a per-op overhead (the calls) plus a per-element part (which the forward
+    time follows), so these two numbers let the reconstruction's run-time estimate carry the rate it measured on
+    one or two units over to the others."""
+    import time
+
+    starts: dict[str, float] = {}
+    spent: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    best: dict[str, float] = {}
+    handles = []
+    for k, m in modules.items():
+        handles.append(m.register_forward_pre_hook(lambda _m, _a, k=k: starts.__setitem__(k, time.perf_counter())))
+        handles.append(m.register_forward_hook(
+            lambda _m, _a, _o, k=k: spent.__setitem__(k, spent.get(k, 0.0) + time.perf_counter() - starts[k])))
+        for sub in m.modules():
+            handles.append(sub.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls.get(k, 0) + 1)))
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                spent.clear()
+                calls.clear()
+                model(batch)
+                best = {k: min(v, best.get(k, math.inf)) for k, v in spent.items()}
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (best[k], calls.get(k, 1)) for k in best}
+
+
 def plan_chunks(names: list[str], bytes_per_unit: dict[str, int], budget_bytes: float) -> list[list[str]]:
     """Split ``names`` (forward order) into consecutive runs whose caches fit ``budget_bytes``
     together (a unit larger than the budget is a run of its own and spills to disk)."""

@@ -42,6 +42,16 @@ def check_bits(bits: float) -> float:
     raise ValueError(f"bits must be an integer in 2..8 or 1.58 (ternary), got {bits}")
 
 
+def _lp(d: torch.Tensor, p: float) -> torch.Tensor:
+    """|d|^p elementwise, as exp(p log|d|): about 1.5x faster than ``pow`` on CPU (log 0 = -inf gives 0)."""
+    return d.abs().log_().mul_(p).exp_()
+
+
+def _lp_sum(d: torch.Tensor, p: float, dim: int) -> torch.Tensor:
+    """``_lp(d, p).sum(dim)`` in place on ``d`` (a temporary of the caller)."""
+    return d.abs_().log_().mul_(p).exp_().sum(dim)
+
+
 class UniformQuantizer(nn.Module):
     """Uniform fake quantizer; the single base class every weight and activation quantizer uses.
 
@@ -57,7 +67,7 @@ class UniformQuantizer(nn.Module):
             (SamsungLabs/Genie quantizer.py), on the affine form with zero point ``round(m / step)``.
         clamp_first: ``round_ste(clamp(x / s))`` (Genie's activations) instead of ``clamp(round_ste(x / s))``.
         clip_ratios: how many clip ratios 1.0, 0.99, ... the ``mse`` range search tries: 100 (down to 0.01, Genie's
-            ``init_scale``) or 80 (down to 0.21, BRECQ's and QDrop's ``UniformAffineQuantizer``).
+            ``init_scale`` and QDrop's ``MSEObserver``) or 80 (down to 0.21, BRECQ's ``UniformAffineQuantizer``).
         zero_point_search: on an affine grid, when the data is two-sided (negative and positive values anywhere in
             the tensor), the ``mse`` search tries every zero point at each range ``(hi - lo) * ratio`` instead of the
             one that keeps the clipped range centred where the data is (QDrop's ``MSEObserver.perform_2D_search``:
@@ -186,7 +196,7 @@ class UniformQuantizer(nn.Module):
                 # elements (the range itself, lo/hi above, still comes from every element)
                 idx = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:MSE_SAMPLE]
                 x = x.flatten()[idx.to(x.device)]
-            if self.zero_point_search and not self.symmetric and x.min() < 0 < x.max():
+            if self.zero_point_search and not self.symmetric and lo.min() < 0 < hi.max():  # the whole tensor
                 self.set_params(*self._search_zero_point(x, lo, hi, p))
                 return
             shape = self._shape(x)
@@ -215,24 +225,65 @@ class UniformQuantizer(nn.Module):
                            p: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The 2-D Lp search (``zero_point_search``): every (range ratio, zero point) pair, per channel or tensor.
 
-        At each ratio the codes ``round(x / s)`` are computed once; the zero points are then scored together, a
-        chunk at a time, as ``clamp(k + z) - z`` (the same values as :meth:`quantize`, which rounds before it clamps)."""
+        Candidates are visited as QDrop visits them (ranges from the smallest up, then zero points upwards) and
+        only a strictly lower error replaces the best, so exact ties resolve as in its ``perform_2D_search``."""
         qmin, qmax = self.qrange
         lo, hi = lo.clamp_max(0), hi.clamp_min(0)
-        rows = x.reshape(1, -1) if self.channel_axis is None else x.transpose(0, self.channel_axis).reshape(len(lo), -1)
+        if self.channel_axis is None:
+            return self._search_zero_point_sorted(x.flatten(), lo, hi, p)
+        rows = x.transpose(0, self.channel_axis).reshape(len(lo), -1)
         zps = torch.arange(qmin, qmax + 1, dtype=rows.dtype, device=rows.device)
         best = torch.full_like(lo, float("inf"))
-        scale, zp = torch.ones_like(lo), torch.zeros_like(lo)
-        for i in range(self.clip_ratios):
+        scale, zp = self._params_for(lo, hi)
+        for i in reversed(range(self.clip_ratios)):
             s = ((hi - lo) * (1.0 - i / 100) / (qmax - qmin)).clamp_min(1e-8)
-            codes = torch.round(rows / s[:, None])
+            codes = torch.round(rows / s[:, None])  # the codes once per range; clamp(k + z) - z per zero point
             for z in zps.split(max(1, 2**22 // rows.numel())):  # bounds the (zero points, rows, elements) temporary
                 zz = z.view(-1, 1, 1)
-                err = (codes + zz).clamp_(qmin, qmax).sub_(zz).mul_(s[:, None]).sub_(rows).abs_()
-                err = err.log_().mul_(p).exp_().sum(2)  # |d|^p; 2x faster than pow_ on CPU (log 0 = -inf -> 0)
-                e, j = err.min(0)
+                err = _lp_sum((codes + zz).clamp_(qmin, qmax).sub_(zz).mul_(s[:, None]).sub_(rows), p, dim=2)
+                e, j = err.min(0)  # the first of equal errors: the smallest zero point
                 better = e < best
                 best, scale, zp = torch.where(better, e, best), torch.where(better, s, scale), torch.where(better, z[j], zp)
+        return scale, zp
+
+    def _search_zero_point_sorted(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                                  p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-tensor 2-D search, exact, without scoring all 2^b zero points on every element.
+
+        On sorted data the codes ``k = round(x / s)`` are sorted, and zero point ``z`` clamps exactly the codes
+        below ``qmin - z`` (a prefix) and above ``qmax - z`` (a suffix) to the grid's ends. So the error is the
+        unclamped error of the middle (a difference of prefix sums) plus the two tails. The tails get a lower bound
+        from prefix sums of ``x`` (power means: ``sum d^p >= n^(1 - p) (sum d)^p`` for ``p >= 1``), and only
+        candidates whose bound is below the best error so far are scored exactly. The result is the exhaustive
+        search's (up to float64 summation order); an 8-bit activation takes seconds instead of minutes."""
+        qmin, qmax = self.qrange
+        xs = x.detach().double().sort().values
+        n = xs.numel()
+        csum_x = torch.cat([xs.new_zeros(1), xs.cumsum(0)])
+        zps = torch.arange(qmin, qmax + 1, dtype=torch.float64, device=xs.device)
+        low, high = qmin - zps, qmax - zps  # the code window each zero point keeps unclamped
+        best, best_key = float("inf"), None
+        scale, zp = self._params_for(lo, hi)
+        for i in range(self.clip_ratios):  # the full range first: a low error early prunes the most (ties: ``key``)
+            s = max(float((hi - lo) * (1.0 - i / 100) / (qmax - qmin)), 1e-8)
+            codes = torch.round(xs / s)
+            csum_err = torch.cat([xs.new_zeros(1), _lp(codes * s - xs, p).cumsum(0)])
+            a = torch.searchsorted(codes, low)                # codes below the window: xs[:a]
+            b = torch.searchsorted(codes, high, right=True)   # codes above it: xs[b:]
+            middle = csum_err[b] - csum_err[a]
+            n_lo, n_hi = a.double(), (n - b).double()
+            d_lo = (n_lo * low * s - csum_x[a]).clamp_min(0)  # sum of |low * s - x| over the prefix
+            d_hi = (csum_x[n] - csum_x[b] - n_hi * high * s).clamp_min(0)
+            bound = (middle + n_lo.clamp_min(1).pow(1 - p) * d_lo.pow(p) + n_hi.clamp_min(1).pow(1 - p) * d_hi.pow(p))
+            for j in torch.argsort(bound, stable=True).tolist():  # stable: equal bounds keep the zero point order
+                if bound[j] > best:
+                    break
+                aj, bj = int(a[j]), int(b[j])
+                err = float(middle[j] + _lp(low[j] * s - xs[:aj], p).sum() + _lp(xs[bj:] - high[j] * s, p).sum())
+                key = (-i, j)  # QDrop's visiting order: ranges upwards, then zero points upwards
+                if err < best or (err == best and best_key is not None and key < best_key):
+                    best, best_key = err, key
+                    scale, zp = lo.new_tensor([s]), lo.new_tensor([float(zps[j])])
         return scale, zp
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:

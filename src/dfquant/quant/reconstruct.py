@@ -20,6 +20,7 @@ loss weights, schedules, batch sampling and the mixing probability.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import sys
 import time
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
 from dfquant.quant.algorithms import ALGORITHMS, get_algorithm
-from dfquant.quant.cache import DEFAULT_BUDGET_GB, capture, capture_all, io_bytes_per_image, plan_chunks
+from dfquant.quant.cache import DEFAULT_BUDGET_GB, capture, capture_all, forward_profile, io_bytes_per_image, plan_chunks
 from dfquant.quant.modules import act_quantizers, quant_layers, set_quant_state, train_keep_bn
 from dfquant.quant.transform import recon_units
 
@@ -277,6 +278,39 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _estimate_seconds(units: list[str], profile: dict[str, tuple[float, int]], timed: dict[str, dict[str, float]],
+                      iters: int, batches: float, passes: int, fp_capture_s: float) -> float:
+    """The whole reconstruction's seconds, from the first one or two units' measurements.
+
+    ``profile`` (:func:`~dfquant.quant.cache.forward_profile`) gives each unit's forward seconds ``f`` on one batch
+    and its module calls ``c``; ``timed`` the first units' seconds per iteration (``rate``), input capture and, for
+    the first, the rest (loss evaluations, init, hardening). A step costs ``a c + b f``: per-op overhead plus
+    per-element work, solved from two timed units (a lone stem conv and a block differ in both), else ``b f``
+    alone. Capturing a unit's input runs the quantized model up to it over ``batches`` probe-sized batches, about
+    the FP forward before it; the rest evaluates the unit twice. ``fp_capture_s`` covers the FP targets of one
+    pass; ``passes`` (1, or 2 for weights-then-acts) repeats them and the rest."""
+    fwd = {u: profile.get(u, (0.0, 1))[0] for u in units}
+    calls = {u: profile.get(u, (0.0, 1))[1] for u in units}
+    first = units[0]
+    ref = next(u for u in reversed(list(timed)) if "rate" in timed[u])
+    a, b = 0.0, timed[ref]["rate"] / max(fwd[ref], 1e-9)
+    if ref != first and "rate" in timed[first]:
+        det = calls[first] * fwd[ref] - calls[ref] * fwd[first]
+        if abs(det) > 1e-12:
+            r0, r1 = timed[first]["rate"], timed[ref]["rate"]
+            a2, b2 = (r0 * fwd[ref] - r1 * fwd[first]) / det, (calls[first] * r1 - calls[ref] * r0) / det
+            if a2 >= 0 and b2 >= 0:
+                a, b = a2, b2
+    train = iters * sum(a * calls[u] + b * fwd[u] for u in units)
+    before = dict(zip(units, itertools.accumulate([0.0] + [fwd[u] for u in units[:-1]])))
+    c_ref = timed[ref].get("capture", 0.0)
+    capture = timed[first].get("capture", 0.0) + sum(max(0.0, c_ref + batches * (before[u] - before[ref]))
+                                                     for u in units[1:])
+    rest0 = timed[first].get("rest", 0.0)
+    rest = sum(rest0 + 2 * batches * max(0.0, fwd[u] - fwd[first]) for u in units)
+    return train + capture + passes * (rest + fp_capture_s)
+
+
 def _grad_norm(groups: list[dict]) -> float:
     sq = [p.grad.pow(2).sum() for g in groups for p in g["params"] if p.grad is not None]
     return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
@@ -313,24 +347,21 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     stages = ("weights", "acts") if cfg.stages == "weights-then-acts" else ("joint",)
     total_iters = cfg.iters + cfg.act_stage_iters
 
-    # the run-time estimate: the second unit's seconds per iteration (a typical block; the first is often a lone
-    # stem conv, several times cheaper) for every unit, plus the first unit's seconds outside its iterations (the
-    # capture of its input through the quantized model, init, hardening) once per unit and pass
-    rates: list[float] = []
-    fixed: list[float] = []
+    # the run-time estimate, said once the second unit has timed its iterations (see :func:`_estimate_seconds`)
+    probe = calib[: cfg.batch_size].to(dev)
+    profile = forward_profile(fp_model, fp_units, probe) if progress else {}
+    timed: dict[str, dict[str, float]] = {}  # unit -> seconds of its input capture, its iterations, the rest
+    fp_capture_s = 0.0
 
     def on_rate(seconds_per_iter: float) -> None:
-        rates.append(seconds_per_iter)
-        if fixed:
-            announce()
-
-    def announce() -> None:
-        """Say once how long the run will take, so a 20,000-iteration CPU run is no surprise."""
         nonlocal rate_cb
-        rate_cb = None
-        total = len(units) * (len(stages) * fixed[0] + total_iters * rates[-1])
-        tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {total_iters} iterations); "
-                   "lower --iters for a quicker, coarser run", file=sys.stderr)
+        timed.setdefault(name, {})["rate"] = seconds_per_iter
+        if len(timed) >= 2 or len(units) == 1:
+            rate_cb = None
+            total = _estimate_seconds(units, profile, timed, total_iters, len(calib) / len(probe), len(stages),
+                                      len(chunks) * fp_capture_s)
+            tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {total_iters} "
+                       "iterations); lower --iters for a quicker, coarser run", file=sys.stderr)
 
     rate_cb: Callable[[float], None] | None = on_rate if progress else None
     for stage in stages:
@@ -343,19 +374,24 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
             t_unit = time.time()
             if name not in fp_caches:
                 chunk = next(c for c in chunks if name in c)
+                t_capture = time.time()
                 fp_caches = capture_all(fp_model, {u: fp_units[u] for u in chunk}, calib, 64, dev, cfg.cache_ram_gb)
+                fp_capture_s = fp_capture_s or time.time() - t_capture  # the first chunk's, for the estimate
             unit = qmodel.get_submodule(name)
             x_fp, y_fp = fp_caches.pop(name)
             # the activation pass trains on the FP inputs, as BRECQ's (it caches them with asym=False)
+            t_capture = time.time()
             x_q = x_fp if stage == "acts" else capture(qmodel, unit, calib, 64, outputs=False, device=dev,
                                                         budget_gb=cfg.cache_ram_gb)[0]
+            if rate_cb is not None:
+                timed.setdefault(name, {})["capture"] = time.time() - t_capture
             s = reconstruct_unit(unit, x_q, x_fp, y_fp, cfg, name, trace, progress, rate_cb, stage)
             del x_q, x_fp, y_fp
             s["seconds"] = round(time.time() - t_unit, 2)  # capture of the unit's input + its optimization
-            if rate_cb is not None and rates and not fixed:  # the first unit, timed
-                fixed.append(max(0.0, time.time() - t_unit - rates[0] * (cfg.act_stage_iters if stage == "acts" else cfg.iters)))
-                if len(units) == 1:
-                    announce()
+            if rate_cb is not None and name == units[0] and "rate" in timed.get(name, {}):  # the first unit's rest
+                t = timed[name]
+                iters = cfg.act_stage_iters if stage == "acts" else cfg.iters
+                t["rest"] = max(0.0, time.time() - t_unit - fp_capture_s - t["capture"] - t["rate"] * iters)
             summary.append(s)
             bar.set_postfix(unit=name, loss=f"{s['loss_after']:.4g}")
     for s in summary:

@@ -39,7 +39,7 @@ def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> Qua
                        + ", ".join(f.name for f in fields(QuantConfig)))
     cfg = QuantConfig(wbits=wbits, abits=abits, **{**get_algorithm(algo).quant, **overrides})
     if not (isinstance(cfg.clip_ratios, int) and 1 <= cfg.clip_ratios <= 100):
-        raise DfqError(f"clip_ratios {cfg.clip_ratios!r} is not an integer from 1 to 100 (80: BRECQ/QDrop, 100: Genie)")
+        raise DfqError(f"clip_ratios {cfg.clip_ratios!r} is not an integer from 1 to 100 (80: BRECQ/AdaRound, 100: Genie/QDrop)")
     if cfg.act_signed_step not in SIGNED_STEPS:
         raise DfqError(f"act_signed_step {cfg.act_signed_step!r} is not one of {', '.join(SIGNED_STEPS)}")
     return cfg
