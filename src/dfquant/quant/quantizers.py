@@ -47,11 +47,6 @@ def _lp(d: torch.Tensor, p: float) -> torch.Tensor:
     return d.abs().log_().mul_(p).exp_()
 
 
-def _lp_sum(d: torch.Tensor, p: float, dim: int) -> torch.Tensor:
-    """``_lp(d, p).sum(dim)`` in place on ``d`` (a temporary of the caller)."""
-    return d.abs_().log_().mul_(p).exp_().sum(dim)
-
-
 class UniformQuantizer(nn.Module):
     """Uniform fake quantizer; the single base class every weight and activation quantizer uses.
 
@@ -223,68 +218,63 @@ class UniformQuantizer(nn.Module):
 
     def _search_zero_point(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                            p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 2-D Lp search (``zero_point_search``): every (range ratio, zero point) pair, per channel or tensor.
+        """The 2-D Lp search (``zero_point_search``): every (range ratio, zero point) pair, per channel or tensor,
+        exact, without scoring all 2^b zero points on every element.
 
-        Candidates are visited as QDrop visits them (ranges from the smallest up, then zero points upwards) and
-        only a strictly lower error replaces the best, so exact ties resolve as in its ``perform_2D_search``."""
+        On sorted rows the codes ``k = round(x / s)`` are sorted, and zero point ``z`` clamps exactly the codes below
+        ``qmin - z`` (a prefix) and above ``qmax - z`` (a suffix) to the grid's ends. So the error is the unclamped
+        error of the middle (a difference of prefix sums) plus the two tails, which get a lower bound from prefix sums
+        of ``x`` (power means: ``sum d^p >= n^(1 - p) (sum d)^p`` for ``p >= 1``). Only candidates whose bound is not
+        above the row's best error so far are scored exactly. Exact ties resolve in QDrop's visiting order (ranges
+        from the smallest up, then zero points upwards), as its ``perform_2D_search``."""
         qmin, qmax = self.qrange
-        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
-        if self.channel_axis is None:
-            return self._search_zero_point_sorted(x.flatten(), lo, hi, p)
-        rows = x.transpose(0, self.channel_axis).reshape(len(lo), -1)
-        zps = torch.arange(qmin, qmax + 1, dtype=rows.dtype, device=rows.device)
-        best = torch.full_like(lo, float("inf"))
-        scale, zp = self._params_for(lo, hi)
-        for i in reversed(range(self.clip_ratios)):
+        lo, hi = lo.clamp_max(0).double(), hi.clamp_min(0).double()
+        rows = (x.reshape(1, -1) if self.channel_axis is None
+                else x.transpose(0, self.channel_axis).reshape(len(lo), -1)).detach().double().sort(1).values
+        n_rows, n = rows.shape
+        csum_x = torch.cat([rows.new_zeros(n_rows, 1), rows.cumsum(1)], 1)
+        zps = torch.arange(qmin, qmax + 1, dtype=torch.float64, device=rows.device)
+        n_z = len(zps)
+        low, high = (qmin - zps).expand(n_rows, -1), (qmax - zps).expand(n_rows, -1)  # codes kept unclamped
+        best = torch.full((n_rows,), float("inf"), dtype=torch.float64, device=rows.device)
+        best_key = torch.full((n_rows,), n_z * 101, dtype=torch.long, device=rows.device)
+        best_s, best_z = self._params_for(lo, hi)[0].double(), torch.zeros_like(lo)
+        best_z = best_z.double()
+        row_idx = torch.arange(n_rows, device=rows.device)
+        for i in range(self.clip_ratios):  # the full range first: a low error early prunes the most
             s = ((hi - lo) * (1.0 - i / 100) / (qmax - qmin)).clamp_min(1e-8)
-            codes = torch.round(rows / s[:, None])  # the codes once per range; clamp(k + z) - z per zero point
-            for z in zps.split(max(1, 2**22 // rows.numel())):  # bounds the (zero points, rows, elements) temporary
-                zz = z.view(-1, 1, 1)
-                err = _lp_sum((codes + zz).clamp_(qmin, qmax).sub_(zz).mul_(s[:, None]).sub_(rows), p, dim=2)
-                e, j = err.min(0)  # the first of equal errors: the smallest zero point
-                better = e < best
-                best, scale, zp = torch.where(better, e, best), torch.where(better, s, scale), torch.where(better, z[j], zp)
-        return scale, zp
-
-    def _search_zero_point_sorted(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                                  p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-tensor 2-D search, exact, without scoring all 2^b zero points on every element.
-
-        On sorted data the codes ``k = round(x / s)`` are sorted, and zero point ``z`` clamps exactly the codes
-        below ``qmin - z`` (a prefix) and above ``qmax - z`` (a suffix) to the grid's ends. So the error is the
-        unclamped error of the middle (a difference of prefix sums) plus the two tails. The tails get a lower bound
-        from prefix sums of ``x`` (power means: ``sum d^p >= n^(1 - p) (sum d)^p`` for ``p >= 1``), and only
-        candidates whose bound is below the best error so far are scored exactly. The result is the exhaustive
-        search's (up to float64 summation order); an 8-bit activation takes seconds instead of minutes."""
-        qmin, qmax = self.qrange
-        xs = x.detach().double().sort().values
-        n = xs.numel()
-        csum_x = torch.cat([xs.new_zeros(1), xs.cumsum(0)])
-        zps = torch.arange(qmin, qmax + 1, dtype=torch.float64, device=xs.device)
-        low, high = qmin - zps, qmax - zps  # the code window each zero point keeps unclamped
-        best, best_key = float("inf"), None
-        scale, zp = self._params_for(lo, hi)
-        for i in range(self.clip_ratios):  # the full range first: a low error early prunes the most (ties: ``key``)
-            s = max(float((hi - lo) * (1.0 - i / 100) / (qmax - qmin)), 1e-8)
-            codes = torch.round(xs / s)
-            csum_err = torch.cat([xs.new_zeros(1), _lp(codes * s - xs, p).cumsum(0)])
-            a = torch.searchsorted(codes, low)                # codes below the window: xs[:a]
-            b = torch.searchsorted(codes, high, right=True)   # codes above it: xs[b:]
-            middle = csum_err[b] - csum_err[a]
+            codes = torch.round(rows / s[:, None])
+            csum_err = torch.cat([rows.new_zeros(n_rows, 1), _lp(codes * s[:, None] - rows, p).cumsum(1)], 1)
+            a = torch.searchsorted(codes, low.contiguous())                # codes below the window: row[:a]
+            b = torch.searchsorted(codes, high.contiguous(), right=True)   # codes above it: row[b:]
+            middle = csum_err.gather(1, b) - csum_err.gather(1, a)
             n_lo, n_hi = a.double(), (n - b).double()
-            d_lo = (n_lo * low * s - csum_x[a]).clamp_min(0)  # sum of |low * s - x| over the prefix
-            d_hi = (csum_x[n] - csum_x[b] - n_hi * high * s).clamp_min(0)
-            bound = (middle + n_lo.clamp_min(1).pow(1 - p) * d_lo.pow(p) + n_hi.clamp_min(1).pow(1 - p) * d_hi.pow(p))
-            for j in torch.argsort(bound, stable=True).tolist():  # stable: equal bounds keep the zero point order
-                if bound[j] > best:
-                    break
-                aj, bj = int(a[j]), int(b[j])
-                err = float(middle[j] + _lp(low[j] * s - xs[:aj], p).sum() + _lp(xs[bj:] - high[j] * s, p).sum())
-                key = (-i, j)  # QDrop's visiting order: ranges upwards, then zero points upwards
-                if err < best or (err == best and best_key is not None and key < best_key):
-                    best, best_key = err, key
-                    scale, zp = lo.new_tensor([s]), lo.new_tensor([float(zps[j])])
-        return scale, zp
+            d_lo = (n_lo * low * s[:, None] - csum_x.gather(1, a)).clamp_min(0)
+            d_hi = (csum_x[:, -1:] - csum_x.gather(1, b) - n_hi * high * s[:, None]).clamp_min(0)
+            bound = middle + n_lo.clamp_min(1).pow(1 - p) * d_lo.pow(p) + n_hi.clamp_min(1).pow(1 - p) * d_hi.pow(p)
+            # score each row's most promising candidate, then every candidate whose bound does not exceed the best
+            first = bound.argmin(1)
+            err = self._score(rows, codes, s, low, high, row_idx, first, p)
+            key = (100 - i) * n_z + first
+            better = (err < best) | ((err == best) & (key < best_key))
+            best, best_key = torch.where(better, err, best), torch.where(better, key, best_key)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, zps[first], best_z)
+            todo = (bound <= best[:, None]).nonzero()
+            todo = todo[todo[:, 1] != first[todo[:, 0]]]
+            for chunk in todo.split(max(1, 2**22 // n)):  # few: their bounds are within the best error
+                r, j = chunk[:, 0], chunk[:, 1]
+                err = self._score(rows, codes, s, low, high, r, j, p)
+                for e, rr, jj in zip(err.tolist(), r.tolist(), j.tolist()):
+                    kk = (100 - i) * n_z + jj
+                    if e < best[rr] or (e == best[rr] and kk < best_key[rr]):
+                        best[rr], best_key[rr], best_s[rr], best_z[rr] = e, kk, s[rr], zps[jj]
+        return best_s.float(), best_z.float()
+
+    @staticmethod
+    def _score(rows, codes, s, low, high, r, j, p) -> torch.Tensor:
+        """The exact Lp error of candidates (row ``r``, zero point index ``j``) at steps ``s``."""
+        q = torch.maximum(torch.minimum(codes[r], high[r, j][:, None]), low[r, j][:, None])
+        return _lp(q * s[r][:, None] - rows[r], p).sum(1)
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         self.scale.data = scale.detach().clone().float().flatten()
