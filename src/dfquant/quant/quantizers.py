@@ -238,8 +238,7 @@ class UniformQuantizer(nn.Module):
         low, high = (qmin - zps).expand(n_rows, -1), (qmax - zps).expand(n_rows, -1)  # codes kept unclamped
         best = torch.full((n_rows,), float("inf"), dtype=torch.float64, device=rows.device)
         best_key = torch.full((n_rows,), n_z * 101, dtype=torch.long, device=rows.device)
-        best_s, best_z = self._params_for(lo, hi)[0].double(), torch.zeros_like(lo)
-        best_z = best_z.double()
+        best_s, best_z = self._params_for(lo, hi)[0], torch.zeros_like(lo)  # float64, as lo
         row_idx = torch.arange(n_rows, device=rows.device)
         for i in range(self.clip_ratios):  # the full range first: a low error early prunes the most
             s = ((hi - lo) * (1.0 - i / 100) / (qmax - qmin)).clamp_min(1e-8)
