@@ -59,7 +59,7 @@ def cached_source(spec, source: str, seed: int, n: int = 1024, distill_iters: in
     An augmented source returns its base set; apply :func:`augmentation` when loading it.
     """
     base = base_source(source)
-    cfg = RunConfig(model=spec.name, n=n, seed=seed, distill_iters=distill_iters,
+    cfg = RunConfig(model=spec.name, n=n, seed=seed, distill_method="genie-lite", distill_iters=distill_iters,
                     out=calib_run_dir(spec, base, seed), **SOURCES[base])
     _, src = _calibration_stage(Run(cfg), spec, progress=progress)
     return src

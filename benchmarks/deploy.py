@@ -123,7 +123,7 @@ def measure(name: str, runs: int, n: int, tmp: Path) -> list[dict]:
                "integer_kernels": rt["integer"], "float_kernels": rt["float"],
                "float_reasons": "; ".join(f"{c}x {r}" for r, c in reasons.most_common())}
         if spec.embedded and setting in qmodels:
-            from dfquant.evaluate import test_tensors
+            from dfquant.models.evaluate import test_tensors
 
             x, y = test_tensors(spec, n)
             v = E.verify_onnx(qmodels[setting], path, x, y, approximate=setting.endswith(APPROX))

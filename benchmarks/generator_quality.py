@@ -32,7 +32,7 @@ from scipy import linalg
 from dfquant.analysis.features import penultimate
 from dfquant.data import fmnist
 from dfquant.data.folders import load_folder_images
-from dfquant.evaluate import top1_tensors
+from dfquant.models.evaluate import top1_tensors
 from dfquant.generate.grid import contact_sheets
 from dfquant.generate.pipeline import EMBEDDED, generate, load_pipeline, mini_generator_dir, sampling
 from dfquant.io import write_json, write_text

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from deploy import load, quantized
-from dfquant.evaluate import test_tensors
+from dfquant.models.evaluate import test_tensors
 from dfquant.io import write_text
 from dfquant.quant import export as E
 

@@ -31,7 +31,7 @@ import torch
 from dfquant.data.calib import load_calibration
 from calib_cache import SOURCES, augmentation, cached_source
 from resumable_csv import append_row, log_command, open_results, notes_for
-from dfquant.evaluate import evaluate
+from dfquant.models.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
 from dfquant.quant.api import quantize_any

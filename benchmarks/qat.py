@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from dfquant.data.calib import load_calibration  # noqa: E402
 from dfquant.errors import DfqError  # noqa: E402
-from dfquant.evaluate import evaluate  # noqa: E402
+from dfquant.models.evaluate import evaluate  # noqa: E402
 from dfquant.io import atomic_path, write_text  # noqa: E402
 from dfquant.models.registry import get_model, zoo_dir  # noqa: E402
 from dfquant.quant.api import quantize_any  # noqa: E402

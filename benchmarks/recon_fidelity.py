@@ -46,7 +46,7 @@ import torch
 from calib_cache import cached_source
 from resumable_csv import append_row, log_command, open_results
 from dfquant.data.calib import load_calibration
-from dfquant.evaluate import evaluate
+from dfquant.models.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
 from dfquant.quant.api import quantize

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dfquant.errors import DfqError
-from dfquant.evaluate import evaluate
+from dfquant.models.evaluate import evaluate
 from dfquant.models.registry import get_model
 
 

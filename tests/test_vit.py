@@ -80,7 +80,7 @@ def test_repq_vit_quantizes_everything_and_reports_fp_parts():
 
 def test_zoo_vit_w8a8_within_one_point():
     from dfquant.data import fmnist
-    from dfquant.evaluate import evaluate
+    from dfquant.models.evaluate import evaluate
     from dfquant.models.registry import get_model
 
     spec = get_model("fmnist/vit")

@@ -4,11 +4,12 @@ Calibration images come from a text-to-image latent diffusion model (mixup-class
 prompting, arXiv 2507.21947) or from BN-statistics inversion; the model is then
 quantized with block-reconstruction PTQ (BRECQ / QDrop / Genie-M, RepQ-ViT).
 
-Python API: :func:`quantize`, :func:`plan`, :func:`save`, :func:`load` (see the README).
+Python API: :func:`quantize`, :func:`plan`, :func:`save`, :func:`load`, :func:`evaluate`,
+:func:`export` (see the README).
 """
 
 __version__ = "0.1.0"
-__all__ = ["load", "plan", "quantize", "save"]
+__all__ = ["evaluate", "export", "load", "plan", "quantize", "save"]
 
 
 def __getattr__(name: str):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -32,12 +34,50 @@ def _renamed(old: str, new: str, old_value: Optional[T], value: T) -> T:
 
 
 MODEL_HELP = "registry name (fmnist/resnet20, torchvision/resnet50, timm/<name>) or path/to/file.py:factory / package.module:factory"
-WEIGHTS = typer.Option(None, help="file.py:factory models: state dict to load (.pt/.pth/.safetensors; `module.` prefixes and a nested state_dict key handled)")
-NUM_CLASSES = typer.Option(None, help="file.py:factory models: num_classes passed to the factory")
-CLASS_NAMES = typer.Option(None, help="file.py:factory models: text file, one class name per model output (the prompt vocabulary)")
-SIZE = typer.Option(None, help="file.py:factory models: input size (default: the timm data config, else 224)")
-MEAN = typer.Option(None, help="file.py:factory models: normalization mean, e.g. 0.485,0.456,0.406 (default: timm data config, else ImageNet)")
-STD = typer.Option(None, help="file.py:factory models: normalization std (default: timm data config, else ImageNet)")
+
+# The model arguments every command takes (dfquant.models.source.ModelArgs), added by @model_options.
+_MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "weights": (Optional[Path], typer.Option(None, rich_help_panel="Model", help="file.py:factory models: state dict "
+                "to load (.pt/.pth/.th/.safetensors; `module.` prefixes, a nested state_dict key and absent BN "
+                "num_batches_tracked handled)")),
+    "num_classes": (Optional[int], typer.Option(None, rich_help_panel="Model", help="file.py:factory models: "
+                    "num_classes passed to the factory")),
+    "class_names": (Optional[Path], typer.Option(None, rich_help_panel="Model", help="text file, one class name per "
+                    "model output (the prompt vocabulary; default: the model's own, else 'class i')")),
+    "size": (Optional[int], typer.Option(None, rich_help_panel="Model", help="input size (default: the model's data "
+             "config, else the size of the images given)")),
+    "resize": (Optional[int], typer.Option(None, rich_help_panel="Model", help="resize the short side to this before "
+               "the centre crop of --size (default: --size / --crop-pct)")),
+    "crop_pct": (Optional[float], typer.Option(None, rich_help_panel="Model", help="centre-crop fraction, 1 = no crop "
+                 "(default: the model's data config, else 1)")),
+    "interpolation": (Optional[str], typer.Option(None, rich_help_panel="Model", help="resize interpolation: nearest, "
+                      "bilinear, bicubic, ... (default: the model's data config, else bilinear)")),
+    "mean": (Optional[str], typer.Option(None, rich_help_panel="Model", help="normalization mean per channel, e.g. "
+             "0.485,0.456,0.406 (default: the model's data config, else ImageNet's)")),
+    "std": (Optional[str], typer.Option(None, rich_help_panel="Model", help="normalization std per channel "
+            "(default: the model's data config, else ImageNet's)")),
+}
+
+
+def model_options(fn: Callable) -> Callable:
+    """Give a command the model arguments of :data:`_MODEL_OPTIONS`; it receives them as ``margs`` (a dict
+    of the values given, mean/std parsed), to pass to ``ModelArgs(model, **margs)``."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.name != "margs"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+             for name, (ann, opt) in _MODEL_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        given = {k: kwargs.pop(k) for k in _MODEL_OPTIONS}
+        check_options(**given)
+        for key in ("mean", "std"):
+            given[key] = _floats(given[key], f"--{key}")
+        kwargs["margs"] = {k: v for k, v in given.items() if v is not None}
+        return fn(**kwargs)
+
+    command.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    return command
 
 
 def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
@@ -49,13 +89,21 @@ def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
         raise DfqError(f"{what} {text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
 
 
-def _spec(model: str, weights: Optional[Path], num_classes: Optional[int], class_names: Optional[Path],
-          size: Optional[int], mean: Optional[str], std: Optional[str], pretrained: bool = True):
-    """The ModelSpec of a registry name or of a file.py:factory model with the given options."""
-    from dfquant.models.source import resolve_model
+def _spec(model: str, margs: dict[str, Any], pretrained: bool = True, folder: Optional[Path] = None):
+    """The ModelSpec of a registry name or a file.py:factory model with the model arguments given;
+    ``folder``: images whose size decides when neither the model nor --size does."""
+    from dfquant.models.source import ModelArgs, ensure_input_size, resolve_model
 
-    return resolve_model(model, pretrained=pretrained, weights=weights, num_classes=num_classes, class_names=class_names,
-                         size=size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+    spec = resolve_model(ModelArgs(model, pretrained=pretrained, **margs))
+    folder = folder if folder is not None and Path(folder).is_dir() else None
+    return ensure_input_size(spec, folder)
+
+
+def _stem(model: str) -> str:
+    """A folder name for a model reference: fmnist/resnet20 -> fmnist_resnet20, net.py:r20 -> net_r20."""
+    if ":" in model:
+        return Path(model.rpartition(":")[0]).stem + "_" + model.rpartition(":")[2]
+    return model.replace("/", "_").replace("@", "_")
 
 
 def _threads(n: Optional[int]) -> None:
@@ -115,32 +163,32 @@ def train_classifier_cmd(
 
 
 @app.command("eval")
+@model_options
 def eval_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP + ", or a quantized checkpoint folder"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (needed off the mini world)"),
-    eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
+    eval_limit: Optional[int] = typer.Option(None, help="evaluate on N test images (a class-balanced subset, fixed seed)"),
     random_weights: bool = typer.Option(False, help="build the architecture without downloading weights"),
-    weights: Optional[Path] = WEIGHTS, num_classes: Optional[int] = NUM_CLASSES, class_names: Optional[Path] = CLASS_NAMES,
-    size: Optional[int] = SIZE, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     limit: Optional[int] = typer.Option(None, hidden=True, help="deprecated: --eval-limit"),
+    margs: Optional[dict] = None,
 ) -> None:
     """Print top-1 accuracy on the model's test set."""
     eval_limit = _renamed("--limit", "--eval-limit", limit, eval_limit)
     check_options(**locals())
     _threads(threads)
-    from dfquant.evaluate import evaluate
+    from dfquant.models.evaluate import evaluate
 
     if model and Path(model).is_dir():  # Path("") is "."
         from dfquant.models.source import load_quantized_spec
 
-        spec, qmodel = load_quantized_spec(Path(model))
+        spec, qmodel = load_quantized_spec(Path(model), **margs)
         acc = evaluate(spec, qmodel, val, eval_limit)
-        typer.echo(f"{model} ({spec.name} quantized): top-1 {acc:.2f}%")
+        typer.echo(f"{model} ({spec.name} quantized): top-1 {acc.describe()}")
         return
-    spec = _spec(model, weights, num_classes, class_names, size, mean, std, pretrained=not random_weights)
+    spec = _spec(model, margs, pretrained=not random_weights, folder=val)
     acc = evaluate(spec, val_dir=val, limit=eval_limit)
-    typer.echo(f"{model}: top-1 {acc:.2f}%")
+    typer.echo(f"{model}: top-1 {acc.describe()}")
 
 
 @app.command("train-generator")
@@ -285,6 +333,7 @@ def grid_cmd(
 
 
 @app.command("quantize")
+@model_options
 def quantize_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
     calib: str = typer.Option(..., help="calibration source: real:A, a folder of images, or a .pt/.safetensors image tensor "
@@ -304,78 +353,87 @@ def quantize_cmd(
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/quantize/<model>-w<W>a<A>-<algo>)"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
-    eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
+    eval_limit: Optional[int] = typer.Option(None, help="evaluate on N test images (a class-balanced subset, fixed seed)"),
     device: str = typer.Option("cpu"),
     keep_fp: list[str] = typer.Option([], help="module-name glob left in float (repeatable), e.g. 'head' or 'layer4.*'"),
     units: Optional[str] = typer.Option(None, help="comma-separated module names to reconstruct as units (default: from the graph)"),
-    weights: Optional[Path] = WEIGHTS, num_classes: Optional[int] = NUM_CLASSES, class_names: Optional[Path] = CLASS_NAMES,
-    size: Optional[int] = SIZE, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    margs: Optional[dict] = None,
 ) -> None:
     """Quantize a model with block reconstruction and print FP vs quantized top-1 (when it has a test set or --val)."""
     check_options(**locals())
     from dfquant.jobs import run_quantize
 
     _threads(threads)
-    spec = _spec(model, weights, num_classes, class_names, size, mean, std)
-    stem = Path(model.rpartition(":")[0]).stem + "_" + model.rpartition(":")[2] if ":" in model else model.replace("/", "_")
-    out = out or Path("runs/quantize") / f"{stem}-w{wbits:g}a{abits:g}-{algo}"
+    calib_dir = Path(calib) if Path(calib).is_dir() else None
+    spec = _spec(model, margs, folder=val if val is not None else calib_dir)
+    out = out or Path("runs/quantize") / f"{_stem(model)}-w{wbits:g}a{abits:g}-{algo}"
     res = run_quantize(spec, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device,
                        joint_iters=joint_iters, bn_recalib=bn_recalib, keep_fp=tuple(keep_fp),
                        units=[u.strip() for u in units.split(",") if u.strip()] if units else None,
                        augment=augment, augment_alpha=augment_alpha)
-    accuracy = (f"FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}%" if res["q_top1"] is not None
+    accuracy = (f"FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}% (on {res['eval_images']} images)"
+                if res["q_top1"] is not None
                 else "no test set (pass --val to evaluate)")
     typer.echo(f"{model} W{wbits:g}A{abits:g} {algo}: {accuracy}  ({res['seconds']:.0f}s) -> {out}")
 
 
 @app.command("plan")
+@model_options
 def plan_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
     algo: str = typer.Option("genie-m", help=" | ".join(ALGOS)),
     wbits: float = typer.Option(4), abits: float = typer.Option(4),
     keep_fp: list[str] = typer.Option([], help="module-name glob left in float (repeatable)"),
     units: Optional[str] = typer.Option(None, help="comma-separated module names to use as units"),
-    weights: Optional[Path] = WEIGHTS, num_classes: Optional[int] = NUM_CLASSES, class_names: Optional[Path] = CLASS_NAMES,
-    size: Optional[int] = SIZE, mean: Optional[str] = MEAN, std: Optional[str] = STD,
+    margs: Optional[dict] = None,
 ) -> None:
     """Show the quantization plan: units in execution order, each layer's role, bits and input quantizer, BN folds, float parts."""
     import torch
 
     from dfquant.api import plan
 
-    spec = _spec(model, weights, num_classes, class_names, size, mean, std, pretrained=False)
+    spec = _spec(model, margs, pretrained=False)
     p = plan(spec.model, torch.zeros(1, *spec.input_size), wbits=wbits, abits=abits, algo=algo, keep_fp=tuple(keep_fp),
              units=[u.strip() for u in units.split(",") if u.strip()] if units else None)
     typer.echo(str(p))
 
 
 @app.command("distill")
+@model_options
 def distill_cmd(
-    model: str = typer.Argument(..., help="model with BatchNorm layers, e.g. fmnist/resnet20"),
-    out: Path = typer.Option(..., help="output .safetensors file"),
+    model: str = typer.Argument(..., help="model with BatchNorm layers: " + MODEL_HELP),
+    out: Path = typer.Option(..., help="output .safetensors file (re-run the same command to resume)"),
     n: int = typer.Option(1024, help="images to synthesize"),
-    method: str = typer.Option("genie", help="genie (generator + latents, swing) | zeroq (pixels)"),
-    iters: int = typer.Option(500, help="optimization steps per batch"),
-    batch_size: int = typer.Option(128),
+    method: str = typer.Option("genie", help="genie (Genie-D: generator + latents, swing) | zeroq (ZeroQ: pixels) | "
+                               "genie-lite (dfquant's lighter generator, 500 steps)"),
+    iters: Optional[int] = typer.Option(None, help="optimization steps per batch (default: the method's reference: "
+                                        "genie 4000, zeroq 500, genie-lite 500)"),
+    batch_size: Optional[int] = typer.Option(None, help="images per inversion batch (default: the method's reference)"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    margs: Optional[dict] = None,
 ) -> None:
-    """Synthesize calibration images by BN-statistics inversion (Genie-D / ZeroQ baseline)."""
+    """Synthesize calibration images by BN-statistics inversion (Genie-D / ZeroQ), at the model's input size."""
     check_options(**locals())
     from dfquant.io import save_tensors
-    from dfquant.models.registry import get_model
-    from dfquant.quant.distill import distill
+    from dfquant.quant.distill import METHODS, distill
 
     _threads(threads)
     _require_safetensors(out)
-    spec = get_model(model)
-    images = distill(spec.model, n, spec.input_size, method, iters, batch_size, seed=seed)
-    save_tensors(out, {"images": images}, metadata={"model": model, "method": method, "iters": str(iters), "seed": str(seed)})
-    typer.echo(f"wrote {len(images)} {method} images to {out}")
+    if method not in METHODS:
+        raise DfqError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    spec = _spec(model, margs)
+    resume = out.with_name(out.name + ".partial")
+    images = distill(spec.model, n, spec.input_size, method, iters, batch_size, seed=seed, resume=resume)
+    save_tensors(out, {"images": images}, metadata={"model": model, "method": method, "iters": str(iters or "default"),
+                                                    "seed": str(seed), "input_size": str(list(spec.input_size))})
+    resume.unlink(missing_ok=True)
+    typer.echo(f"wrote {len(images)} {method} images of {spec.input_size[-1]}x{spec.input_size[-1]} to {out}")
 
 
 @app.command("run")
+@model_options
 def run_cmd(
     config: Optional[Path] = typer.Argument(None, help="YAML run config (see configs/); options below override it"),
     model: Optional[str] = typer.Option(None),
@@ -398,6 +456,7 @@ def run_cmd(
     eval_limit: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    margs: Optional[dict] = None,
 ) -> None:
     """Run prompts -> generate -> quantize -> evaluate, reusing finished stages."""
     check_options(**locals())
@@ -411,9 +470,14 @@ def run_cmd(
         bits = [f"W{wbits:g}A{abits:g}"]
     cfg = RunConfig.load(config, model=model, source=source, strategy=strategy, k=k, pairing=pairing, n=n,
                          augment=augment, augment_alpha=augment_alpha, generator=generator, algo=algo, bits=bits, iters=iters, bn_recalib=bn_recalib, seed=seed, out=out, val=val,
-                         eval_limit=eval_limit, device=device)
+                         eval_limit=eval_limit, device=device, **_config_values(margs))
     rows = run(cfg)
     typer.echo("\n" + results_table(rows))
+
+
+def _config_values(margs: dict[str, Any]) -> dict[str, Any]:
+    """Model arguments as run-config values (YAML types: str paths, float lists)."""
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in margs.items()}
 
 
 @app.command("report")
@@ -515,29 +579,30 @@ def _echo_deployment(dep: dict, fused_bias: bool) -> None:
 
 
 @app.command("analyze")
+@model_options
 def analyze_cmd(
-    model: str = typer.Argument(..., help="zoo model, e.g. fmnist/resnet20"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     calib: list[str] = typer.Option(..., help="LABEL=SOURCE, repeatable (e.g. mixup=runs/demo/images, real=real:A)"),
     out: Path = typer.Option(Path("analysis"), help="output folder for PNGs and JSON"),
     wbits: float = typer.Option(2), abits: float = typer.Option(4),
     iters: int = typer.Option(200, help="reconstruction iterations per block for the gradient-norm study"),
     n: int = typer.Option(1024), seed: int = typer.Option(0),
     studies: str = typer.Option("gradnorm,gap,tsne", help="comma-separated subset of gradnorm, gap, tsne"),
+    val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder: the held-out images (off the mini world)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    margs: Optional[dict] = None,
 ) -> None:
     """The paper's analyses: gradient-norm traces, generalization gap, t-SNE of features."""
     check_options(**locals())
     from dfquant.analysis.studies import generalization_gap, gradnorm_study, tsne_study
-    from dfquant.data import fmnist
     from dfquant.data.calib import load_calibration
     from dfquant.io import write_json
-    from dfquant.models.registry import get_model
     from dfquant.quant.api import quantize
 
     _threads(threads)
-    spec = get_model(model)
-    if not spec.embedded:
-        raise DfqError("dfq analyze compares against the embedded Fashion-MNIST test set; use a fmnist/ model")
+    spec = _spec(model, margs, folder=val)
+    if not spec.embedded and val is None:
+        raise DfqError(f"{model} has no embedded test set for the held-out images; pass --val /path/to/val")
     sets = {}
     for item in calib:
         label, sep, src = item.partition("=")
@@ -549,9 +614,9 @@ def analyze_cmd(
         raise DfqError(f"--studies {studies!r}: choose from gradnorm, gap, tsne")
     if "gradnorm" in chosen:
         gradnorm_study(spec.model, sets, out, wbits, abits, iters, seed=seed)
-    xt, yt = fmnist.load_split("test")
+    xt, yt = _heldout(spec, val)
     if "gap" in chosen:
-        heldout = spec.normalize(xt[:512])
+        heldout = xt[:512]
         gaps = {}
         for label, images in sets.items():
             q, _ = quantize(spec.model, images, "genie-m", wbits, abits, iters=iters, seed=seed, progress=False)
@@ -566,8 +631,23 @@ def analyze_cmd(
         classes = _classes_of(src, len(sets[label]), seed)
         if classes is not None:
             synthetic[label] = (sets[label], classes)
-    tsne_study(spec.model, spec.normalize(xt), yt, synthetic, spec.class_names, out, seed)
+    tsne_study(spec.model, xt, yt, synthetic, spec.class_names, out, seed)
     _analysis_summary(out, chosen)
+
+
+def _heldout(spec, val: Optional[Path], limit: int = 2000):
+    """Held-out (normalized images, labels): the embedded test set, or a class-balanced subset of ``val``."""
+    import torch
+
+    if val is None:
+        from dfquant.models.evaluate import test_tensors
+
+        return test_tensors(spec)
+    from dfquant.models.evaluate import val_subset
+
+    ds = val_subset(spec, val, limit)
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(list(xs)), torch.tensor(list(ys))
 
 
 def _analysis_summary(out: Path, chosen: set[str]) -> None:
@@ -597,8 +677,9 @@ def _classes_of(source: str, n: int, seed: int) -> Optional[list[list[int]]]:
 
 
 @app.command("qat")
+@model_options
 def qat_cmd(
-    model: str = typer.Argument(..., help="CNN model name, e.g. fmnist/resnet20"),
+    model: str = typer.Argument(..., help="a CNN: " + MODEL_HELP),
     calib: str = typer.Option(..., help="training images: a folder of synthetic images, a distill .safetensors, or real:A"),
     wbits: float = typer.Option(2, help="weight bits (2..8; with --learn-bits the default --avg-bits)"),
     abits: float = typer.Option(4, help="activation bits (2..8)"),
@@ -618,9 +699,10 @@ def qat_cmd(
                                     help="re-run the activation range search after hardening (replaces NIPQ's learned clip ranges)"),
     out: Optional[Path] = typer.Option(None, help="checkpoint folder (default runs/qat/<model>-w<W>a<A>-nipq)"),
     val: Optional[Path] = typer.Option(None, help="ImageNet-style val folder (off the mini world)"),
-    eval_limit: Optional[int] = typer.Option(None, help="evaluate on the first N test images"),
+    eval_limit: Optional[int] = typer.Option(None, help="evaluate on N test images (a class-balanced subset, fixed seed)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     bn_stats: Optional[str] = typer.Option(None, hidden=True, help="deprecated: --bn-recalib"),
+    margs: Optional[dict] = None,
 ) -> None:
     """Data-free QAT with NIPQ: distill from the FP model on the calibration set (no labels), then harden.
 
@@ -633,8 +715,9 @@ def qat_cmd(
 
     _threads(threads)
     check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_recalib, budget_by)
-    out = out or Path("runs/qat") / f"{model.replace('/', '_').replace('@', '_')}-w{wbits:g}a{abits:g}-nipq"
-    res = run_qat(model, calib, wbits, abits, out, iters, lr, learn_bits, avg_bits, n, batch_size, seed, val, eval_limit,
+    out = out or Path("runs/qat") / f"{_stem(model)}-w{wbits:g}a{abits:g}-nipq"
+    spec = _spec(model, margs, folder=val if val is not None else Path(calib))
+    res = run_qat(spec, calib, wbits, abits, out, iters, lr, learn_bits, avg_bits, n, batch_size, seed, val, eval_limit,
                   bn_recalib, act_reinit, budget_by=budget_by)
     bits = (f", mean weight bits {res['avg_weight_bits_learned']:.2f}" + (" (BOPs-weighted)" if budget_by == "bops" else "")
             if learn_bits else "")
@@ -643,24 +726,25 @@ def qat_cmd(
 
 
 @app.command("learn-prompts")
+@model_options
 def learn_prompts_cmd(
-    model: str = typer.Argument(..., help="the classifier to be quantized, e.g. fmnist/resnet20"),
+    model: str = typer.Argument(..., help="the classifier to be quantized: " + MODEL_HELP),
     out: Path = typer.Option(..., help="output .safetensors with [classes, modes, seq, dim] prompt embeddings"),
     generator: str = typer.Option("mini", help="mini, a diffusers folder or a cached hub id (e.g. sd-turbo)"),
     modes: int = typer.Option(4, help="learned prompt modes per class"),
     iters: int = typer.Option(100), steps: int = typer.Option(4, help="few-step sampling inside the loop"),
     guidance: float = typer.Option(3.5), lr: float = typer.Option(1e-2), seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    margs: Optional[dict] = None,
 ) -> None:
     """Learn multi-mode prompt embeddings per class (class, embedding- and feature-diversity terms)."""
     check_options(**locals())
     from dfquant.generate.learned import learn_prompts, save_embeddings
     from dfquant.generate.pipeline import load_pipeline, sampling
-    from dfquant.models.registry import get_model
 
     _threads(threads)
     _require_safetensors(out)
-    spec = get_model(model)
+    spec = _spec(model, margs)
     pipe = load_pipeline(generator)
     args = sampling(generator, pipe)
     embeds = learn_prompts(pipe, spec, modes, iters, steps, guidance, lr, seed=seed, size=args["height"], call=args["call"])

@@ -21,18 +21,20 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
                  progress: bool = True, calib: torch.Tensor | None = None, fp_top1: float | None = None,
                  joint_iters: int = 0, bn_recalib: str = "none", keep_fp: tuple[str, ...] = (),
                  units: list[str] | None = None, evaluate_top1: bool = True, augment: str = "none",
-                 augment_alpha: float = 1.0) -> dict:
+                 augment_alpha: float = 1.0, log=print) -> dict:
     """Quantize ``spec``'s model on ``calib_source``, evaluate (when it has a test set or ``val``), and
     write the checkpoint (with how to rebuild the FP model) + results. ``augment`` mixes the calibration
-    images at pixel level (:func:`~dfquant.data.calib.load_calibration`); a given ``calib`` is used as is."""
-    from dfquant.data.calib import load_calibration
-    from dfquant.evaluate import evaluate
+    images at pixel level (:func:`~dfquant.data.calib.load_calibration`); a given ``calib`` is used as is.
+    Generated calibration is checked first (:func:`~dfquant.data.calib.check_generated`, told through ``log``)."""
+    from dfquant.data.calib import check_generated, load_calibration
+    from dfquant.models.evaluate import evaluate
     from dfquant.io import versions, write_json
     from dfquant.quant.api import make_quant_config, quantize_any
     from dfquant.quant.checkpoint import save_quantized
 
     make_quant_config(algo, wbits, abits)  # validate before any slow work
     calib = load_calibration(calib_source, spec, n, seed, augment, augment_alpha) if calib is None else calib
+    calib_check = check_generated(spec, calib_source, log) if Path(str(calib_source)).is_dir() else None
     can_eval = evaluate_top1 and (spec.embedded or val is not None)
     if fp_top1 is None and can_eval:
         fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
@@ -53,13 +55,15 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
     meta = {"algo": algo, "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
             "augment": None if augment == "none" else {"method": augment, "alpha": augment_alpha},
             "iters": iters, "joint_iters": joint_iters, "bn_recalib": bn_recalib, "batch_size": batch_size, "seed": seed,
-            "fp_top1": fp_top1, "q_top1": q_top1, "seconds": info["seconds"], "units": info["units"], "vit": vit,
+            "fp_top1": fp_top1, "q_top1": q_top1, "eval_images": getattr(q_top1, "n", None), "calib_check": calib_check,
+            "seconds": info["seconds"], "units": info["units"], "vit": vit,
             "versions": versions(),
             "recon": {k: v for k, v in vars(info["recon"]).items()} if info.get("recon") else None,
             "full_precision_layers": info.get("full_precision_layers", [])}
     save_quantized(Path(out), spec, qmodel, info["quant"], meta)
     write_json(Path(out) / "results.json", {k: meta[k] for k in ("algo", "wbits", "abits", "calib", "augment", "n_calib", "iters",
-                                                                   "seed", "fp_top1", "q_top1", "seconds")})
+                                                                   "seed", "fp_top1", "q_top1", "eval_images", "calib_check",
+                                                                   "seconds")})
     return meta
 
 
@@ -69,7 +73,7 @@ def _verify_images(spec, n: int, val: str | Path | None, skip: int = 0) -> tuple
     if val is None:
         if not spec.embedded:
             raise DfqError(f"{spec.name} has no embedded test set; pass --val /path/to/imagenet/val, or --no-verify")
-        from dfquant.evaluate import test_tensors
+        from dfquant.models.evaluate import test_tensors
 
         x, y = test_tensors(spec, skip + n)
         keep = slice(skip, None) if len(x) >= skip + n else slice(-n, None)
@@ -94,17 +98,24 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
     same architecture in float32 (``speed_runs`` interleaved runs at batch 1 and 32; 0 skips it):
     ``report["deployment"]`` is :func:`~dfquant.quant.export.deployment_gain`. Raises
     :class:`DfqError` (after writing the report) when the verification fails, unless
-    ``raise_on_failure`` is false (then see :func:`verification_error`).
+    ``raise_on_failure`` is false (then see :func:`verification_error`). An ONNX export is written to a
+    temporary file next to ``out`` and moved onto ``out`` only once it passed verification (and the timing):
+    a failed verification or an error on the way leaves no model of this run at ``out`` (a file already there
+    stays as it was); the report says so (``kept`` false, ``error`` the reason).
 
     ``integer_residual`` / ``int8_weights``: the approximate integer forms of
     :func:`~dfquant.quant.export.export_onnx`; the scales of the added activation quantizers come
     from max |x| over the 64 test images after the ``n`` verification images (with ``val``: 64
     images spread over the folder, which may overlap them). ``fuse_bias`` measures on the same
     images which integer kernels with inexact int32 biases leave the logits alone."""
+    import os
+    import tempfile
+
     from dfquant.io import read_json, versions, write_json
     from dfquant.models.source import load_quantized_spec
-    from dfquant.quant.export import (DEFAULT_OPSET, FORMATS, LOGIT_MEAN_TOLERANCE, TOP1_TOLERANCE_POINTS,
-                                      deployment_gain, export_int_state, export_onnx, verification_error, verify_onnx)
+    from dfquant.quant.export import (APPROX_TOP1_TOLERANCE_POINTS, DEFAULT_OPSET, FORMATS, LOGIT_MEAN_TOLERANCE,
+                                      TOP1_TOLERANCE_POINTS, deployment_gain, export_int_state, export_onnx,
+                                      verification_error, verify_onnx)
 
     if fmt not in FORMATS:
         raise DfqError(f"--format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
@@ -127,32 +138,53 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
                               **{k: qmeta.get(k) for k in ("algo", "wbits", "abits", "q_top1")}}
     if fmt == "int-state":
         report["export"] = export_int_state(qmodel, out, metadata=meta)
+        report["kept"] = True  # written atomically; nothing to verify
     else:
         # 64 test images after the verification ones: the scales of --integer-residual's quantizers, and
         # the measurement that lets --fuse-bias keep inexact int32 biases as integer kernels (without
         # images the exporter keeps those Convs float)
         images = val is not None or spec.embedded
         calib = _verify_images(spec, 64, val, skip=n)[0] if integer_residual or (fuse_bias and images) else None
-        report["export"] = export_onnx(qmodel, spec.input_size, out, opset, metadata=meta, fuse_bias=fuse_bias,
-                                       integer_residual=integer_residual, calib=calib, int8_weights=int8_weights)
-        if verify:
-            images, labels = _verify_images(spec, n, val)
-            report["verify"] = verify_onnx(qmodel, out, images, labels, approximate=integer_residual or int8_weights)
-            report["tolerance"] = {"top1_diff_points": TOP1_TOLERANCE_POINTS, "mean_rel_diff": LOGIT_MEAN_TOLERANCE}
-        if speed_runs > 0:
-            report["deployment"] = deployment_gain(spec.model, out, spec.input_size, (1, 32), speed_runs)
+        approximate = integer_residual or int8_weights
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, staged = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        staged = Path(staged)
+        try:
+            report["export"] = export_onnx(qmodel, spec.input_size, staged, opset, metadata=meta, fuse_bias=fuse_bias,
+                                           integer_residual=integer_residual, calib=calib, int8_weights=int8_weights)
+            report["export"]["path"] = str(out)
+            if verify:
+                images, labels = _verify_images(spec, n, val)
+                report["verify"] = verify_onnx(qmodel, staged, images, labels, approximate=approximate)
+                report["verify_limit"] = {"name": "--eval-limit", "set_size": len(images) if len(images) < n else None}
+                report["tolerance"] = {
+                    "top1_diff_points": APPROX_TOP1_TOLERANCE_POINTS if approximate else TOP1_TOLERANCE_POINTS,
+                    "top1_diff_images": report["verify"]["top1_tolerance_images"],
+                    "top1_rule": "correct images of onnxruntime and fake-quant differ by at most "
+                                 "max(1, floor(n * top1_diff_points / 100))",
+                    **({} if approximate else {"mean_rel_diff": LOGIT_MEAN_TOLERANCE})}
+            report["kept"] = not verify or report["verify"]["passed"]
+            if report["kept"]:
+                if speed_runs > 0:
+                    report["deployment"] = deployment_gain(spec.model, staged, spec.input_size, (1, 32), speed_runs)
+                os.replace(staged, out)
+        finally:
+            if staged.exists():
+                staged.unlink()
     report["versions"] = versions()
     report_path = out.parent / "export_report.json"
-    write_json(report_path, report)
     report["report_path"] = str(report_path)
-    if raise_on_failure:
-        err = verification_error(report)
-        if err is not None:
-            raise err
+    err = verification_error(report)
+    if err is not None:
+        report["error"] = str(err)
+    write_json(report_path, {k: v for k, v in report.items() if k != "report_path"})
+    if raise_on_failure and err is not None:
+        raise err
     return report
 
 
-def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out: Path, iters: int = 2000,
+def run_qat(model: str | ModelSpec, calib_source: str, wbits: float, abits: float, out: Path, iters: int = 2000,
             lr: float = 1e-4, learn_bits: bool = False, avg_bits: float | None = None, n: int = 1024,
             batch_size: int = 32, seed: int = 0, val=None, eval_limit: int | None = None, bn_stats: str = "relative",
             act_reinit: bool = False, progress: bool = True, calib: torch.Tensor | None = None,
@@ -162,14 +194,14 @@ def run_qat(model_name: str, calib_source: str, wbits: float, abits: float, out:
     import time
 
     from dfquant.data.calib import load_calibration
-    from dfquant.evaluate import evaluate
+    from dfquant.models.evaluate import evaluate
     from dfquant.io import versions, write_json
     from dfquant.models.source import resolve_model
     from dfquant.quant.nipq import check_qat_args, finalize, prepare_nipq, qat_distill
 
     check_qat_args(wbits, abits, iters, lr, learn_bits, avg_bits, n, batch_size, bn_stats, budget_by)
     budget = (avg_bits if avg_bits is not None else float(wbits)) if learn_bits else None
-    spec = resolve_model(model_name)
+    spec = resolve_model(model) if isinstance(model, str) else model
     if spec.is_vit:
         raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with `dfq quantize --algo repq-vit`")
     calib = load_calibration(calib_source, spec, n, seed) if calib is None else calib

@@ -27,6 +27,16 @@ class RunConfig:
     """One experiment. ``source``: generated | real | distill | a folder of images."""
 
     model: str = "fmnist/resnet20"
+    # the model arguments of every command (dfquant.models.source.ModelArgs); None: what the model carries
+    weights: str | None = None
+    num_classes: int | None = None
+    class_names: str | list[str] | None = None  # a text file (one name per line) or the list
+    size: int | None = None
+    resize: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
     source: str = "generated"
     strategy: str = "mixup"          # single | template | mixup | learned
     modes: int = 4                   # learned: prompt modes per class
@@ -42,8 +52,8 @@ class RunConfig:
     scheduler: str | None = None
     dtype: str = "auto"              # auto: the family's preset dtype on a GPU, float32 on the CPU
     gen_batch_size: int = 64
-    distill_method: str = "genie"
-    distill_iters: int = 500
+    distill_method: str = "genie"    # genie (Genie-D) | zeroq (ZeroQ) | genie-lite (dfquant's former "genie")
+    distill_iters: int | None = None  # None: the method's reference budget (genie 4000, zeroq 500, genie-lite 500)
     algo: str = "auto"               # auto: genie-m for CNNs, repq-vit for ViTs (as the paper)
     bits: list[str] = field(default_factory=lambda: ["W4A4"])
     iters: int = 20000
@@ -126,9 +136,12 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     bit_settings = [parse_bits(b) for b in cfg.bits]
     check_bn_mode(cfg.bn_recalib, "bn_recalib")
     torch.manual_seed(cfg.seed)
-    from dfquant.models.source import resolve_model
+    from dfquant.models.source import ensure_input_size, resolve_model
 
-    spec = resolve_model(cfg.model)  # a bad model name or damaged weights must not leave a run folder behind
+    margs = _model_args(cfg)
+    spec = resolve_model(margs)  # a bad model name or damaged weights must not leave a run folder behind
+    folder = cfg.val or (cfg.source if cfg.source not in ("generated", "real", "distill") else None)
+    spec = ensure_input_size(spec, folder)
     r = Run(cfg)
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())
@@ -146,23 +159,24 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
         r.log(f"augment: pixel-level {cfg.augment} (alpha {cfg.augment_alpha:g}) of the calibration set; "
               f"sample grid {r.dir / 'augment_grid.png'}")
 
-    from dfquant.evaluate import evaluate
+    from dfquant.models.evaluate import evaluate
 
-    fp_key = _key("fp", cfg.model, cfg.eval_limit, cfg.val)
+    model_key = [margs.preprocess_overrides(), cfg.weights, cfg.num_classes] if _model_args_given(cfg) else []
+    fp_key = _key("fp", cfg.model, cfg.eval_limit, cfg.val, *model_key)  # old runs' keys stay valid
     fp_path = r.dir / "fp_top1.json"
     if r.cached("fp_eval", fp_key, fp_path):
         fp_top1 = read_json(fp_path)["fp_top1"]
     else:
         fp_top1 = evaluate(spec, val_dir=cfg.val, limit=cfg.eval_limit, progress=progress)
-        write_json(fp_path, {"fp_top1": fp_top1})
+        write_json(fp_path, {"fp_top1": fp_top1, "eval_images": fp_top1.n})
         r.done("fp_eval", fp_key)
-    r.log(f"FP top-1 {fp_top1:.2f}%")
+    r.log(f"FP top-1 {fp_top1:.2f}% on {read_json(fp_path).get('eval_images', '?')} images")
 
     rows = []
     for (wbits, abits), tag in zip(bit_settings, cfg.bits):
         qdir = r.dir / "quant" / tag.upper()
         key = _key("quant", calib_key, algo, wbits, abits, cfg.iters, cfg.batch_size, cfg.seed, cfg.eval_limit, cfg.val,
-                   *([cfg.bn_recalib] if cfg.bn_recalib != "none" else []))  # old runs' keys stay valid
+                   *([cfg.bn_recalib] if cfg.bn_recalib != "none" else []), *model_key)  # old runs' keys stay valid
         if r.cached(f"quant_{tag.upper()}", key, qdir / "results.json"):
             res = read_json(qdir / "results.json")
             r.log(f"{tag}: cached, top-1 {res['q_top1']:.2f}%")
@@ -172,7 +186,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
             r.log(f"{tag}: quantizing with {algo}, {cfg.iters} iterations per block")
             res = run_quantize(spec, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
                                qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1,
-                               bn_recalib=cfg.bn_recalib, augment=cfg.augment, augment_alpha=cfg.augment_alpha)
+                               bn_recalib=cfg.bn_recalib, augment=cfg.augment, augment_alpha=cfg.augment_alpha, log=r.log)
             r.done(f"quant_{tag.upper()}", key)
             r.log(f"{tag}: top-1 {res['q_top1']:.2f}% ({res['seconds']:.0f}s)")
         rows.append({"model": cfg.model, "source": cfg.source, "strategy": _strategy_label(cfg), "algo": algo,
@@ -182,6 +196,20 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     write_json(r.dir / "results.json", rows)
     write_text(r.dir / "results.md", results_table(rows))
     return rows
+
+
+_MODEL_FIELDS = ("weights", "num_classes", "class_names", "size", "resize", "crop_pct", "interpolation", "mean", "std")
+
+
+def _model_args_given(cfg: RunConfig) -> bool:
+    return any(getattr(cfg, k) is not None for k in _MODEL_FIELDS)
+
+
+def _model_args(cfg: RunConfig):
+    """The run's model description, as every command takes it."""
+    from dfquant.models.source import ModelArgs
+
+    return ModelArgs(cfg.model, **{k: getattr(cfg, k) for k in _MODEL_FIELDS})
 
 
 def _strategy_label(cfg: RunConfig) -> str:
@@ -201,14 +229,17 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
         return _key("real", cfg.n, cfg.seed), "real:A"
     if cfg.source == "distill":
         out = r.dir / "distill.safetensors"
-        key = _key("distill", cfg.model, cfg.distill_method, cfg.distill_iters, cfg.n, cfg.seed)
+        key = _key("distill", cfg.model, cfg.distill_method, cfg.distill_iters, cfg.n, cfg.seed,
+                   *([cfg.weights, spec.input_size] if _model_args_given(cfg) else []),
+                   *(["reference"] if cfg.distill_method != "genie-lite" else []))  # genie/zeroq follow their references
         if not r.cached("distill", key, out):
             from dfquant.io import save_tensors
             from dfquant.quant.distill import distill
 
-            r.log(f"distill: {cfg.n} images by BN-statistics inversion ({cfg.distill_method}, {cfg.distill_iters} iters)")
+            r.log(f"distill: {cfg.n} images of {spec.input_size[-1]}px by BN-statistics inversion ({cfg.distill_method}, "
+                  f"{cfg.distill_iters or 'the reference number of'} iters)")
             images = distill(spec.model, cfg.n, spec.input_size, cfg.distill_method, cfg.distill_iters, seed=cfg.seed,
-                             device=cfg.device, progress=progress)
+                             device=cfg.device, progress=progress, resume=r.dir / "distill.partial")
             save_tensors(out, {"images": images})
             r.done("distill", key)
         return key, str(out)

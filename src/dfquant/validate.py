@@ -25,7 +25,7 @@ MINIMUM: dict[str, float] = {
     "n": 1, "iters": 1, "batch_size": 1, "gen_batch_size": 1, "k": 1, "modes": 1, "learn_iters": 1,
     "distill_iters": 1, "eval_limit": 1, "steps": 1, "seed": 0, "joint_iters": 0, "threads": 1, "guidance": 0,
     "per_sheet": 1, "epochs": 1, "unet_steps": 1, "vae_epochs": 0, "height": 8, "width": 8,
-    "speed_runs": 0, "augment_alpha": 0.01,
+    "speed_runs": 0, "augment_alpha": 0.01, "size": 1, "resize": 1, "num_classes": 1, "crop_pct": 0.01,
 }
 SOURCES = ("generated", "real", "distill")
 
@@ -36,10 +36,13 @@ def choices() -> dict[str, tuple[str, ...]]:
     from dfquant.generate.pipeline import DTYPES, SCHEDULERS
     from dfquant.prompts import PAIRINGS, STRATEGIES
     from dfquant.quant.algorithms import ALGOS
+    from dfquant.models.source import INTERPOLATIONS
     from dfquant.quant.bn import BN_MODES
+    from dfquant.quant.distill import METHODS
 
     return {"strategy": STRATEGIES, "pairing": PAIRINGS, "algo": ("auto", *ALGOS), "bn_recalib": BN_MODES,
-            "dtype": tuple(DTYPES), "scheduler": tuple(SCHEDULERS), "distill_method": ("genie", "zeroq"), "augment": AUGMENTS}
+            "dtype": tuple(DTYPES), "scheduler": tuple(SCHEDULERS), "distill_method": tuple(METHODS), "augment": AUGMENTS,
+            "interpolation": INTERPOLATIONS}
 
 
 def _option(key: str) -> str:

@@ -345,6 +345,32 @@ def encode(pipe: "DiffusionPipeline", prompts: list[str], call: dict[str, Any] |
             if v is not None and k in call_params and not k.startswith("negative")}
 
 
+CLASS_TOKEN_WARN = 3  # a class name split into more pieces than this is likely unknown to the text encoder
+
+
+def warn_split_class_names(pipe: "DiffusionPipeline", class_names: Sequence[str]) -> list[str]:
+    """Warn (one line) about class names with a word the generator's tokenizer splits into more than
+    :data:`CLASS_TOKEN_WARN` pieces: a text encoder that never saw a word as a whole rarely draws it
+    (the mini generator reads "airplane" as 5 pieces). Returns those names."""
+    import warnings
+
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    if tokenizer is None or not hasattr(tokenizer, "tokenize"):
+        return []
+    import re
+
+    # pieces of the worst word: punctuation ("T-shirt/top") is not what a text encoder fails to know
+    split = {c: max((len(tokenizer.tokenize(w)) for w in re.findall(r"[^\W\d_]+", c)), default=0)
+             for c in dict.fromkeys(class_names)}
+    long = [c for c, k in split.items() if k > CLASS_TOKEN_WARN]
+    if long:
+        shown = ", ".join(f"{c!r} ({split[c]} pieces)" for c in long[:5]) + (f" and {len(long) - 5} more" if len(long) > 5 else "")
+        warnings.warn(f"the generator's tokenizer splits a word of {len(long)} class name(s) into more than {CLASS_TOKEN_WARN} "
+                      f"pieces: {shown}; it probably does not know them, so check a contact sheet (`dfq grid`) or use "
+                      "a generator trained on such words", stacklevel=2)
+    return long
+
+
 def check_prompt_length(pipe: "DiffusionPipeline", prompts: Sequence[str], call: dict[str, Any] | None = None,
                         generator_id: str = "") -> None:
     """Refuse prompts longer than the text encoder that carries the sequence (CLIP: 77 tokens;
@@ -449,6 +475,8 @@ def generate(rows: Sequence["PromptRow"], pipe: "DiffusionPipeline", out_dir: st
     if prompt_embeds is not None:
         encode(pipe, [rows[0].prompt], call, generator_id)  # refuses a family without prompt_embeds before any file
     check_prompt_length(pipe, [r.prompt for r in rows], call, generator_id)
+    if prompt_embeds is None and (state is None or state.is_main_process):
+        warn_split_class_names(pipe, [c for r in rows for c in r.class_names])
     is_main = state is None or state.is_main_process
     settings = _settings(pipe, generator_id, steps, guidance, height, width, prompt_embeds is not None, call)
     _prepare_folder(out_dir, settings, is_main)

@@ -37,13 +37,14 @@ class ModelSpec:
 
     name: str
     model: nn.Module
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, int, int] | None  # None: not known yet (a custom model; the images' size decides)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: list[str]
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
     card: dict[str, Any] = field(default_factory=dict)
+    resize: int | None = None  # short side before the centre crop; None: input size / crop_pct (timm's rule)
     source: dict[str, Any] = field(default_factory=dict)  # how to rebuild the model (saved with a quantized folder)
 
     @property
@@ -66,12 +67,28 @@ class ModelSpec:
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         return (x01 - mean) / std
 
-    def transform(self) -> Callable:
-        """PIL image -> normalized tensor, by the model's own preprocessing (timm's eval transform)."""
-        from timm.data import create_transform
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """What a quantized folder records so that every command feeds the model as it was fed here."""
+        return {"input_size": list(self.input_size) if self.input_size else None, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation, "crop_pct": self.crop_pct,
+                "resize": self.resize, "class_names": list(self.class_names)}
 
-        return create_transform(input_size=self.input_size, interpolation=self.interpolation, mean=self.mean,
-                                std=self.std, crop_pct=self.crop_pct, is_training=False)
+    def transform(self) -> Callable:
+        """PIL image -> normalized tensor, by the model's own preprocessing: resize the short side to
+        ``resize`` (default ``size / crop_pct``, timm's eval rule), centre-crop ``size``, normalize."""
+        if self.input_size is None:
+            raise DfqError(f"{self.name} has no input size yet; pass --size (or a folder of images whose size decides)")
+        if self.resize is None:
+            from timm.data import create_transform
+
+            return create_transform(input_size=self.input_size, interpolation=self.interpolation, mean=self.mean,
+                                    std=self.std, crop_pct=self.crop_pct, is_training=False)
+        from torchvision import transforms as T
+
+        interp = T.InterpolationMode(self.interpolation)
+        return T.Compose([T.Resize(self.resize, interpolation=interp), T.CenterCrop(self.input_size[-1]), T.ToTensor(),
+                          T.Normalize(self.mean, self.std)])
 
 
 def zoo_dir() -> Path:

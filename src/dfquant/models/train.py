@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dfquant.data import fmnist
-from dfquant.evaluate import top1_tensors
+from dfquant.models.evaluate import top1_tensors
 from dfquant.io import load_torch, save_tensors, versions, write_json
 from dfquant.models import zoo
 from dfquant.models.registry import FMNIST_MEAN, FMNIST_STD

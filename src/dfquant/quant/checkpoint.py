@@ -56,7 +56,8 @@ def save_quantized(out_dir: Path, spec: Any, qmodel: nn.Module, qcfg: QuantConfi
         (out_dir / name).unlink(missing_ok=True)
     save_tensors(out_dir / "model.safetensors", state, metadata={"model": spec.name})
     source = dict(getattr(spec, "source", None) or {"name": spec.name})
-    preprocess = {k: getattr(spec, k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "class_names")
+    preprocess = {k: getattr(spec, k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "resize",
+                                                  "class_names")
                   if hasattr(spec, k)}
     plan = getattr(qmodel, "dfq_plan", None)
     write_json(out_dir / "quant_config.json", {"model": spec.name, "model_source": source, "preprocess": preprocess,
