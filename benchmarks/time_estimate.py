@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from calib_cache import cached_source
-from resumable_csv import log_command
+from resumable_csv import log_command, notes_for
 from dfquant.data.calib import load_calibration
 from dfquant.io import atomic_path, write_text
 from dfquant.models.registry import get_model
@@ -75,7 +75,7 @@ def main() -> None:
     write_text(out.with_suffix(".md"), f"# {out.name}: the printed reconstruction time estimate against the time taken\n\n"
                "ratio = estimate / actual (1.0 is exact; below 1 the run took longer than said). Real split-A "
                "calibration, 1024 images, seed 0, one quantization per row; the machine may have been shared "
-               "(see the commands).\n\nCommands:\n\n" + cmds + "\n" + table)
+               "(see the commands and notes).\n\nCommands:\n\n" + cmds + "\n" + notes_for(out) + table)
 
 
 if __name__ == "__main__":

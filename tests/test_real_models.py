@@ -236,3 +236,16 @@ def test_realworld_eval_limit_spans_every_class():
     sub = val_subset(spec, RW / "cifar10" / "test", 100)
     labels = [sub.dataset.samples[i][1] for i in sub.indices]
     assert all(labels.count(c) == 10 for c in range(10))
+
+
+def test_images_of_another_size_are_resized_and_said_once(tmp_path):
+    val = _class_folder(tmp_path / "val", classes=10, per_class=1, size=48)
+    spec = resolve_model(ModelArgs(f"{MODELS}:resnet_a", size=32))
+    from dfquant.models.evaluate import evaluate
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(spec, val_dir=val, progress=False)
+        evaluate(spec, val_dir=val, progress=False)
+    said = [w for w in caught if "are 48x48" in str(w.message)]
+    assert len(said) == 1 and "not the model's 32x32" in str(said[0].message)

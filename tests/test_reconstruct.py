@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dfquant.errors import DfqError
-from dfquant.evaluate import evaluate
+from dfquant.models.evaluate import evaluate
 from dfquant.quant.api import make_quant_config, quantize
 from dfquant.quant.bn import batchnorms
 from dfquant.quant.modules import QuantBlock, QuantLayer, set_quant_state
@@ -295,21 +295,91 @@ def test_brecq_learns_weights_then_activation_steps(resnet20, calib, monkeypatch
         p24.abs().pow(2.4).sum(1).mean().item(), rel=1e-6)
 
 
-def test_time_estimate_carries_two_measured_rates_over_to_every_unit():
-    """The estimate's step model, a * calls + b * forward seconds, solved from the first two units, reproduces a third
-    unit that follows it; captures grow with the forward before each unit and loss evaluations with its own; without
-    the first unit's rate, the forward share alone scales the second's."""
+def test_time_estimate_carries_measured_unit_work_over_to_every_unit():
+    """The estimate's step model, a * calls + g (g: the unit's measured forward + backward), with a fitted on the
+    timed units, reproduces a third unit whose backward is heavy for its forward (a depthwise convolution's); the
+    activation-range initialisation scales with the elements the unit's quantizers take in; captures grow with the
+    forward before each unit and loss evaluations with its own; timed units faster than g scale g alone."""
     from dfquant.quant.reconstruct import _estimate_seconds
 
-    profile = {"stem": (1e-3, 2), "block": (10e-3, 10), "late": (5e-3, 10)}
-    step = {u: 1e-3 * c + 5 * f for u, (f, c) in profile.items()}          # a = 1 ms per call, b = 5
-    timed = {"stem": {"rate": step["stem"], "capture": 0.01, "rest": 0.0}, "block": {"rate": step["block"], "capture": 0.1}}
+    profile = {"stem": (1e-3, 2), "block": (10e-3, 10), "late": (5e-3, 10)}   # forward seconds, module calls
+    work = {"stem": (3e-3, 0), "block": (30e-3, 1000), "late": (40e-3, 500)}  # forward + backward seconds, elements
+    step = {u: 1e-3 * c + work[u][0] for u, (f, c) in profile.items()}       # a = 1 ms per call
+    timed = {"stem": {"rate": step["stem"], "capture": 0.01, "rest": 0.0, "init": 0.0},
+             "block": {"rate": step["block"], "capture": 0.1, "init": 0.2}}
     units = list(profile)
     capture = 0.01 + 0.1 + (0.1 + 32 * 10e-3)      # "late" runs 10 ms more of forward before it than "block"
-    evals = 2 * 32 * ((10e-3 - 1e-3) + (5e-3 - 1e-3))  # two loss evaluations, beyond the stem's (its rest)
-    assert _estimate_seconds(units, profile, timed, 100, 32, 1, 0.0) == pytest.approx(
-        100 * sum(step.values()) + capture + evals)
-    del timed["stem"]["rate"]
-    share = step["block"] * (1 + 0.1 + 0.5)                                  # forward share of the block's rate
-    assert _estimate_seconds(units, profile, timed, 100, 32, 2, 0.5) == pytest.approx(
-        100 * share + capture + 2 * (evals + 0.5))
+    init = 0.2 + 0.2 * 500 / 1000                   # 0.2 s for the block's 1000 elements
+    evals = 24 * ((10e-3 - 1e-3) + (5e-3 - 1e-3))  # 24 batches of loss evaluation, beyond the stem's (its rest)
+    assert _estimate_seconds(units, profile, work, timed, 100, 32, 24, 1, 0.0) == pytest.approx(
+        100 * sum(step.values()) + capture + init + evals)
+    assert 100 * step["late"] > 100 * 5 * profile["late"][0]  # a forward-scaled step would under-count "late"
+    slow = {u: (10 * g, e) for u, (g, e) in work.items()}   # timed rates below g: g scaled by the rates' share
+    share = sum(step[u] for u in ("stem", "block")) / sum(slow[u][0] for u in ("stem", "block"))
+    assert _estimate_seconds(units, profile, slow, timed, 100, 32, 24, 2, 0.5) == pytest.approx(
+        100 * share * sum(g for g, _ in slow.values()) + capture + 2 * (init + evals + 0.5))
+
+
+def test_unit_profile_measures_each_unit_without_side_effects(resnet20, calib):
+    """The estimate's per-unit work: a forward and backward of each full-precision unit on the probe batch, and the
+    elements entering its activation quantizers (ResNet-20 layer1.1: its block input and conv2's input, 16 x 32 x
+    32 per image; the stem has none); it draws no random numbers and leaves no gradients, and with the estimate
+    (progress on) the quantized model is bit-identical to one without."""
+    from dfquant.quant.reconstruct import _unit_profile
+
+    q = quantize_model(resnet20.model, make_quant_config("genie-m", 4, 4))
+    set_quant_state(q, weights=False, acts=False)
+    units = recon_units(q)
+    rng = torch.get_rng_state()
+    work = _unit_profile(q, {u: q.get_submodule(u) for u in units}, calib[:4])
+    assert torch.equal(rng, torch.get_rng_state()) and all(p.grad is None for p in q.parameters())
+    assert set(work) == set(units) and all(g > 0 for g, _ in work.values())
+    assert work["conv1"][1] == 0 and work["layer1.1"][1] == 2 * 4 * 16 * 32 * 32
+    x = calib[:32]
+    a, _ = quantize(resnet20.model, x, "genie-m", 4, 4, iters=2, batch_size=16, progress=True)
+    b, _ = quantize(resnet20.model, x, "genie-m", 4, 4, iters=2, batch_size=16, progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_loss_before_is_the_rounded_model_and_reconstruction_beats_it(resnet20, calib):
+    """``loss_before`` is the unit without reconstruction (nearest-rounded weights at the initial steps), measured
+    like ``loss_after`` (hard rounding): after a few Genie-M iterations most units end below it. The soft start
+    (``loss_before_soft``, near full-precision weights) is kept beside it."""
+    _, info = quantize(resnet20.model, calib[:64], "genie-m", 2, 4, iters=30, batch_size=16, progress=False)
+    units = [u for u in info["units"] if u["iters"] > 0]
+    assert len(units) == len(recon_units(quantize_model(resnet20.model, make_quant_config("genie-m", 2, 4))))
+    improved = [u["unit"] for u in units if u["loss_after"] <= u["loss_before"]]
+    assert len(improved) >= 0.8 * len(units), info["units"]
+    assert all(u["loss_before_soft"] >= 0 and u["loss_before_soft"] != u["loss_before"] for u in units), info["units"]
+
+
+def test_measuring_loss_before_leaves_the_quantized_model_unchanged(resnet20, calib, monkeypatch):
+    """The rounded-weights measurement draws no random numbers (QDrop's masks, Genie's first-batch activation
+    init under drop) and changes no quantizer state: the quantized model, and every later unit's losses, are
+    bit-identical to a run without it; the soft rounding it sets aside is back in place before the optimization."""
+    import dfquant.quant.reconstruct as recon
+
+    real, seen = recon._rounded_loss, []
+
+    def checked(eval_loss, layers):
+        rng, softs = torch.get_rng_state(), [ql.soft for ql in layers]
+        state = {k: v.clone() for ql in layers for k, v in ql.state_dict().items()}
+        out = real(eval_loss, layers)
+        assert torch.equal(rng, torch.get_rng_state()) and all(ql.soft is s for ql, s in zip(layers, softs))
+        after = {k: v for ql in layers for k, v in ql.state_dict().items()}
+        assert all(torch.equal(state[k], after[k]) for k in state)
+        seen.append(out)
+        return out
+
+    x = calib[:64]
+    monkeypatch.setattr(recon, "_rounded_loss", checked)
+    measured, info = quantize(resnet20.model, x, "genie-m", 3, 4, iters=4, batch_size=16, progress=False)
+    monkeypatch.setattr(recon, "_rounded_loss", lambda eval_loss, layers: float("nan"))
+    plain, info_plain = quantize(resnet20.model, x, "genie-m", 3, 4, iters=4, batch_size=16, progress=False)
+    assert seen and [u["loss_before"] for u in info["units"]] == seen
+    a, b = measured.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(measured(x[:8]), plain(x[:8]))
+    assert [u["loss_after"] for u in info["units"]] == [u["loss_after"] for u in info_plain["units"]]

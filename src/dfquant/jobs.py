@@ -91,7 +91,8 @@ def _verify_images(spec, n: int, val: str | Path | None, skip: int = 0) -> tuple
 def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True,
                n: int = 1000, opset: int | None = None, val: str | Path | None = None,
                fuse_bias: bool = False, raise_on_failure: bool = True, speed_runs: int = 10,
-               integer_residual: bool = False, int8_weights: bool = False) -> dict[str, Any]:
+               integer_residual: bool = False, int8_weights: bool = False,
+               model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``dfq export``: load a quantized checkpoint, write ``fmt`` to ``out`` (default inside the
     checkpoint folder), verify an ONNX export with onnxruntime on ``n`` test images, and
     write ``export_report.json`` next to the output. An ONNX export is also timed against the
@@ -129,7 +130,7 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
     out = Path(out) if out is not None else ckpt_dir / default_name
     if out.suffix != FORMATS[fmt]:
         raise DfqError(f"--out {out} must end in {FORMATS[fmt]} for --format {fmt}")
-    spec, qmodel = load_quantized_spec(ckpt_dir)
+    spec, qmodel = load_quantized_spec(ckpt_dir, **(model_overrides or {}))
     qmeta = read_json(ckpt_dir / "quant_config.json")
     meta = {"model": spec.name, "checkpoint": str(ckpt_dir)}
     meta.update({k: str(qmeta[k]) for k in ("algo", "wbits", "abits") if k in qmeta})

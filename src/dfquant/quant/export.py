@@ -85,6 +85,9 @@ def _exact_int8_bound(x_max: int = 255) -> int:
 # random-weight ResNet-20s, whose layers amplify perturbations more. The logit bound sits
 # 5x above the worst of those and well below the error of a wrong scale, zero point or clip
 # range (the size of the quantization noise itself, >= several percent).
+# The top-1 bound is counted in images (top1_tolerance_images): on n images the numbers of correctly classified
+# images of onnxruntime and of the fake-quantized model may differ by max(1, floor(n * points / 100)), so
+# float rounding of percentages cannot fail a one-image difference that the bound allows.
 TOP1_TOLERANCE_POINTS = 0.1  # |top-1(onnxruntime) - top-1(fake-quant)| in percentage points (the issue's bound)
 LOGIT_MEAN_TOLERANCE = 0.01  # mean |logit diff| / max |logit|
 # --integer-residual / --int8-weights quantize what the simulation keeps in float: the deployed top-1
@@ -1227,7 +1230,9 @@ def verify_onnx(qmodel: nn.Module, onnx_path: str | Path, images: torch.Tensor, 
 
     Returns ``n``, ``max_abs_diff``, ``mean_abs_diff``, ``max_abs_logit`` (scale of the
     logits), ``mean_rel_diff`` (mean |diff| / max |logit|), ``top1_torch`` / ``top1_onnx``
-    (percent), ``top1_diff_points``, ``argmax_agreement`` (percent of images with the same
+    (percent), ``top1_diff_points``, ``correct_torch`` / ``correct_onnx`` (images classified correctly),
+    ``top1_diff_images`` (their difference), ``top1_tolerance_images`` (its bound,
+    :func:`top1_tolerance_images`), ``argmax_agreement`` (percent of images with the same
     predicted class), ``disagreements`` (up to 20 images whose class differs, with the
     fake-quantized model's top-2 logit margin: near ties flip under float noise) and
     ``passed`` (:func:`verification_passed`; ``approximate`` for exports that change the function).
@@ -1244,12 +1249,15 @@ def verify_onnx(qmodel: nn.Module, onnx_path: str | Path, images: torch.Tensor, 
     t, o = torch.cat(t_out), torch.cat(o_out)
     labels = labels.cpu()
     diff = (t - o).abs()
-    top1_t = 100.0 * (t.argmax(1) == labels).float().mean().item()
-    top1_o = 100.0 * (o.argmax(1) == labels).float().mean().item()
+    n = len(t)
+    correct_t, correct_o = int((t.argmax(1) == labels).sum()), int((o.argmax(1) == labels).sum())
     max_logit = t.abs().max().item()
-    report = {"n": len(t), "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+    report = {"n": n, "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
               "max_abs_logit": max_logit, "mean_rel_diff": diff.mean().item() / max(max_logit, 1e-12),
-              "top1_torch": top1_t, "top1_onnx": top1_o, "top1_diff_points": abs(top1_t - top1_o),
+              "top1_torch": 100.0 * correct_t / n, "top1_onnx": 100.0 * correct_o / n,
+              "top1_diff_points": 100.0 * abs(correct_t - correct_o) / n,
+              "correct_torch": correct_t, "correct_onnx": correct_o, "top1_diff_images": abs(correct_t - correct_o),
+              "top1_tolerance_images": top1_tolerance_images(n, approximate),
               "argmax_agreement": 100.0 * (t.argmax(1) == o.argmax(1)).float().mean().item()}
     top2 = t.topk(2, dim=1).values if t.shape[1] > 1 else torch.cat([t, t], 1)
     report["disagreements"] = [
@@ -1261,15 +1269,30 @@ def verify_onnx(qmodel: nn.Module, onnx_path: str | Path, images: torch.Tensor, 
     return report
 
 
+def top1_tolerance_images(n: int, approximate: bool = False) -> int:
+    """How many images the numbers of correct top-1 predictions of onnxruntime and of the fake-quantized model may
+    differ by on ``n`` images: ``max(1, floor(n * points / 100))``, ``points`` = ``TOP1_TOLERANCE_POINTS`` (exact
+    exports) or ``APPROX_TOP1_TOLERANCE_POINTS`` (``approximate``). An integer rule: one image is allowed at any
+    ``n``, two from 2,000 images at 0.1 points."""
+    points = APPROX_TOP1_TOLERANCE_POINTS if approximate else TOP1_TOLERANCE_POINTS
+    return max(1, math.floor(round(n * points / 100, 6)))  # round: 0.1 * 3000 / 100 is 2.9999999999999996
+
+
 def verification_passed(report: dict[str, Any]) -> bool:
-    """The acceptance rule of ``dfq export --verify``: top-1 within ``TOP1_TOLERANCE_POINTS``
-    and mean |logit difference| within ``LOGIT_MEAN_TOLERANCE`` of the largest |logit|. An
-    approximate export (``--integer-residual`` / ``--int8-weights``) computes another function
-    on purpose: only its top-1 is bounded, by ``APPROX_TOP1_TOLERANCE_POINTS``."""
-    if report.get("approximate"):
-        return report["top1_diff_points"] <= APPROX_TOP1_TOLERANCE_POINTS + 1e-9
-    return (report["top1_diff_points"] <= TOP1_TOLERANCE_POINTS + 1e-9
-            and report["mean_rel_diff"] <= LOGIT_MEAN_TOLERANCE)
+    """The acceptance rule of ``dfq export --verify``: the counts of correct top-1 predictions differ by at most
+    :func:`top1_tolerance_images` images (``report["top1_diff_images"]``; a report without it, from before counts
+    were recorded, is counted back from ``top1_diff_points``) and the mean |logit difference| is within
+    ``LOGIT_MEAN_TOLERANCE`` of the largest |logit|. An approximate export (``--integer-residual`` /
+    ``--int8-weights``) computes another function on purpose: only its top-1 is bounded, by
+    ``APPROX_TOP1_TOLERANCE_POINTS`` in the same image count."""
+    n = report["n"]
+    diff = report.get("top1_diff_images")
+    if diff is None:
+        diff = round(report["top1_diff_points"] * n / 100)
+    approximate = bool(report.get("approximate"))
+    if diff > top1_tolerance_images(n, approximate):
+        return False
+    return approximate or report["mean_rel_diff"] <= LOGIT_MEAN_TOLERANCE
 
 
 # ----------------------------------------------------------------------------------------
@@ -1617,25 +1640,54 @@ def export_int_state(qmodel: nn.Module, path: str | Path, metadata: dict[str, st
 FORMATS = {"onnx": ".onnx", "int-state": ".safetensors"}
 
 
-def verification_error(report: dict[str, Any]) -> DfqError | None:
-    """The error ``dfq export`` exits with when the verification in ``report`` failed, else None."""
+def more_images(n: int, set_size: int | None = None) -> int | None:
+    """The image count to advise after a verification on ``n`` images failed: ``max(1000, 2 n)``, capped by
+    ``set_size`` (the test set's size, when known); None when no larger count exists."""
+    more = max(1000, 2 * n)
+    if set_size is not None:
+        more = min(more, set_size)
+    return more if more > n else None
+
+
+def verification_error(report: dict[str, Any], limit_name: str | None = None,
+                       set_size: int | None = None) -> DfqError | None:
+    """The error ``dfq export`` exits with when the verification in ``report`` failed, else None.
+
+    Its advice to verify on more images names the knob that sets the image count as the caller calls it
+    (``limit_name``: ``dfq export`` passes ``--eval-limit``) and a count larger than the one used
+    (:func:`more_images`, capped by ``set_size`` when the test set's size is known). Either defaults to what the
+    report's ``verify_limit`` (``{"name", "set_size"}``, written by the caller that made the report) says, else
+    ``eval_limit`` and unknown. A report whose ``kept`` is false says the export was not kept."""
     v = report.get("verify")
     if v is None or v["passed"]:
         return None
+    recorded = report.get("verify_limit") or {}
+    limit_name = limit_name or recorded.get("name") or "eval_limit"
+    set_size = set_size if set_size is not None else recorded.get("set_size")
+    n = v["n"]
+    not_kept = (f" The export was not kept ({report.get('output', 'the output')} was not written)."
+                if report.get("kept") is False else "")
+    tol = v.get("top1_tolerance_images", top1_tolerance_images(n, bool(v.get("approximate"))))
+    counts = (f", {v['correct_onnx']} vs {v['correct_torch']} images correct" if "correct_onnx" in v else "")
     if v.get("approximate"):
         return DfqError(
             f"the approximate export (--integer-residual / --int8-weights) moves top-1 from {v['top1_torch']:.2f}% to "
-            f"{v['top1_onnx']:.2f}% on {v['n']} images (tolerance {APPROX_TOP1_TOLERANCE_POINTS} points, argmax agreement "
-            f"{v['argmax_agreement']:.1f}%); export without those options for the simulated model's accuracy")
+            f"{v['top1_onnx']:.2f}% on {n} images{counts} (tolerance {tol} image(s): max(1, "
+            f"{APPROX_TOP1_TOLERANCE_POINTS:g}% of {n}); argmax agreement {v['argmax_agreement']:.1f}%); "
+            f"export without those options for the simulated model's accuracy.{not_kept}")
     flips = v["disagreements"]
     near_tie = (f"{len(flips)} image(s) changed class, with top-2 logit margins up to "
                 f"{max(d['torch_top2_margin'] for d in flips):.3g} in the fake-quantized model. ") if flips else ""
     rounded = (report["export"].get("int32_biases") or {}).get("rounded") or {}
     bias = (f"{len(rounded)} integer kernel(s) round their int32 bias inexactly (measured harmless on calibration "
             "images); export without --fuse-bias. " if report["export"].get("fused_bias") and rounded else "")
+    more = more_images(n, set_size)
+    advice = (f"verify on more images ({limit_name} {more})" if more is not None
+              else f"the {n} images are the whole test set")
     return DfqError(
-        f"onnxruntime disagrees with the fake-quantized model on {v['n']} images: top-1 {v['top1_onnx']:.2f}% vs "
-        f"{v['top1_torch']:.2f}% (tolerance {TOP1_TOLERANCE_POINTS} points), mean |logit diff| "
-        f"{100 * v['mean_rel_diff']:.3f}% of the largest logit (tolerance {100 * LOGIT_MEAN_TOLERANCE:g}%). {near_tie}{bias}"
-        f"One image is {100 / v['n']:.2f} points at --eval-limit {v['n']}: if near ties flipped, verify on more images "
-        f"(--eval-limit 1000); otherwise report the model with {report['report_path']}")
+        f"onnxruntime disagrees with the fake-quantized model on {n} images: top-1 {v['top1_onnx']:.2f}% vs "
+        f"{v['top1_torch']:.2f}%{counts} (tolerance {tol} image(s): max(1, {TOP1_TOLERANCE_POINTS:g}% of {n})), "
+        f"mean |logit diff| {100 * v['mean_rel_diff']:.3f}% of the largest logit (tolerance "
+        f"{100 * LOGIT_MEAN_TOLERANCE:g}%). {near_tie}{bias}"
+        f"One image is {100 / n:.2f} points at {limit_name} {n}: if near ties flipped, {advice}; otherwise report the "
+        f"model with {report['report_path']}.{not_kept}")

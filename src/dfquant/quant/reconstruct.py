@@ -159,15 +159,22 @@ class _Batches:
 
 def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: str = "unit",
                      trace: list | None = None, progress: bool = True,
-                     on_rate: Callable[[float], None] | None = None, stage: str = "joint") -> dict:
+                     on_rate: Callable[[float, float], None] | None = None, stage: str = "joint") -> dict:
     """Initialize and (optionally) optimize one unit in place; return its loss summary.
 
-    ``on_rate`` is called once with the measured seconds per iteration (iterations 3..23), so the caller
-    can tell the user early how long the whole run will take. ``stage``: ``joint`` learns the rounding and
+    ``on_rate`` is called once with the measured seconds per iteration (iterations 3..23) and the seconds the
+    activation-range initialisation took (0 without one), so the caller can tell the user early how long the
+    whole run will take. ``stage``: ``joint`` learns the rounding and
     the activation steps together; ``weights`` (pass 1 of ``weights-then-acts``) only the rounding, with
     activation quantization off; ``acts`` (pass 2) only the activation steps, on hard-rounded weights and
     ranges the caller initialised, for :attr:`ReconConfig.act_stage_iters` with the loss exponent
-    :attr:`ReconConfig.act_stage_p`."""
+    :attr:`ReconConfig.act_stage_p`.
+
+    The summary: ``unit``, ``stage``, ``iters``, and the loss on the first 256 inputs (x_q) in eval mode:
+    ``loss_before`` (weights nearest-rounded at the initial steps, activation steps as initialised: the unit
+    without reconstruction), ``loss_before_soft`` (the soft weights the optimization starts from, near full
+    precision) and ``loss_after`` (the learned rounding hardened, learned steps), so that ``loss_after <
+    loss_before`` says the reconstruction helped. Measuring them draws no random numbers and changes no state."""
     dev = torch.device(cfg.device)
     n = len(x_q)
     iters = cfg.act_stage_iters if stage == "acts" else cfg.iters
@@ -192,24 +199,35 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
         q for q in act_quantizers(unit) if isinstance(q, nn.Module) and getattr(q, "scale", None) is not None
         and isinstance(q.scale, nn.Parameter)]
     learn = cfg.learn_rounding and iters > 0 and (stage != "acts" or bool(aqs))
+    t_init = 0.0  # seconds of the activation-range initialisation, for the run-time estimate
     if stage == "joint" and not (learn and cfg.act_init == "first-batch"):
+        t0 = time.perf_counter()
         with torch.no_grad():  # lazy range init of activation quantizers on x_q, rounded weights
             unit(x_q[: min(cfg.act_init_images, n)].to(dev))
+        t_init = time.perf_counter() - t0
     if not learn:
         before = eval_loss()
-        return {"unit": name, "stage": stage, "loss_before": before, "loss_after": before, "iters": 0}
-    softs = [] if stage == "acts" else [ql.enable_soft_rounding(cfg.learn_weight_scale) for ql in quant_layers(unit)]
+        return {"unit": name, "stage": stage, "loss_before": before, "loss_before_soft": before, "loss_after": before,
+                "iters": 0}
+    soft_layers = [] if stage == "acts" else quant_layers(unit)
+    softs = [ql.enable_soft_rounding(cfg.learn_weight_scale) for ql in soft_layers]
     for q in aqs:
         q.drop_prob = cfg.drop_prob
     if stage == "joint" and cfg.act_init == "first-batch":
         # Genie initialises the activation steps while it captures the block's inputs: on the first calibration
         # batch (in order, the quantized input x_q), through the soft (near full-precision) weights with QDrop's
         # random drop inside the block
+        t0 = time.perf_counter()
         train_keep_bn(unit)
         with torch.no_grad():
             unit(x_q[: min(cfg.batch_size, n)].to(dev))
         unit.eval()
-    before = eval_loss()
+        t_init = time.perf_counter() - t0
+    # loss_before: the unit as it would be without reconstruction (nearest-rounded weights at the initial steps,
+    # the activation steps as initialised), the fair comparison with loss_after (hard rounding, learned steps);
+    # loss_before_soft: the soft (near full-precision) weights the optimization starts from
+    before_soft = eval_loss()
+    before = _rounded_loss(eval_loss, soft_layers) if soft_layers else before_soft
     groups, opt, sched = _optimizer(softs, aqs, cfg, iters)
     beta = _Beta(iters, cfg.warmup, *cfg.beta)
     train_keep_bn(unit)
@@ -221,7 +239,7 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
                 if it == _RATE_FROM:
                     t_rate = time.perf_counter()
                 else:
-                    on_rate((time.perf_counter() - t_rate) / _RATE_ITERS)
+                    on_rate((time.perf_counter() - t_rate) / _RATE_ITERS, t_init)
             xq, y = batch(batches.next())
             rec = recon_loss(unit(xq), y, cfg.loss_reduction, p)
             b = beta(it) if softs else None
@@ -250,7 +268,22 @@ def reconstruct_unit(unit: nn.Module, x_q, x_fp, y_fp, cfg: ReconConfig, name: s
         unit.eval()
     for s in softs:
         s.harden()
-    return {"unit": name, "stage": stage, "loss_before": before, "loss_after": eval_loss(), "iters": iters}
+    return {"unit": name, "stage": stage, "loss_before": before, "loss_before_soft": before_soft,
+            "loss_after": eval_loss(), "iters": iters}
+
+
+def _rounded_loss(eval_loss: Callable[[], float], layers: list) -> float:
+    """``eval_loss()`` with the soft rounding of ``layers`` set aside: their weights nearest-rounded at the current
+    (initial) steps by their own quantizers, what the model computes without reconstruction. ``eval_loss`` runs in
+    eval mode without grad (no QDrop draw); the soft modules are put back as they were."""
+    kept = [ql.soft for ql in layers]
+    try:
+        for ql in layers:
+            ql.soft = None
+        return eval_loss()
+    finally:
+        for ql, soft in zip(layers, kept):
+            ql.soft = soft
 
 
 def _optimizer(softs: list, aqs: list, cfg: ReconConfig, iters: int | None = None):
@@ -278,36 +311,104 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def _estimate_seconds(units: list[str], profile: dict[str, tuple[float, int]], timed: dict[str, dict[str, float]],
-                      iters: int, batches: float, passes: int, fp_capture_s: float) -> float:
+def _unit_profile(fp_model: nn.Module, fp_units: dict[str, nn.Module], batch: torch.Tensor,
+                  repeats: int = 2) -> dict[str, tuple[float, int]]:
+    """For each unit of the full-precision copy, on ``batch`` (one training batch): the seconds of a forward and
+    backward of the unit alone on its input (the fastest of ``repeats``; weight gradients, as a reconstruction step
+    computes them, and none for the input), and how many elements its activation quantizers take in (the work of
+    their range initialisation). One forward of ``fp_model`` in eval mode: no random numbers are drawn, and the
+    gradients it makes are put back as they were."""
+    seconds: dict[str, float] = {}
+    elements: dict[str, int] = {}
+    busy = [False]  # inside a unit's timed passes: no counting, no nested timing
+
+    def time_unit(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if busy[0] or name in seconds:
+            return
+        busy[0] = True
+        params = [q for q in module.parameters() if q.requires_grad]
+        grads = [q.grad for q in params]
+        try:
+            x = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            best = math.inf
+            for _ in range(repeats):
+                t = time.perf_counter()
+                with torch.enable_grad():
+                    out = module(*x, **kwargs)
+                    out = out if torch.is_tensor(out) else next(o for o in out if torch.is_tensor(o))
+                    if out.requires_grad:
+                        out.float().pow(2).sum().backward()
+                best = min(best, time.perf_counter() - t)
+            seconds[name] = best
+        finally:
+            for q, g in zip(params, grads):
+                q.grad = g
+            busy[0] = False
+
+    def count(name: str, args: tuple) -> None:
+        if not busy[0] and args and torch.is_tensor(args[0]):
+            elements[name] = elements.get(name, 0) + args[0].numel()
+
+    handles = []
+    for name, module in fp_units.items():
+        handles.append(module.register_forward_pre_hook(lambda m, a, k, name=name: time_unit(name, m, a, k),
+                                                        with_kwargs=True))
+        for q in act_quantizers(module):
+            handles.append(q.register_forward_pre_hook(lambda m, a, name=name: count(name, a)))
+    try:
+        with torch.no_grad():
+            fp_model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {u: (seconds[u], elements.get(u, 0)) for u in seconds}
+
+
+def _estimate_seconds(units: list[str], profile: dict[str, tuple[float, int]], work: dict[str, tuple[float, int]],
+                      timed: dict[str, dict[str, float]], iters: int, batches: float, eval_batches: float,
+                      passes: int, fp_capture_s: float) -> float:
     """The whole reconstruction's seconds, from the first one or two units' measurements.
 
     ``profile`` (:func:`~dfquant.quant.cache.forward_profile`) gives each unit's forward seconds ``f`` on one batch
-    and its module calls ``c``; ``timed`` the first units' seconds per iteration (``rate``), input capture and, for
-    the first, the rest (loss evaluations, init, hardening). A step costs ``a c + b f``: per-op overhead plus
-    per-element work, solved from two timed units (a lone stem conv and a block differ in both), else ``b f``
-    alone. Capturing a unit's input runs the quantized model up to it over ``batches`` probe-sized batches, about
-    the FP forward before it; the rest evaluates the unit twice. ``fp_capture_s`` covers the FP targets of one
-    pass; ``passes`` (1, or 2 for weights-then-acts) repeats them and the rest."""
+    and its module calls ``c``; ``work`` (:func:`_unit_profile`) the seconds ``g`` of a forward and backward of the
+    full-precision unit alone on that batch and the elements ``e`` its activation quantizers take in; ``timed`` the
+    first units' seconds per iteration (``rate``), activation-range initialisation (``init``), input capture and,
+    for the first, the rest (loss evaluations, init, hardening).
+
+    A step costs ``a c + g``: the unit's own forward and backward, measured, plus a per-call overhead (fake
+    quantization, soft rounding, the optimizer, Python) fitted on the timed units (``a`` = the sum of their
+    ``rate - g`` over the sum of their ``c``). The unit's share of compute is measured rather than scaled from its
+    forward: a depthwise convolution's backward costs many times its forward on CPU, a full convolution's about
+    twice. Where the timed units ran faster than ``g`` (``a < 0``), ``g`` alone is scaled to their rates. The
+    activation-range initialisation (a range search over every element entering the unit's activation
+    quantizers) costs in proportion to ``e``, at the seconds per element of the last timed unit that has any.
+    Capturing a unit's input runs the quantized model up to it over ``batches`` probe-sized batches, about the FP
+    forward before it; the rest evaluates the unit's loss on ``eval_batches`` probe-sized batches beyond the first
+    unit's. ``fp_capture_s`` covers the FP targets of one pass; ``passes`` (1, or 2 for weights-then-acts) repeats
+    them and the rest."""
     fwd = {u: profile.get(u, (0.0, 1))[0] for u in units}
     calls = {u: profile.get(u, (0.0, 1))[1] for u in units}
+    grad = {u: work.get(u, (fwd[u], 0))[0] for u in units}
+    elems = {u: work.get(u, (0.0, 0))[1] for u in units}
     first = units[0]
-    ref = next(u for u in reversed(list(timed)) if "rate" in timed[u])
-    a, b = 0.0, timed[ref]["rate"] / max(fwd[ref], 1e-9)
-    if ref != first and "rate" in timed[first]:
-        det = calls[first] * fwd[ref] - calls[ref] * fwd[first]
-        if abs(det) > 1e-12:
-            r0, r1 = timed[first]["rate"], timed[ref]["rate"]
-            a2, b2 = (r0 * fwd[ref] - r1 * fwd[first]) / det, (calls[first] * r1 - calls[ref] * r0) / det
-            if a2 >= 0 and b2 >= 0:
-                a, b = a2, b2
-    train = iters * sum(a * calls[u] + b * fwd[u] for u in units)
+    rated = [u for u in timed if "rate" in timed[u]]
+    ref = rated[-1]
+    over = sum(timed[u]["rate"] - grad[u] for u in rated)
+    a = over / max(sum(calls[u] for u in rated), 1)
+    if a >= 0:
+        train = iters * sum(a * calls[u] + grad[u] for u in units)
+    else:
+        share = sum(timed[u]["rate"] for u in rated) / max(sum(grad[u] for u in rated), 1e-12)
+        train = iters * share * sum(grad.values())
     before = dict(zip(units, itertools.accumulate([0.0] + [fwd[u] for u in units[:-1]])))
     c_ref = timed[ref].get("capture", 0.0)
     capture = timed[first].get("capture", 0.0) + sum(max(0.0, c_ref + batches * (before[u] - before[ref]))
                                                      for u in units[1:])
+    with_init = [u for u in rated if elems[u] > 0 and "init" in timed[u]]
+    per_element = timed[with_init[-1]]["init"] / elems[with_init[-1]] if with_init else 0.0
     rest0 = timed[first].get("rest", 0.0)
-    rest = sum(rest0 + 2 * batches * max(0.0, fwd[u] - fwd[first]) for u in units)
+    rest = sum(max(0.0, rest0 + per_element * (elems[u] - elems[first]) + eval_batches * (fwd[u] - fwd[first]))
+               for u in units)
     return train + capture + passes * (rest + fp_capture_s)
 
 
@@ -350,20 +451,23 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     # the run-time estimate, said once the second unit has timed its iterations (see :func:`_estimate_seconds`)
     probe = calib[: cfg.batch_size].to(dev)
     profile = forward_profile(fp_model, fp_units, probe) if progress else {}
-    timed: dict[str, dict[str, float]] = {}  # unit -> seconds of its input capture, its iterations, the rest
+    work = _unit_profile(fp_model, fp_units, probe) if progress else {}
+    timed: dict[str, dict[str, float]] = {}  # unit -> seconds of its input capture, its iterations, init, the rest
     fp_capture_s = 0.0
+    # reconstruct_unit evaluates the loss three times (loss_before_soft, loss_before, loss_after) on <= 256 inputs
+    eval_batches = 3 * min(len(calib), 256) / len(probe)
 
-    def on_rate(seconds_per_iter: float) -> None:
+    def on_rate(seconds_per_iter: float, init_seconds: float = 0.0) -> None:
         nonlocal rate_cb
-        timed.setdefault(name, {})["rate"] = seconds_per_iter
+        timed.setdefault(name, {}).update(rate=seconds_per_iter, init=init_seconds)
         if len(timed) >= 2 or len(units) == 1:
             rate_cb = None
-            total = _estimate_seconds(units, profile, timed, total_iters, len(calib) / len(probe), len(stages),
-                                      len(chunks) * fp_capture_s)
+            total = _estimate_seconds(units, profile, work, timed, total_iters, len(calib) / len(probe), eval_batches,
+                                      len(stages), len(chunks) * fp_capture_s)
             tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {total_iters} "
                        "iterations); lower --iters for a quicker, coarser run", file=sys.stderr)
 
-    rate_cb: Callable[[float], None] | None = on_rate if progress else None
+    rate_cb: Callable[[float, float], None] | None = on_rate if progress else None
     for stage in stages:
         set_quant_state(qmodel, weights=True, acts=stage != "weights")
         if stage == "acts":  # BRECQ: every activation step from one pass of the first images through the model
