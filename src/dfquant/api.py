@@ -72,7 +72,7 @@ def quantize(model: nn.Module, calib: Any, *, wbits: float, abits: float, algo: 
     ``n`` caps the number of calibration images; ``transform`` is needed when ``calib`` is a folder.
     ``recon`` overrides fields of the algorithm's :class:`~dfquant.quant.reconstruct.ReconConfig`, e.g.
     ``{"loss_reduction": "sample", "round_weight": 0.01}`` for dfquant's maths before it matched the
-    reference code (README, "Reconstruction maths"). ``quant`` overrides its
+    reference code (docs/reconstruction.md). ``quant`` overrides its
     :class:`~dfquant.quant.modules.QuantConfig` conventions, e.g. ``{"act_signed_step": "qmax"}``."""
     from dfquant.quant.api import quantize_any
 

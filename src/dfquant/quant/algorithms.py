@@ -2,7 +2,7 @@
 
 Everything that lists algorithms (the API, the CLI, ``dfq run``, NIPQ's range-init presets) reads
 :data:`ALGORITHMS`; nothing else spells out a preset. The values follow each method's published
-code (see the README's "Quantization conventions" and ../shared/NOTES.md):
+code (see docs/conventions.md):
 
 * ``quant`` fills :class:`~dfquant.quant.modules.QuantConfig` (which layers are 8-bit, range init,
   BN folding).

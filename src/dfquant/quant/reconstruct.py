@@ -57,7 +57,7 @@ class ReconConfig:
     round_weight: float = 1.0
     warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
-    # the reference codes' conventions; the alternatives are the maths dfquant used before (README, fidelity study)
+    # the reference codes' conventions; the alternatives are the maths dfquant used before (docs/reconstruction.md, fidelity study)
     loss_reduction: str = "channel"   # channel: sum over channels, mean over batch and positions | sample: sum over C*H*W
     rounding_schedule: str = "constant"  # constant (reference) | cosine (the rounding lr decays with the steps')
     sampling: str = "epoch"          # epoch: reshuffle once per pass (Genie) | randperm (BRECQ) | randint (QDrop)
