@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import shlex
 import subprocess
@@ -39,13 +40,17 @@ def dfq(*args: str, log: list[str]) -> str:
     cmd = [str(Path(sys.executable).parent / "dfq"), *args]
     log.append("dfq " + " ".join(shlex.quote(a) for a in args))
     print("  $ " + log[-1], flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    out = res.stdout + res.stderr
+    env = {**os.environ, "DFQ_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    lines = []
+    for line in proc.stdout:  # streamed, so the log shows the time estimate and progress lines as they come
+        lines.append(line)
+        print("    " + line.rstrip(), flush=True)
+    proc.wait()
+    out = "".join(lines)
     PRINTED.append(out)
-    for line in out.splitlines():
-        print("    " + line, flush=True)
-    if res.returncode != 0:
-        raise SystemExit(f"command failed ({res.returncode}): {log[-1]}")
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {log[-1]}")
     return out
 
 
@@ -64,7 +69,8 @@ def rows(args) -> list[dict]:
     """The benchmark's rows: what each measures and how (the calibration source of each quantize row)."""
     out = [{"row": f"eval-{a}", "model": a, "kind": "eval"} for a in ("resnet20", "resnet32")]
     sources = [("real", ["W4A4", "W2A4"], "genie-m"), ("distill-genie", ["W4A4", "W2A4"], "genie-m"),
-               ("distill-zeroq", ["W4A4", "W2A4"], "genie-m"), ("mixup", ["W4A4", "W2A4"], "genie-m"),
+               ("distill-zeroq", ["W4A4", "W2A4"], "genie-m"), ("distill-genie-lite", ["W4A4", "W2A4"], "genie-m"),
+               ("mixup", ["W4A4", "W2A4"], "genie-m"),
                ("single", ["W4A4", "W2A4"], "genie-m"), ("real", ["W4A4"], "brecq")]
     for calib, bits, algo in sources:
         out += [{"row": f"resnet20-{calib}-{algo}-{b}", "model": "resnet20", "kind": "quantize", "calib": calib,
@@ -102,7 +108,7 @@ def run_row(r: dict, work: Path, args) -> dict:
     t0 = time.time()
     test = f"{RW}/cifar10/test"
     threads = ["--threads", str(args.threads)]
-    res = {"row": r["row"], "model": r["model"]}
+    res = {"row": r["row"], "model": r["model"], "iters": ""}
     if r["kind"] == "eval":
         text = dfq("eval", *model_args(r["model"]), "--val", test, *threads, log=log)
         res.update(fp_top1=_num(r"top-1 ([\d.]+)%", text), eval_images=_num(r"on (\d+) images", text))
@@ -134,15 +140,18 @@ def report(csv_path: Path, md_path: Path, png_path: Path, commands: str, args) -
     lines = ["# dfquant on a real pretrained CIFAR-10 ResNet (akamaster/pytorch_resnet_cifar10), through the CLI\n",
              "Corpus: `../shared/realworld` (2,000 test JPEGs, 200 a class; 1,000 train JPEGs). Float top-1 with the "
              "authors' preprocessing on these 2,000: ResNet-20 80.45, ResNet-32 81.90 (the corpus README).",
-             f"Quantization: {args.iters} reconstruction iterations per block (the paper: 20,000), seed 0. "
-             f"BN inversion: {args.distill_n} images, {args.distill_iters} iterations per batch of 128 "
-             "(Genie's reference is 4,000 iterations; at the measured CPU rate that is hours, so fewer were run). "
+             "Quantization: the iterations per block of each row (the paper: 20,000; 2,000 asked, fewer where CPU "
+             "time ran short, said per row), seed 0. "
+             f"BN inversion: {args.distill_n} images, {args.distill_iters} iterations per batch, each method's "
+             "reference batch size (Genie's reference is 4,000 iterations per batch of 128: at the measured ~190 "
+             "image-steps/s of one CPU thread (distill_speed.md) 256 images take ~90 min, so fewer were run). "
              f"Generated: {args.gen_n} images from the embedded mini generator, which knows Fashion-MNIST and not "
              "CIFAR-10 (the calibration check and its warning show that).\n",
-             "| row | calibration | algo | bits | n | FP top-1 | quantized top-1 | on images | onnxruntime top-1 | "
-             "argmax agree | prompt-class share | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | calibration | algo | bits | iters/block | n | FP top-1 | quantized top-1 | on images | "
+             "onnxruntime top-1 | argmax agree | prompt-class share | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in data:
-        lines.append(f"| {d['row']} | {d['calib']} | {d['algo']} | {d['bits']} | {d['n_calib']} | {d['fp_top1']} | "
+        lines.append(f"| {d['row']} | {d['calib']} | {d['algo']} | {d['bits']} | {d['iters']} | {d['n_calib']} | {d['fp_top1']} | "
                      f"{d['q_top1']} | {d['eval_images']} | {d['onnx_top1']} | {d['argmax_agree']} | "
                      f"{d['calib_check']} | {d['seconds']} |")
     warned = [d for d in data if d["warnings"]]
@@ -158,7 +167,7 @@ def report(csv_path: Path, md_path: Path, png_path: Path, commands: str, args) -
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 0.4 * len(q) + 1.5))
-        labels = [f"{d['model']} {d['calib']} {d['algo']} {d['bits']}" for d in q]
+        labels = [f"{d['model']} {d['calib']} {d['algo']} {d['bits']} {d['iters']} it" for d in q]
         ax.barh(labels, [float(d["q_top1"]) for d in q], color="tab:blue", label="quantized (simulated)")
         onnx = [float(d["onnx_top1"]) if d["onnx_top1"] else 0 for d in q]
         ax.scatter(onnx, labels, color="tab:orange", zorder=3, label="onnxruntime")
@@ -187,10 +196,10 @@ def main() -> None:
         raise SystemExit(f"{RW} not found: this benchmark needs the real-world corpus (../shared/realworld)")
     args.work.mkdir(parents=True, exist_ok=True)
     csv_path = args.out.with_suffix(".csv")
-    done = open_results(csv_path, FIELDS, lambda d: d["row"])
+    done = open_results(csv_path, FIELDS, lambda d: (d["row"], str(d["iters"])))
     commands = log_command(args.out)
     for r in rows(args):
-        if r["row"] in done:
+        if (r["row"], str(args.iters) if r["kind"] == "quantize" else "") in done:
             continue
         print(f"== {r['row']}", flush=True)
         append_row(csv_path, FIELDS, run_row(r, args.work, args))
