@@ -170,7 +170,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
         fp_top1 = evaluate(spec, val_dir=cfg.val, limit=cfg.eval_limit, progress=progress)
         write_json(fp_path, {"fp_top1": fp_top1, "eval_images": fp_top1.n})
         r.done("fp_eval", fp_key)
-    r.log(f"FP top-1 {fp_top1:.2f}% on {read_json(fp_path).get('eval_images', '?')} images")
+    r.log(f"FP top-1 {fp_top1:.2f}%" + _on(read_json(fp_path).get("eval_images")))
 
     rows = []
     for (wbits, abits), tag in zip(bit_settings, cfg.bits):
@@ -179,7 +179,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
                    *([cfg.bn_recalib] if cfg.bn_recalib != "none" else []), *model_key)  # old runs' keys stay valid
         if r.cached(f"quant_{tag.upper()}", key, qdir / "results.json"):
             res = read_json(qdir / "results.json")
-            r.log(f"{tag}: cached, top-1 {res['q_top1']:.2f}%")
+            r.log(f"{tag}: cached, top-1 {res['q_top1']:.2f}%" + _on(res.get("eval_images")))
         else:
             from dfquant.jobs import run_quantize
 
@@ -188,7 +188,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
                                qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1,
                                bn_recalib=cfg.bn_recalib, augment=cfg.augment, augment_alpha=cfg.augment_alpha, log=r.log)
             r.done(f"quant_{tag.upper()}", key)
-            r.log(f"{tag}: top-1 {res['q_top1']:.2f}% ({res['seconds']:.0f}s)")
+            r.log(f"{tag}: top-1 {res['q_top1']:.2f}%{_on(res.get('eval_images'))} ({res['seconds']:.0f}s)")
         rows.append({"model": cfg.model, "source": cfg.source, "strategy": _strategy_label(cfg), "algo": algo,
                      "bits": tag.upper(), "wbits": wbits, "abits": abits, "n_calib": len(calib), "iters": cfg.iters,
                      "seed": cfg.seed, "fp_top1": round(fp_top1, 2), "q_top1": round(res["q_top1"], 2),
@@ -196,6 +196,11 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     write_json(r.dir / "results.json", rows)
     write_text(r.dir / "results.md", results_table(rows))
     return rows
+
+
+def _on(n: int | None) -> str:
+    """' on N images' where the count is known (runs made before counts were recorded have none)."""
+    return f" on {n} images" if n else ""
 
 
 _MODEL_FIELDS = ("weights", "num_classes", "class_names", "size", "resize", "crop_pct", "interpolation", "mean", "std")
