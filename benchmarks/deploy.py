@@ -84,9 +84,7 @@ def quantized(spec, calib: torch.Tensor, wbits: int, abits: int):
     from dfquant.quant.api import quantize
 
     if spec.is_vit:
-        from dfquant.quant.api import repq_vit
-
-        return repq_vit(copy.deepcopy(spec.model), calib, wbits, abits, iters=0, progress=False)[0]
+        return quantize(copy.deepcopy(spec.model), calib, "repq-vit", wbits, abits, iters=0, progress=False)[0]
     qmodel, _ = quantize(copy.deepcopy(spec.model), calib, "minmax", wbits, abits, iters=1, batch_size=len(calib),
                          progress=False)
     return qmodel

@@ -31,6 +31,8 @@ from deploy import load, quantized
 from dfquant.models.evaluate import test_tensors
 from dfquant.io import write_text
 from dfquant.quant import export as E
+from dfquant.quant.export.onnx_graph import _const, _consumers
+from dfquant.quant.export.qdq import _ExportLayer
 
 
 def _scope(name: str) -> str:
@@ -47,11 +49,11 @@ def _scales(graph, node_name: str) -> tuple[float, float]:
     (through its separate bias Add, if any)."""
     node = next(n for n in graph.node if n.name == node_name)
     dq = next(n for n in graph.node if node.input[0] in n.output)
-    s_x = float(E._const(graph, dq.input[1]))
+    s_x = float(_const(graph, dq.input[1]))
     while True:
-        cons = E._consumers(graph, node.output[0])
+        cons = _consumers(graph, node.output[0])
         if cons[0].op_type == "QuantizeLinear":
-            return s_x, float(E._const(graph, cons[0].input[1]))
+            return s_x, float(_const(graph, cons[0].input[1]))
         node = cons[0]
 
 
@@ -82,7 +84,7 @@ def main() -> None:
     rows = []
     for name, m in emodel.named_modules():
         node = _scope(name) + "/Conv"
-        if not isinstance(m, E._ExportLayer) or node not in fused:
+        if not isinstance(m, _ExportLayer) or node not in fused:
             continue
         s_x, s_y = _scales(graph, node)
         step = s_x * m.weight_scale  # the int32 grid of the bias onnxruntime computes

@@ -34,7 +34,8 @@ from resumable_csv import append_row, log_command, open_results, notes_for
 from dfquant.models.evaluate import evaluate
 from dfquant.io import write_text
 from dfquant.models.registry import get_model
-from dfquant.quant.api import quantize_any
+from dfquant.quant.algorithms import default_algorithm
+from dfquant.quant.api import quantize
 from dfquant.quant.bn import batchnorms, recalibrate_bn
 from dfquant.quant.joint import joint_finetune
 from dfquant.report import accuracy_vs_bits, aggregate, aggregate_table, paired_comparison, pivot_table
@@ -96,11 +97,6 @@ def main() -> None:
                 for algo, bits in pending:
                     wbits, abits = parse_bits(bits)
                     algo = _algo(algo, spec)
-                    vit = None
-                    if spec.is_vit:
-                        from dfquant.quant.vit import default_vit_options
-
-                        vit = default_vit_options(spec.model)
                     base = {"model": model, "strategy": source, "bits": bits, "seed": seed, "n_calib": len(calib),
                             "iters": args.iters, "fp_top1": round(fp_top1, 2)}
 
@@ -114,7 +110,7 @@ def main() -> None:
                         done.add((model, source, label, bits, str(seed)))
 
                     t0 = time.time()
-                    qmodel, _ = quantize_any(spec.model, calib, algo, wbits, abits, args.iters, 32, seed, "cpu", vit)
+                    qmodel, _ = quantize(spec.model, calib, algo, wbits, abits, iters=args.iters, batch_size=32, seed=seed)
                     t_block = time.time() - t0
                     if (model, source, algo, bits, str(seed)) not in done:  # the block-wise row comes for free
                         record(algo, qmodel, t_block)
@@ -155,7 +151,7 @@ def _paired(rows: list[dict]) -> str:
 
 
 def _algo(algo: str, spec) -> str:
-    return ("repq-vit" if spec.is_vit else "genie-m") if algo == "auto" else algo
+    return default_algorithm(spec.model) if algo == "auto" else algo
 
 
 def _labels(algo: str, spec, args) -> list[str]:

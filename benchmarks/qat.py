@@ -35,7 +35,7 @@ from dfquant.errors import DfqError  # noqa: E402
 from dfquant.models.evaluate import evaluate  # noqa: E402
 from dfquant.io import atomic_path, write_text  # noqa: E402
 from dfquant.models.registry import get_model, zoo_dir  # noqa: E402
-from dfquant.quant.api import quantize_any  # noqa: E402
+from dfquant.quant.api import quantize  # noqa: E402
 from dfquant.jobs import run_qat  # noqa: E402
 from dfquant.run import parse_bits  # noqa: E402
 from calib_cache import cached_source  # noqa: E402
@@ -118,8 +118,8 @@ def main() -> None:
                 fp = fp_top1(spec)
                 t0 = time.time()
                 if method.startswith("ptq"):
-                    qmodel, _ = quantize_any(spec.model, calib, "genie-m", wbits, abits, args.ptq_iters, 32, args.seed,
-                                             "cpu", None, bn_recalib="relative" if method.endswith("bnrel") else "none")
+                    qmodel, _ = quantize(spec.model, calib, "genie-m", wbits, abits, iters=args.ptq_iters, batch_size=32,
+                                         seed=args.seed, bn_recalib="relative" if method.endswith("bnrel") else "none")
                     q_top1, iters = evaluate(spec, qmodel, limit=args.eval_limit), args.ptq_iters
                 else:
                     res = run_qat(model, src, wbits, abits, Path("runs/bench_qat"), args.qat_iters, args.qat_lr,
@@ -145,7 +145,7 @@ def main() -> None:
                     continue
                 iters = args.ptq_iters if method == "genie-m" else 0
                 t0 = time.time()
-                qmodel, _ = quantize_any(spec.model, calib, "genie-m", wbits, abits, iters, 32, args.seed, "cpu", None)
+                qmodel, _ = quantize(spec.model, calib, "genie-m", wbits, abits, iters=iters, batch_size=32, seed=args.seed)
                 record({**row, "n_calib": len(calib), "iters": iters, "fp_top1": fp_top1(spec),
                         "q_top1": round(evaluate(spec, qmodel, limit=args.eval_limit), 2),
                         "seconds": round(time.time() - t0, 1)})

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from resumable_csv import append_row, log_command, open_results
+from resumable_csv import append_row, log_command, notes_for, open_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RW = (ROOT / ".." / "shared" / "realworld").resolve()
@@ -157,7 +157,8 @@ def report(csv_path: Path, md_path: Path, png_path: Path, commands: str, args) -
     warned = [d for d in data if d["warnings"]]
     if warned:
         lines += ["", "Warnings printed:", ""] + [f"- {d['row']}: {d['warnings']}" for d in warned]
-    lines += ["", "Each row's exact commands are in the CSV's `commands` column.", "", "Made with:", "", commands]
+    lines += ["", "Each row's exact commands are in the CSV's `commands` column.", "", notes_for(md_path).strip(), "",
+              "Made with:", "", commands]
     md_path.write_text("\n".join(lines) + "\n")
     q = [d for d in data if d["q_top1"]]
     if q:
@@ -191,7 +192,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="regexes of the rows to run (default: all)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "realworld")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "realworld")
+    ap.add_argument("--report-only", action="store_true", help="re-make the .md and .png from the CSV")
     args = ap.parse_args()
+    if args.report_only:
+        report(args.out.with_suffix(".csv"), args.out.with_suffix(".md"), args.out.with_suffix(".png"),
+               log_command(args.out, record=False), args)
+        return
     if not RW.is_dir():
         raise SystemExit(f"{RW} not found: this benchmark needs the real-world corpus (../shared/realworld)")
     args.work.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,8 @@ def main() -> None:
                 fp_top1 = evaluate(spec, progress=False) if fp_top1 is None else fp_top1
                 t0 = time.time()
                 qmodel, _ = quantize(spec.model, calib, args.algo, *parse_bits(bits), iters=args.iters, seed=args.seed,
-                                     progress=False, **VARIANTS[variant])
+                                     progress=False, quant=VARIANTS[variant].get("quant"),
+                                     recon={k: v for k, v in VARIANTS[variant].items() if k != "quant"})
                 row = {"model": model, "strategy": variant, "algo": algo, "bits": bits,
                        "seed": args.seed, "n_calib": len(calib), "iters": args.iters, "fp_top1": round(fp_top1, 2),
                        "q_top1": round(evaluate(spec, qmodel, progress=False), 2),

@@ -20,7 +20,7 @@ import timm
 import torch
 
 from dfquant.io import write_text
-from dfquant.quant.api import repq_vit
+from dfquant.quant.api import quantize
 
 MODELS = ["deit_small_patch16_224", "vit_small_patch16_224", "swin_tiny_patch4_window7_224"]
 
@@ -41,7 +41,7 @@ def main() -> None:
         model = timm.create_model(name, pretrained=False).eval()
         x = torch.randn(args.n, 3, 224, 224)
         t0 = time.time()
-        qmodel, info = repq_vit(model, x, 4, 4, progress=False)
+        qmodel, info = quantize(model, x, "repq-vit", 4, 4, iters=0, progress=False)
         calib_s = time.time() - t0
         t0 = time.time()
         with torch.no_grad():

@@ -13,6 +13,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from dfquant.errors import DfqError  # noqa: E402
 from dfquant.quant import export as E  # noqa: E402
+from dfquant.quant.export.int32_bias import _exact_bias_window  # noqa: E402
+from dfquant.quant.export.qdq import _exact_int8_bound, _ExportLayer  # noqa: E402
 from dfquant.quant.modules import QuantLayer, act_quantizers  # noqa: E402
 from dfquant.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer  # noqa: E402
 from dfquant.quant.plan import bn_folds  # noqa: E402
@@ -25,7 +27,7 @@ INPUT = (3, 32, 32)
 def data():
     """64 split-A images (BN statistics + calibration) and 256 test images, normalized."""
     from dfquant.data import fmnist
-    from dfquant.models.registry import FMNIST_MEAN, FMNIST_STD
+    from dfquant.models.spec import FMNIST_MEAN, FMNIST_STD
 
     mean, std = torch.tensor(FMNIST_MEAN).view(1, 3, 1, 1), torch.tensor(FMNIST_STD).view(1, 3, 1, 1)
     xa, _ = fmnist.load_split("A", limit=64)
@@ -163,7 +165,7 @@ def test_bn_fold_keeps_the_integers_and_mirrors_negative_channels():
     torch.manual_seed(0)
     ql = QuantLayer(nn.Conv2d(3, 6, 3), 4, None, QuantConfig())
     k, c = torch.tensor([1.5, -0.5, 2.0, -3.0, 0.25, -1.0]), torch.randn(6)
-    layer = E._ExportLayer(ql, "conv")
+    layer = _ExportLayer(ql, "conv")
     layer.fold_bn(k, c)
     w = (layer.weight_int.float() - layer.weight_zero_point.float().view(-1, 1, 1, 1)) * layer.weight_scale.view(-1, 1, 1, 1)
     assert torch.allclose(w, ql.qweight().detach() * k.view(-1, 1, 1, 1), rtol=1e-6, atol=0)
@@ -171,8 +173,8 @@ def test_bn_fold_keeps_the_integers_and_mirrors_negative_channels():
     # 4-bit grid: stored as int8 m (q - z), zero point 0, m the largest power of two with m max|q - z| <= 64, the
     # bound that keeps AVX2's int16 pair sums of uint8 x int8 products exact (2 * 255 * 64 < 2^15)
     span = int((layer.q - layer.z.view(-1, 1, 1, 1)).abs().max())
-    bound = E._exact_int8_bound()
-    assert bound == 64 and 2 * 255 * bound <= 2**15 - 1 < 2 * 255 * (bound + 1) and E._exact_int8_bound(127) == 127
+    bound = _exact_int8_bound()
+    assert bound == 64 and 2 * 255 * bound <= 2**15 - 1 < 2 * 255 * (bound + 1) and _exact_int8_bound(127) == 127
     assert layer.multiplier * span <= 64 < 2 * layer.multiplier * span
     assert not layer.weight_zero_point.any() and layer.weight_int.abs().max() <= 64
     assert torch.allclose(layer.bias, ql.layer.bias.detach() * k + c)
@@ -522,10 +524,10 @@ def test_vit_export_runs_in_default_onnxruntime(data, tmp_path):
     """RepQ-ViT W4A4 (log-sqrt2 softmax, asymmetric reparameterized inputs) at opset 21 loads
     in a default onnxruntime session (no signed DequantizeLinear feeding a Transpose)."""
     from dfquant.models import zoo
-    from dfquant.quant.api import repq_vit
+    from dfquant.quant.api import quantize
 
     torch.manual_seed(0)
-    qmodel, _ = repq_vit(zoo.vit(), data[0][:32], 4, 4, iters=0, progress=False)
+    qmodel, _ = quantize(zoo.vit(), data[0][:32], "repq-vit", 4, 4, iters=0, progress=False)
     path = tmp_path / "vit.onnx"
     E.export_onnx(qmodel, INPUT, path)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
@@ -685,7 +687,7 @@ def test_exact_bias_window_keeps_every_output_integer():
     t = rng.uniform(-50, 50, 200)
     m = 10 ** rng.uniform(-2, 2.5, 200)
     a_min, a_max = -rng.integers(0, 400, 200).astype(float), rng.integers(0, 400, 200).astype(float)
-    left, right = E._exact_bias_window(t, m, a_min, a_max, levels)
+    left, right = _exact_bias_window(t, m, a_min, a_max, levels)
     for i in range(200):
         acc = np.arange(a_min[i], a_max[i] + 1)
         out = lambda c: np.clip(np.round((acc + c) * m[i]) + z, lo, hi)  # noqa: E731

@@ -177,7 +177,7 @@ def test_generated_calibration_check_says_when_the_generator_does_not_know_the_c
     """The FP model scores the generated images against their prompts (mixup: either class); below 30% one
     warning line names better sources."""
     from dfquant.data.calib import check_generated
-    from dfquant.models.registry import ModelSpec
+    from dfquant.models.spec import ModelSpec
 
     class Const(torch.nn.Module):  # always predicts class 0, "a"
         def forward(self, x):

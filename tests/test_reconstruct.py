@@ -68,11 +68,12 @@ def test_w8a8_resnet20_within_half_point(resnet20, calib):
 
 
 def test_bad_inputs(resnet20, calib):
-    with pytest.raises(DfqError, match="--wbits 9"):
+    with pytest.raises(DfqError, match="wbits=9") as err:
         make_quant_config("genie-m", 9, 4)
+    assert err.value.render().startswith("--wbits 9 is not supported")
     with pytest.raises(DfqError, match="unknown algorithm"):
         make_quant_config("gptq", 4, 4)
-    with pytest.raises(DfqError, match="fewer than the batch size"):
+    with pytest.raises(DfqError, match="fewer than batch_size=32"):
         quantize(resnet20.model, calib[:8], "genie-m", 4, 4, iters=1, batch_size=32, progress=False)
 
 
@@ -116,7 +117,7 @@ def test_fp_targets_in_budgeted_chunks_give_the_same_model(resnet20, calib, monk
     monkeypatch.setattr(reconstruct, "capture_all", counting_capture_all)
     monkeypatch.setattr(cache.ActivationCache, "__init__", tracking_init)
     budget_gb = 2e-3  # 2 MiB: one ResNet-20 block's input + output for 64 images is 8 MiB
-    chunked, _ = quantize(resnet20.model, calib, "genie-m", 4, 4, iters=1, progress=False, cache_ram_gb=budget_gb)
+    chunked, _ = quantize(resnet20.model, calib, "genie-m", 4, 4, iters=1, progress=False, recon={"cache_ram_gb": budget_gb})
     assert len(passes) > 1 and sum(passes) == len(recon_units(chunked))
     assert peak["ram"] <= budget_gb * 2**30
     a, b = one_pass.state_dict(), chunked.state_dict()

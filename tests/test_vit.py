@@ -3,9 +3,8 @@ import timm
 import torch
 
 from dfquant.errors import DfqError
-from dfquant.quant.api import build_quantized, make_quant_config
+from dfquant.quant.api import build_quantized, make_quant_config, quantize
 from dfquant.quant.modules import QuantLayer, set_quant_state
-from dfquant.quant.api import repq_vit
 from dfquant.quant.vit import QuantAttention, reparameterize_layernorms
 
 
@@ -68,8 +67,8 @@ def test_unknown_attention_is_an_error():
 def test_repq_vit_quantizes_everything_and_reports_fp_parts():
     m = _tiny_vit()
     x = torch.randn(32, 3, 32, 32)
-    q8, info = repq_vit(m, x, 8, 8, progress=False)
-    q4, _ = repq_vit(m, x, 4, 4, progress=False)
+    q8, info = quantize(m, x, "repq-vit", 8, 8, iters=0, progress=False)
+    q4, _ = quantize(m, x, "repq-vit", 4, 4, iters=0, progress=False)
     ref = m(x)
     err8, err4 = (q8(x) - ref).abs().mean(), (q4(x) - ref).abs().mean()
     assert 0 < err8 < err4
@@ -85,7 +84,7 @@ def test_zoo_vit_w8a8_within_one_point():
 
     spec = get_model("fmnist/vit")
     x, _ = fmnist.load_split("A", limit=32, seed=0)
-    q, info = repq_vit(spec.model, spec.normalize(x), 8, 8, progress=False)
+    q, info = quantize(spec.model, spec.normalize(x), "repq-vit", 8, 8, iters=0, progress=False)
     fp = evaluate(spec, limit=2000, progress=False)
     assert abs(fp - evaluate(spec, q, limit=2000, progress=False)) <= 1.0
     assert len(info["reparameterized"]) == 12  # qkv and fc1 of all 6 blocks

@@ -51,14 +51,16 @@ def plan(model: nn.Module, example_input: torch.Tensor, *, wbits: float = 4, abi
          keep_fp: tuple[str, ...] | list[str] = (), units: list[str] | None = None) -> QuantPlan:
     """The quantization plan ``quantize`` would follow: units in execution order, each layer's role,
     bits and where its input is quantized, BN folds, what stays float (``print`` it for a table)."""
-    from dfquant.quant.transform import has_attention, make_quant_config
+    from dfquant.quant.api import vit_options
     from dfquant.quant.plan import make_plan
+    from dfquant.quant.transform import make_quant_config
 
     qcfg = make_quant_config(algo, wbits, abits, keep_fp=list(keep_fp))
-    if algo == "repq-vit" or has_attention(model):
-        from dfquant.quant.vit import default_vit_options, prepare_vit
+    vit = vit_options(model, algo)
+    if vit is not None:
+        from dfquant.quant.vit import prepare_vit
 
-        model = prepare_vit(model, qcfg, default_vit_options(model))
+        model = prepare_vit(model, qcfg, vit)
     return make_plan(model, qcfg, example_input, units)
 
 
@@ -74,11 +76,12 @@ def quantize(model: nn.Module, calib: Any, *, wbits: float, abits: float, algo: 
     ``{"loss_reduction": "sample", "round_weight": 0.01}`` for dfquant's maths before it matched the
     reference code (docs/reconstruction.md). ``quant`` overrides its
     :class:`~dfquant.quant.modules.QuantConfig` conventions, e.g. ``{"act_signed_step": "qmax"}``."""
-    from dfquant.quant.api import quantize_any
+    from dfquant.quant.api import quantize as quantize_tensor
 
     x = _calibration(calib, transform, n)
-    return quantize_any(model.eval(), x, algo, wbits, abits, iters, batch_size, seed, device, None, progress, bn_recalib,
-                        keep_fp=tuple(keep_fp), units=units, recon=recon, quant=quant)
+    return quantize_tensor(model.eval(), x, algo, wbits, abits, iters=iters, batch_size=batch_size, seed=seed,
+                           device=device, progress=progress, bn_recalib=bn_recalib, keep_fp=tuple(keep_fp), units=units,
+                           recon=recon, quant=quant)
 
 
 def save(quant_dir: str | Path, qmodel: nn.Module, report: dict, model: str | None = None, *, weights: str | Path | None = None,

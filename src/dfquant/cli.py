@@ -145,7 +145,7 @@ def train_classifier_cmd(
     from dfquant.models import zoo
     from dfquant.models.registry import zoo_dir
     from dfquant.models.train import train_classifier
-    from dfquant.quant.robust import SATNL_MODES
+    from dfquant.models.robust import SATNL_MODES
 
     _threads(threads)
     source, _, arch = model.partition("/")
@@ -789,7 +789,7 @@ def main() -> None:
         code = app(prog_name="dfq", standalone_mode=False)  # typer returns 130 for Ctrl-C
     except DfqError as exc:
         # one line even when the error crossed a DataLoader worker, which prepends the worker's traceback
-        typer.echo("error: " + str(exc).strip().splitlines()[-1].removeprefix("dfquant.errors.DfqError: "), err=True)
+        typer.echo("error: " + exc.render().strip().splitlines()[-1].removeprefix("dfquant.errors.DfqError: "), err=True)
         sys.exit(2)
     except click_exception as exc:
         message = exc.format_message()

@@ -13,7 +13,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -91,7 +91,26 @@ def versions() -> dict[str, str]:
             out[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 - optional dependency missing is not an error here
             out[name] = "absent"
-    from dfquant import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    out["dfquant"] = __version__
+    try:  # from the installed metadata: io sits below the package facade and must not import it
+        out["dfquant"] = version("dfquant")
+    except PackageNotFoundError:
+        out["dfquant"] = "not installed"
     return out
+
+
+def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """Name of the first floating-point tensor holding NaN or inf, or None."""
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str, fix: str) -> None:
+    """Refuse NaN/inf weights: they make every later number meaningless (a 'top-1' of chance level,
+    a checkpoint that cannot be exported), so name the first bad tensor and the fix instead."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise DfqError(f"{what} has non-finite values (NaN or inf) in tensor {bad}; {fix}")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dfquant.errors import DfqError
-from dfquant.models.registry import ModelSpec
+from dfquant.models.spec import ModelSpec
 
 
 def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float, algo: str, iters: int, n: int,
@@ -29,7 +29,7 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
     from dfquant.data.calib import check_generated, load_calibration
     from dfquant.models.evaluate import evaluate
     from dfquant.io import versions, write_json
-    from dfquant.quant.api import make_quant_config, quantize_any
+    from dfquant.quant.api import make_quant_config, quantize
     from dfquant.quant.checkpoint import save_quantized
 
     make_quant_config(algo, wbits, abits)  # validate before any slow work
@@ -38,13 +38,8 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
     can_eval = evaluate_top1 and (spec.embedded or val is not None)
     if fp_top1 is None and can_eval:
         fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
-    vit = None
-    if algo == "repq-vit" or spec.is_vit:
-        from dfquant.quant.vit import default_vit_options
-
-        vit = default_vit_options(spec.model)
-    qmodel, info = quantize_any(spec.model, calib, algo, wbits, abits, iters, batch_size, seed, device, vit, progress,
-                                bn_recalib, keep_fp=keep_fp, units=units)
+    qmodel, info = quantize(spec.model, calib, algo, wbits, abits, iters=iters, batch_size=batch_size, seed=seed,
+                            device=device, progress=progress, bn_recalib=bn_recalib, keep_fp=keep_fp, units=units)
     if joint_iters > 0:
         from dfquant.quant.joint import joint_finetune
 
@@ -56,7 +51,7 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
             "augment": None if augment == "none" else {"method": augment, "alpha": augment_alpha},
             "iters": iters, "joint_iters": joint_iters, "bn_recalib": bn_recalib, "batch_size": batch_size, "seed": seed,
             "fp_top1": fp_top1, "q_top1": q_top1, "eval_images": getattr(q_top1, "n", None), "calib_check": calib_check,
-            "seconds": info["seconds"], "units": info["units"], "vit": vit,
+            "seconds": info["seconds"], "units": info["units"], "vit": info["vit"],
             "versions": versions(),
             "recon": {k: v for k, v in vars(info["recon"]).items()} if info.get("recon") else None,
             "full_precision_layers": info.get("full_precision_layers", [])}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,82 +20,7 @@ import yaml
 
 from dfquant.errors import DfqError
 from dfquant.io import read_json, versions, write_json, write_text
-
-
-@dataclass
-class RunConfig:
-    """One experiment. ``source``: generated | real | distill | a folder of images."""
-
-    model: str = "fmnist/resnet20"
-    # the model arguments of every command (dfquant.models.source.ModelArgs); None: what the model carries
-    weights: str | None = None
-    num_classes: int | None = None
-    class_names: str | list[str] | None = None  # a text file (one name per line) or the list
-    size: int | None = None
-    resize: int | None = None
-    crop_pct: float | None = None
-    interpolation: str | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    source: str = "generated"
-    strategy: str = "mixup"          # single | template | mixup | learned
-    modes: int = 4                   # learned: prompt modes per class
-    learn_iters: int = 100           # learned: optimization steps
-    k: int = 2
-    pairing: str = "random"
-    n: int = 1024
-    augment: str = "none"            # mixup | cutmix: pixel-level mixing of the calibration set (the paper's baselines)
-    augment_alpha: float = 1.0       # lambda ~ Beta(alpha, alpha)
-    generator: str = "mini"
-    steps: int | None = None         # None: the generator preset (mini 25, sd15 50, sd-turbo 1, ...)
-    guidance: float | None = None
-    scheduler: str | None = None
-    dtype: str = "auto"              # auto: the family's preset dtype on a GPU, float32 on the CPU
-    gen_batch_size: int = 64
-    distill_method: str = "genie"    # genie (Genie-D) | zeroq (ZeroQ) | genie-lite (dfquant's former "genie")
-    distill_iters: int | None = None  # None: the method's reference budget (genie 4000, zeroq 500, genie-lite 500)
-    algo: str = "auto"               # auto: genie-m for CNNs, repq-vit for ViTs (as the paper)
-    bits: list[str] = field(default_factory=lambda: ["W4A4"])
-    iters: int = 20000
-    bn_recalib: str = "none"         # relative | absolute | none: BN re-estimation after reconstruction (not in the papers)
-    batch_size: int = 32
-    eval_limit: int | None = None
-    val: str | None = None
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "runs/default"
-
-    @classmethod
-    def load(cls, path: str | Path | None, **overrides: Any) -> "RunConfig":
-        """Read ``path`` (YAML), apply the non-None ``overrides`` and validate types and ranges
-        (:func:`dfquant.validate.run_config`) before anything is written."""
-        from dfquant.validate import run_config
-
-        data: Any = {}
-        p = Path(path) if path is not None else None
-        if p is not None:
-            if not p.is_file():
-                raise DfqError(f"config {p} not found; pass a YAML file (see configs/)")
-            try:
-                data = yaml.safe_load(p.read_text()) or {}
-            except (yaml.YAMLError, UnicodeDecodeError) as exc:
-                mark = getattr(exc, "problem_mark", None)
-                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-                problem = getattr(exc, "problem", None) or type(exc).__name__
-                raise DfqError(f"{p} is not valid YAML ({problem}{at}); fix that line (see configs/demo.yaml)") from None
-        return run_config(data, p, overrides)
-
-
-def parse_bits(tag: str) -> tuple[float, float]:
-    """'W4A4' -> (4, 4); 'W1.58A8' -> (1.58, 8)."""
-    t = tag.upper()
-    if not (t.startswith("W") and "A" in t):
-        raise DfqError(f"bit setting {tag!r} must look like W4A4 or W1.58A8")
-    w, a = t[1:].split("A")
-    try:
-        return float(w), float(a)
-    except ValueError:
-        raise DfqError(f"bit setting {tag!r} must look like W4A4 or W1.58A8") from None
+from dfquant.validate import RunConfig, parse_bits
 
 
 def _key(*parts: Any) -> str:
@@ -137,6 +62,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     check_bn_mode(cfg.bn_recalib, "bn_recalib")
     torch.manual_seed(cfg.seed)
     from dfquant.models.source import ensure_input_size, resolve_model
+    from dfquant.quant.algorithms import default_algorithm
 
     margs = _model_args(cfg)
     spec = resolve_model(margs)  # a bad model name or damaged weights must not leave a run folder behind
@@ -145,7 +71,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     r = Run(cfg)
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())
-    algo = cfg.algo if cfg.algo != "auto" else ("repq-vit" if spec.is_vit else "genie-m")
+    algo = cfg.algo if cfg.algo != "auto" else default_algorithm(spec.model)
     r.log(f"run {r.dir}: {cfg.model} source={cfg.source} strategy={cfg.strategy} algo={algo} bits={cfg.bits}")
 
     calib_key, calib_src = _calibration_stage(r, spec, progress)

@@ -2,23 +2,94 @@
 overrides) and the numeric options of every command.
 
 Everything here runs before a folder or file is created, so a typo costs one ``error:`` line
-and leaves nothing behind. The run-config schema is derived from :class:`dfquant.run.RunConfig`
+and leaves nothing behind. The run config (:class:`RunConfig`, which `dfq run` executes) lives here too; its schema is derived from it
 (its type hints) plus :data:`MINIMUM` and :data:`choices`, so adding a field to ``RunConfig``
-validates it without a second list to keep in sync. :func:`check_finite` is the non-finite
-guard used when a model is loaded and before a checkpoint is written.
+validates it without a second list to keep in sync.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Mapping
+
+import yaml
 
 from dfquant.errors import DfqError
 
-if TYPE_CHECKING:
-    import torch
+@dataclass
+class RunConfig:
+    """One experiment. ``source``: generated | real | distill | a folder of images."""
 
-    from dfquant.run import RunConfig
+    model: str = "fmnist/resnet20"
+    # the model arguments of every command (dfquant.models.source.ModelArgs); None: what the model carries
+    weights: str | None = None
+    num_classes: int | None = None
+    class_names: str | list[str] | None = None  # a text file (one name per line) or the list
+    size: int | None = None
+    resize: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    source: str = "generated"
+    strategy: str = "mixup"          # single | template | mixup | learned
+    modes: int = 4                   # learned: prompt modes per class
+    learn_iters: int = 100           # learned: optimization steps
+    k: int = 2
+    pairing: str = "random"
+    n: int = 1024
+    augment: str = "none"            # mixup | cutmix: pixel-level mixing of the calibration set (the paper's baselines)
+    augment_alpha: float = 1.0       # lambda ~ Beta(alpha, alpha)
+    generator: str = "mini"
+    steps: int | None = None         # None: the generator preset (mini 25, sd15 50, sd-turbo 1, ...)
+    guidance: float | None = None
+    scheduler: str | None = None
+    dtype: str = "auto"              # auto: the family's preset dtype on a GPU, float32 on the CPU
+    gen_batch_size: int = 64
+    distill_method: str = "genie"    # genie (Genie-D) | zeroq (ZeroQ) | genie-lite (dfquant's former "genie")
+    distill_iters: int | None = None  # None: the method's reference budget (genie 4000, zeroq 500, genie-lite 500)
+    algo: str = "auto"               # auto: genie-m for CNNs, repq-vit for ViTs (as the paper)
+    bits: list[str] = field(default_factory=lambda: ["W4A4"])
+    iters: int = 20000
+    bn_recalib: str = "none"         # relative | absolute | none: BN re-estimation after reconstruction (not in the papers)
+    batch_size: int = 32
+    eval_limit: int | None = None
+    val: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/default"
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides: Any) -> RunConfig:
+        """Read ``path`` (YAML), apply the non-None ``overrides`` and validate types and ranges
+        (:func:`run_config`) before anything is written."""
+        data: Any = {}
+        p = Path(path) if path is not None else None
+        if p is not None:
+            if not p.is_file():
+                raise DfqError(f"config {p} not found; pass a YAML file (see configs/)")
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                mark = getattr(exc, "problem_mark", None)
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(exc, "problem", None) or type(exc).__name__
+                raise DfqError(f"{p} is not valid YAML ({problem}{at}); fix that line (see configs/demo.yaml)") from None
+        return run_config(data, p, overrides)
+
+
+def parse_bits(tag: str) -> tuple[float, float]:
+    """'W4A4' -> (4, 4); 'W1.58A8' -> (1.58, 8)."""
+    t = tag.upper()
+    if not (t.startswith("W") and "A" in t):
+        raise DfqError(f"bit setting {tag!r} must look like W4A4 or W1.58A8")
+    w, a = t[1:].split("A")
+    try:
+        return float(w), float(a)
+    except ValueError:
+        raise DfqError(f"bit setting {tag!r} must look like W4A4 or W1.58A8") from None
+
 
 # Smallest accepted value of each count-like option (CLI option names with '-' -> '_', and run-config keys).
 MINIMUM: dict[str, float] = {
@@ -67,8 +138,6 @@ def _schema() -> type:
 
     from pydantic import ConfigDict, Field, create_model
 
-    from dfquant.run import RunConfig
-
     hints = typing.get_type_hints(RunConfig)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(RunConfig):
@@ -77,13 +146,11 @@ def _schema() -> type:
     return create_model("RunConfigSchema", __config__=ConfigDict(strict=True, extra="forbid"), **fields)
 
 
-def run_config(data: Any, path: Path | None, overrides: Mapping[str, Any]) -> "RunConfig":
+def run_config(data: Any, path: Path | None, overrides: Mapping[str, Any]) -> RunConfig:
     """Validate a run config (``data`` from ``path``, then ``overrides`` from the command line) into a RunConfig."""
     import dataclasses
 
     from pydantic import ValidationError
-
-    from dfquant.run import RunConfig, parse_bits
 
     where = f" in {path}" if path is not None else ""
     if not isinstance(data, dict):
@@ -126,21 +193,3 @@ def run_config(data: Any, path: Path | None, overrides: Mapping[str, Any]) -> "R
         raise DfqError(f"{label('n')} {cfg.n} is smaller than batch_size {cfg.batch_size}; reconstruction needs at "
                        "least one full batch (raise n or lower batch_size)")
     return cfg
-
-
-def first_nonfinite(tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str | None:
-    """Name of the first floating-point tensor holding NaN or inf, or None."""
-    import torch
-
-    for name, t in tensors:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
-def check_finite(tensors: Iterable[tuple[str, "torch.Tensor"]], what: str, fix: str) -> None:
-    """Refuse NaN/inf weights: they make every later number meaningless (a 'top-1' of chance level,
-    a checkpoint that cannot be exported), so name the first bad tensor and the fix instead."""
-    bad = first_nonfinite(tensors)
-    if bad is not None:
-        raise DfqError(f"{what} has non-finite values (NaN or inf) in tensor {bad}; {fix}")

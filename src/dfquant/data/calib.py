@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dfquant.errors import DfqError
-from dfquant.models.registry import ModelSpec
+from dfquant.models.spec import ModelSpec
 
 
 def load_calibration(source: str | Path, spec: ModelSpec, n: int = 1024, seed: int = 0, augment: str = "none",

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
 from dfquant.generate.pipeline import call_kwargs, denoiser, encode, native_size
-from dfquant.models.registry import ModelSpec
+from dfquant.models.spec import ModelSpec
 
 
 def _class_prompts(class_names: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dfquant.errors import DfqError
-from dfquant.models.registry import ModelSpec
+from dfquant.models.spec import ModelSpec
 
 
 class Top1(float):

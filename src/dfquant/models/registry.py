@@ -12,84 +12,17 @@ and a missing cache is reported with the command that fills it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from torch import nn
 
 from dfquant.data import fmnist
 from dfquant.errors import DfqError
 from dfquant.hub import download_hint, offline
-from dfquant.io import load_tensors, read_json
+from dfquant.io import check_finite, load_tensors, read_json
 from dfquant.models import zoo
-from dfquant.validate import check_finite
-
-FMNIST_MEAN = (0.2190, 0.2190, 0.2190)
-FMNIST_STD = (0.3318, 0.3318, 0.3318)
-
-
-@dataclass
-class ModelSpec:
-    """A classifier with its preprocessing and label space."""
-
-    name: str
-    model: nn.Module
-    input_size: tuple[int, int, int] | None  # None: not known yet (a custom model; the images' size decides)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    class_names: list[str]
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    card: dict[str, Any] = field(default_factory=dict)
-    resize: int | None = None  # short side before the centre crop; None: input size / crop_pct (timm's rule)
-    source: dict[str, Any] = field(default_factory=dict)  # how to rebuild the model (saved with a quantized folder)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def is_vit(self) -> bool:
-        from dfquant.quant.transform import has_attention
-
-        return has_attention(self.model)
-
-    @property
-    def embedded(self) -> bool:
-        """True for the Fashion-MNIST zoo, whose test set ships with the project."""
-        return self.name.startswith("fmnist/")
-
-    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (x01 - mean) / std
-
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        """What a quantized folder records so that every command feeds the model as it was fed here."""
-        return {"input_size": list(self.input_size) if self.input_size else None, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation, "crop_pct": self.crop_pct,
-                "resize": self.resize, "class_names": list(self.class_names)}
-
-    def transform(self) -> Callable:
-        """PIL image -> normalized tensor, by the model's own preprocessing: resize the short side to
-        ``resize`` (default ``size / crop_pct``, timm's eval rule), centre-crop ``size``, normalize."""
-        if self.input_size is None:
-            raise DfqError(f"{self.name} has no input size yet; pass --size (or a folder of images whose size decides)")
-        if self.resize is None:
-            from timm.data import create_transform
-
-            return create_transform(input_size=self.input_size, interpolation=self.interpolation, mean=self.mean,
-                                    std=self.std, crop_pct=self.crop_pct, is_training=False)
-        from torchvision import transforms as T
-
-        interp = T.InterpolationMode(self.interpolation)
-        return T.Compose([T.Resize(self.resize, interpolation=interp), T.CenterCrop(self.input_size[-1]), T.ToTensor(),
-                          T.Normalize(self.mean, self.std)])
-
+from dfquant.models.spec import FMNIST_MEAN, FMNIST_STD, ModelSpec
 
 def zoo_dir() -> Path:
     return Path(str(resources.files("dfquant") / "assets" / "zoo"))
@@ -111,7 +44,7 @@ def _fmnist(arch: str, pretrained: bool) -> ModelSpec:
     card = zoo_card(arch, wdir)
     model = zoo.ARCHS[arch](num_classes=len(fmnist.CLASS_NAMES))
     if card.get("satnl"):  # a robust variant trained with --satnl: same parameters, saturating activations
-        from dfquant.quant.robust import apply_satnl
+        from dfquant.models.robust import apply_satnl
 
         apply_satnl(model, **card["satnl"])
     if pretrained:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from dfquant.errors import DfqError
-from dfquant.models.registry import ModelSpec, get_model
+from dfquant.models.registry import get_model
+from dfquant.models.spec import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

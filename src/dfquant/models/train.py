@@ -21,8 +21,8 @@ from dfquant.data import fmnist
 from dfquant.models.evaluate import top1_tensors
 from dfquant.io import load_torch, save_tensors, versions, write_json
 from dfquant.models import zoo
-from dfquant.models.registry import FMNIST_MEAN, FMNIST_STD
-from dfquant.validate import check_finite
+from dfquant.models.spec import FMNIST_MEAN, FMNIST_STD
+from dfquant.io import check_finite
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -39,7 +39,7 @@ def train_classifier(arch: str, out_dir: Path, epochs: int, batch_size: int = 12
                      satnl_mode: str = "tanh") -> dict:
     """Train ``fmnist/<arch>`` on split A; write ``fmnist_<arch>.safetensors`` and its model card JSON.
 
-    Robust variants (:mod:`dfquant.quant.robust`): ``symreg > 0`` adds ``symreg * symreg_loss(model)``
+    Robust variants (:mod:`dfquant.models.robust`): ``symreg > 0`` adds ``symreg * symreg_loss(model)``
     to the cross-entropy; ``satnl`` replaces every ReLU by a saturating nonlinearity (recorded in the
     card, so :func:`dfquant.models.registry.get_model` rebuilds it). The defaults train the plain model
     exactly as before (same computation, same card keys).
@@ -49,12 +49,12 @@ def train_classifier(arch: str, out_dir: Path, epochs: int, batch_size: int = 12
     model = zoo.ARCHS[arch](num_classes=10)
     robust: dict = {}
     if satnl:
-        from dfquant.quant.robust import apply_satnl
+        from dfquant.models.robust import apply_satnl
 
         apply_satnl(model, satnl_bound, satnl_mode)
         robust["satnl"] = {"bound": satnl_bound, "mode": satnl_mode}
     if symreg > 0:
-        from dfquant.quant.robust import symreg_loss
+        from dfquant.models.robust import symreg_loss
 
         robust["symreg"] = symreg
     is_vit = arch == "vit"

@@ -19,12 +19,17 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Algorithm:
-    """One PTQ algorithm: its conventions (``quant``) and its reconstruction settings (``recon``)."""
+    """One PTQ algorithm: its conventions (``quant``), its reconstruction settings (``recon``) and the
+    function that runs it (``runner``, a key of :data:`dfquant.quant.api.RUNNERS`). ``vit``: a ViT method,
+    run with the ViT options (:func:`~dfquant.quant.vit.default_vit_options`) even on a model without
+    detected attention."""
 
     name: str
     quant: dict[str, Any]
     recon: dict[str, Any] | None = field(default_factory=dict)
     summary: str = ""
+    runner: str = "reconstruct"
+    vit: bool = False
 
 
 # AdaRound / BRECQ / QDrop (yhhhli/BRECQ, wimh966/QDrop): lp_loss = sum over channels, mean over the rest;
@@ -66,10 +71,20 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
                    act_init="first-batch"),
               "rounding and weight step jointly on a frozen floor, activation steps, QDrop p=0.5"),
     Algorithm("repq-vit", dict(second_input_bits=None, quantize_first_input=True, act_init="percentile", fold_bn=False),
-              None, "ViTs: LayerNorm reparameterization, log-sqrt2 softmax quantizer, percentile search"),
+              None, "ViTs: LayerNorm reparameterization, log-sqrt2 softmax quantizer, percentile search",
+              runner="repq-vit", vit=True),
 )}
 
 ALGOS: tuple[str, ...] = tuple(ALGORITHMS)
+DEFAULT_ALGORITHM = "genie-m"       # CNNs
+DEFAULT_VIT_ALGORITHM = "repq-vit"  # models with attention
+
+
+def default_algorithm(model) -> str:
+    """The algorithm ``auto`` stands for: RepQ-ViT for a model with (timm) attention, Genie-M otherwise."""
+    from dfquant.quant.vit import has_attention
+
+    return DEFAULT_VIT_ALGORITHM if has_attention(model) else DEFAULT_ALGORITHM
 
 
 def get_algorithm(name: str) -> Algorithm:

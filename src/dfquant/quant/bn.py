@@ -107,10 +107,10 @@ def reestimate_bn(model: nn.Module, calib: torch.Tensor, batch_size: int = 64, n
     return len(bns)
 
 
-def check_bn_mode(mode: str, what: str = "BN re-estimation mode") -> None:
-    """Validate a BN re-estimation mode before any slow work; ``what`` names the option in the error."""
+def check_bn_mode(mode: str, what: str = "bn_recalib") -> None:
+    """Validate a BN re-estimation mode before any slow work; ``what`` names the parameter in the error."""
     if mode not in BN_MODES:
-        raise DfqError(f"{what} {mode!r} is not one of {', '.join(BN_MODES)}")
+        raise DfqError(f"{what}={mode!r} is not one of {', '.join(BN_MODES)}", params=(what,))
 
 
 def check_bn_args(mode: str, fp_model: nn.Module | None) -> None:

@@ -21,7 +21,7 @@ from dfquant.quant.modules import QuantConfig, QuantLayer
 from dfquant.quant.plan import QuantPlan
 from dfquant.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from dfquant.quant.transform import build_quantized
-from dfquant.validate import check_finite
+from dfquant.io import check_finite
 
 
 def quantizer_state(qmodel: nn.Module) -> dict[str, dict]:
@@ -50,7 +50,7 @@ def save_quantized(out_dir: Path, spec: Any, qmodel: nn.Module, qcfg: QuantConfi
     out_dir = Path(out_dir)
     state = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}  # a shared input quantizer appears twice
     check_finite(state.items(), f"the quantized {spec.name}",
-                 "nothing was written; check the calibration images and lower the learning rates or --iters")
+                 "nothing was written; check the calibration images and lower the learning rates or the iterations")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in EXPORT_FILES:
         (out_dir / name).unlink(missing_ok=True)
@@ -69,10 +69,10 @@ def read_record(ckpt_dir: Path) -> dict:
     """The ``quant_config.json`` of a checkpoint folder; a one-line error when there is none."""
     cfg_path = Path(ckpt_dir) / "quant_config.json"
     if not cfg_path.exists():
-        raise DfqError(f"{ckpt_dir} is not a quantized checkpoint (no quant_config.json); create one with `dfq quantize`")
-    meta = read_json(cfg_path, fix="re-create the checkpoint with `dfq quantize`")
+        raise DfqError(f"{ckpt_dir} is not a quantized checkpoint (no quant_config.json); create one by quantizing a model and saving it")
+    meta = read_json(cfg_path, fix="quantize and save the model again")
     if not isinstance(meta, dict) or not {"model", "quant", "quantizers"} <= set(meta):
-        raise DfqError(f"{cfg_path} lacks the model/quant/quantizers entries of a checkpoint; re-create it with `dfq quantize`")
+        raise DfqError(f"{cfg_path} lacks the model/quant/quantizers entries of a checkpoint; quantize and save the model again")
     return meta
 
 
@@ -101,8 +101,8 @@ def load_quantized(ckpt_dir: Path, model: nn.Module, example_input: torch.Tensor
             if isinstance(m, UniformQuantizer):
                 m.signed = st["signed"]
                 m.bits = st.get("bits", m.bits)  # per-layer bit-widths (mixed precision from `dfq qat --learn-bits`)
-    state = load_tensors(ckpt_dir / "model.safetensors", fix="re-create the checkpoint with `dfq quantize`")
-    check_finite(state.items(), f"checkpoint {ckpt_dir}", "re-create it with `dfq quantize`")
+    state = load_tensors(ckpt_dir / "model.safetensors", fix="quantize and save the model again")
+    check_finite(state.items(), f"checkpoint {ckpt_dir}", "quantize and save the model again")
     for name, m in qmodel.named_modules():  # per-channel buffers/params must take the saved shapes
         for pname in ("scale", "zero_point"):
             key = f"{name}.{pname}" if name else pname
@@ -112,5 +112,5 @@ def load_quantized(ckpt_dir: Path, model: nn.Module, example_input: torch.Tensor
     if missing or unexpected:
         raise DfqError(f"checkpoint {ckpt_dir} does not match {meta['model']} ({len(missing)} missing, "
                        f"{len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[0]}); pass the architecture "
-                       "it was quantized from, or re-run `dfq quantize`")
+                       "it was quantized from, or quantize it again")
     return qmodel.eval()

@@ -242,7 +242,7 @@ def _bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
     if not bns:
         raise DfqError("the model has no BatchNorm layers, so BN-statistics inversion (distill) cannot run; "
-                       "use generated images (dfq generate) or real images for calibration")
+                       "calibrate on generated or real images instead")
     return bns
 
 

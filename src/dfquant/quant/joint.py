@@ -83,7 +83,7 @@ def joint_finetune(qmodel: nn.Module, calib: torch.Tensor, iters: int, batch_siz
             feat = sum(((a - b) ** 2).flatten(1).mean(1).mean() for a, b in zip(feats["q"], feats["fp"]))
             loss = kl + feature_weight * feat
             if not torch.isfinite(loss):
-                raise DfqError(f"joint PTQ loss became {loss.item()} at step {step}; lower --lr")
+                raise DfqError(f"joint PTQ loss became {loss.item()} at step {step}; lower lr={lr:g}", params=("lr",))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step(); sched.step()

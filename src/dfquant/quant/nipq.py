@@ -223,7 +223,7 @@ def weight_quantizers(qmodel: nn.Module) -> dict[str, tuple[NIPQQuantizer, float
 def check_budget_by(budget_by: str, what: str = "budget_by") -> None:
     """Raise a DfqError naming the choices unless ``budget_by`` is one of :data:`BUDGETS`."""
     if budget_by not in BUDGETS:
-        raise DfqError(f"{what} {budget_by} is not a bit budget; use one of {', '.join(BUDGETS)}")
+        raise DfqError(f"{what}={budget_by} is not a bit budget; use one of {', '.join(BUDGETS)}", params=(what,))
 
 
 @torch.no_grad()
@@ -272,11 +272,13 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
     from dfquant.quant.algorithms import get_algorithm
     from dfquant.quant.transform import quantize_model
 
-    if any(type(m).__name__ in {"Attention", "WindowAttention"} for m in model.modules()):
-        raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with `dfq quantize --algo repq-vit`")
-    for b, what in ((wbits, "--wbits"), (abits, "--abits")):
+    from dfquant.quant.vit import has_attention
+
+    if has_attention(model):
+        raise DfqError("NIPQ QAT supports CNNs only; quantize ViTs with algo=repq-vit", params=("algo",))
+    for b, what in ((wbits, "wbits"), (abits, "abits")):
         if not (float(b).is_integer() and 2 <= b <= 8):
-            raise DfqError(f"{what} {b:g} is not supported by NIPQ; use an integer from 2 to 8")
+            raise DfqError(f"{what}={b:g} is not supported by NIPQ; use an integer from 2 to 8", params=(what,))
     check_budget_by(budget_by)
     if budget_by == "bops" and calib is None:
         raise DfqError("a BOPs budget counts multiply-accumulates on a calibration image; pass calib")
@@ -416,8 +418,8 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
     ``save_every`` steps; ``max_steps`` stops this call early (a time-boxed slice).
     """
     if len(calib) < batch_size:
-        raise DfqError(f"calibration set has {len(calib)} images, fewer than the batch size {batch_size}; "
-                       "add images or lower --batch-size")
+        raise DfqError(f"calibration set has {len(calib)} images, fewer than batch_size={batch_size}; "
+                       "add images or lower it", params=("batch_size",))
     if not nipq_quantizers(qmodel):
         raise DfqError("qat_distill needs a model from prepare_nipq (no NIPQ quantizers found)")
     init_activation_ranges(qmodel, calib)
@@ -453,7 +455,7 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
             pen = budget_penalty(qmodel, budget, penalty)
             loss = kl + pen
             if not torch.isfinite(loss):
-                raise DfqError(f"QAT loss became {loss.item()} at step {step}; lower --lr")
+                raise DfqError(f"QAT loss became {loss.item()} at step {step}; lower lr={lr:g}", params=("lr",))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step(); sched.step()
@@ -541,24 +543,26 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
 def check_qat_args(wbits: float, abits: float, iters: int, lr: float, learn_bits: bool, avg_bits: float | None,
                    n: int, batch_size: int, bn_stats: str = "relative", budget_by: str = "size") -> None:
     """Validate ``dfq qat`` options before any slow work (DfqError naming the fix)."""
-    check_bn_mode(bn_stats, "--bn-recalib")
-    check_budget_by(budget_by, "--budget-by")
+    check_bn_mode(bn_stats, "bn_recalib")
+    check_budget_by(budget_by, "budget_by")
     if budget_by != "size" and not learn_bits:
-        raise DfqError(f"--budget-by {budget_by} weighs the learned bit-widths; add --learn-bits (or drop --budget-by)")
-    for b, what in ((wbits, "--wbits"), (abits, "--abits")):
+        raise DfqError(f"budget_by={budget_by} weighs the learned bit-widths; add learn_bits=True (or drop budget_by=)",
+                       params=("budget_by", "learn_bits"))
+    for b, what in ((wbits, "wbits"), (abits, "abits")):
         if not (float(b).is_integer() and 2 <= b <= 8):
-            raise DfqError(f"{what} {b:g} is not supported by NIPQ QAT; use an integer from 2 to 8")
+            raise DfqError(f"{what}={b:g} is not supported by NIPQ QAT; use an integer from 2 to 8", params=(what,))
     if iters < 0:
-        raise DfqError(f"--iters {iters} must be >= 0")
+        raise DfqError(f"iters={iters} must be >= 0", params=("iters",))
     if not lr > 0:
-        raise DfqError(f"--lr {lr:g} must be positive")
+        raise DfqError(f"lr={lr:g} must be positive", params=("lr",))
     if batch_size < 1 or n < batch_size:
-        raise DfqError(f"--n {n} must be at least the batch size {batch_size}")
+        raise DfqError(f"n={n} must be at least batch_size={batch_size}", params=("n", "batch_size"))
     if avg_bits is not None:
         if not learn_bits:
-            raise DfqError("--avg-bits is the budget of learned bit-widths; add --learn-bits (or drop --avg-bits)")
+            raise DfqError("avg_bits= is the budget of learned bit-widths; add learn_bits=True (or drop avg_bits=)",
+                           params=("avg_bits", "learn_bits"))
         if not BIT_RANGE[0] <= avg_bits <= BIT_RANGE[1]:
-            raise DfqError(f"--avg-bits {avg_bits:g} must lie in {BIT_RANGE[0]:g}..{BIT_RANGE[1]:g}")
+            raise DfqError(f"avg_bits={avg_bits:g} must lie in {BIT_RANGE[0]:g}..{BIT_RANGE[1]:g}", params=("avg_bits",))
     if learn_bits and (avg_bits if avg_bits is not None else wbits) <= BIT_RANGE[0]:
-        raise DfqError(f"--learn-bits with an average of {BIT_RANGE[0]:g} bits leaves nothing to distribute; "
-                       "pass --avg-bits above 2 (e.g. --avg-bits 3)")
+        raise DfqError(f"learn_bits=True with an average of {BIT_RANGE[0]:g} bits leaves nothing to distribute; "
+                       "pass avg_bits= above 2 (e.g. avg_bits=3)", params=("learn_bits", "avg_bits"))

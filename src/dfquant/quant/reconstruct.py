@@ -429,8 +429,8 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
     both share module names, BN folding and patched attention by construction.
     """
     if len(calib) < cfg.batch_size:
-        raise DfqError(f"calibration set has {len(calib)} images, fewer than the batch size {cfg.batch_size}; "
-                       "add images or lower --batch-size")
+        raise DfqError(f"calibration set has {len(calib)} images, fewer than batch_size={cfg.batch_size}; "
+                       "add images or lower it", params=("batch_size",))
     torch.manual_seed(cfg.seed)
     dev = torch.device(cfg.device)
     qmodel.to(dev).eval()
@@ -465,7 +465,7 @@ def reconstruct(qmodel: nn.Module, calib: torch.Tensor, cfg: ReconConfig,
             total = _estimate_seconds(units, profile, work, timed, total_iters, len(calib) / len(probe), eval_batches,
                                       len(stages), len(chunks) * fp_capture_s)
             tqdm.write(f"estimated reconstruction time: {_duration(total)} ({len(units)} units x {total_iters} "
-                       "iterations); lower --iters for a quicker, coarser run", file=sys.stderr)
+                       "iterations); fewer iterations per block give a quicker, coarser run", file=sys.stderr)
 
     rate_cb: Callable[[float, float], None] | None = on_rate if progress else None
     for stage in stages:

@@ -21,18 +21,19 @@ from dfquant.quant.algorithms import get_algorithm
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer
 from dfquant.quant.plan import QuantPlan, bn_folds, make_plan
 from dfquant.quant.quantizers import SIGNED_STEPS, check_bits
-from dfquant.quant.vit import prepare_vit
+from dfquant.quant.vit import has_attention, prepare_vit  # noqa: F401 (has_attention: importable from here)
 
 
 def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> QuantConfig:
     """The preset conventions for ``algo`` at WxAy."""
-    for b, what in ((wbits, "--wbits"), (abits, "--abits")):
+    for b, what in ((wbits, "wbits"), (abits, "abits")):
         try:
             check_bits(b)
         except ValueError:
-            raise DfqError(f"{what} {b} is not supported; use an integer from 2 to 8 (or 1.58 for ternary weights)") from None
+            raise DfqError(f"{what}={b} is not supported; use an integer from 2 to 8 (or 1.58 for ternary weights)",
+                           params=(what,)) from None
     if abits == 1.58:
-        raise DfqError("ternary (1.58) applies to weights only; use --abits 2..8")
+        raise DfqError("ternary (1.58) applies to weights only; use abits=2..8", params=("abits",))
     unknown = sorted(set(overrides) - {f.name for f in fields(QuantConfig)})
     if unknown:
         raise DfqError(f"unknown quantization setting(s) {', '.join(unknown)}; use fields of QuantConfig: "
@@ -43,11 +44,6 @@ def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> Qua
     if cfg.act_signed_step not in SIGNED_STEPS:
         raise DfqError(f"act_signed_step {cfg.act_signed_step!r} is not one of {', '.join(SIGNED_STEPS)}")
     return cfg
-
-
-def has_attention(model: nn.Module) -> bool:
-    """True for models with (timm) attention modules, which get quantized attention (:mod:`dfquant.quant.vit`)."""
-    return any(type(m).__name__ in {"Attention", "WindowAttention"} for m in model.modules())
 
 
 def build_quantized(model: nn.Module, qcfg: QuantConfig, init: bool = True, vit: dict | None = None,

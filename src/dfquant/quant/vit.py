@@ -13,7 +13,7 @@ RepQ-ViT (Li et al. 2023) then:
   * quantizes post-softmax values with the log-sqrt2 quantizer (levels 2^(-k/2));
   * initializes the other activation ranges by percentile search, on 32 images, with
     no gradient steps — optionally followed by block reconstruction
-    (:func:`dfquant.quant.api.repq_vit` runs these steps).
+    (:func:`dfquant.quant.api.quantize` with ``algo="repq-vit"`` runs these steps).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from dfquant.errors import DfqError
 from dfquant.quant.modules import QuantConfig, QuantLayer, set_quant_state
 from dfquant.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
+# the timm attention classes dfquant quantizes (class name -> kind); the one list every module reads
 SUPPORTED = {"Attention": "vit", "WindowAttention": "swin"}
+ATTENTION_CLASSES: frozenset[str] = frozenset(SUPPORTED)
 # (LayerNorm, linear consuming its output) name pairs inside a parent module
 LN_PAIRS = (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"), ("norm", "reduction"))
 FP_KINDS = ("LayerNorm", "GELU", "Softmax", "residual additions", "position embedding")
@@ -69,6 +71,11 @@ class QuantAttention(nn.Module):
         if self.kind == "vit":
             out = a.norm(out)
         return a.proj_drop(a.proj(out))
+
+
+def has_attention(model: nn.Module) -> bool:
+    """True for models with (timm) attention modules (:data:`ATTENTION_CLASSES`), which get quantized attention."""
+    return any(type(m).__name__ in ATTENTION_CLASSES for m in model.modules())
 
 
 def default_vit_options(model: nn.Module) -> dict:
