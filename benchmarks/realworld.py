@@ -68,15 +68,17 @@ def model_args(arch: str) -> list[str]:
 def rows(args) -> list[dict]:
     """The benchmark's rows: what each measures and how (the calibration source of each quantize row)."""
     out = [{"row": f"eval-{a}", "model": a, "kind": "eval"} for a in ("resnet20", "resnet32")]
-    sources = [("real", ["W4A4", "W2A4"], "genie-m"), ("distill-genie", ["W4A4", "W2A4"], "genie-m"),
-               ("distill-zeroq", ["W4A4", "W2A4"], "genie-m"), ("distill-genie-lite", ["W4A4", "W2A4"], "genie-m"),
-               ("mixup", ["W4A4", "W2A4"], "genie-m"),
-               ("single", ["W4A4", "W2A4"], "genie-m"), ("real", ["W4A4"], "brecq")]
-    for calib, bits, algo in sources:
-        out += [{"row": f"resnet20-{calib}-{algo}-{b}", "model": "resnet20", "kind": "quantize", "calib": calib,
-                 "algo": algo, "bits": b} for b in bits]
-    out.append({"row": "resnet32-real-genie-m-W4A4", "model": "resnet32", "kind": "quantize", "calib": "real",
-                "algo": "genie-m", "bits": "W4A4"})
+    order = [("distill-genie", "genie-m", "W4A4"), ("distill-genie", "genie-m", "W2A4"),
+             ("distill-zeroq", "genie-m", "W4A4"), ("distill-zeroq", "genie-m", "W2A4"),
+             ("mixup", "genie-m", "W4A4"), ("single", "genie-m", "W4A4"), ("real", "brecq", "W4A4"),
+             ("resnet32:real", "genie-m", "W4A4"), ("real", "genie-m", "W4A4"), ("real", "genie-m", "W2A4"),
+             ("distill-genie-lite", "genie-m", "W4A4"), ("distill-genie-lite", "genie-m", "W2A4"),
+             ("mixup", "genie-m", "W2A4"), ("single", "genie-m", "W2A4")]
+    for calib, algo, b in order:
+        model, _, calib = calib.rpartition(":")
+        model = model or "resnet20"
+        out.append({"row": f"{model}-{calib}-{algo}-{b}", "model": model, "kind": "quantize", "calib": calib,
+                    "algo": algo, "bits": b})
     return [r for r in out if not args.only or any(re.search(p, r["row"]) for p in args.only)]
 
 

@@ -58,7 +58,7 @@ def test_real_source_and_bad_config(tmp_path):
     with pytest.raises(DfqError, match="W4A4"):
         parse_bits("4bit")
     assert parse_bits("w1.58a8") == (1.58, 8.0)
-    with pytest.raises(DfqError, match="bn_recalib 'yes' is not one of relative"):
+    with pytest.raises(DfqError, match="bn_recalib='yes' is not one of relative"):
         run(RunConfig(bn_recalib="yes", out=str(tmp_path / "bad")), progress=False)
     assert not (tmp_path / "bad").exists()  # refused before anything is written
     rows = run(RunConfig(source="real", n=64, bits=["W8A8"], algo="mse", iters=0, eval_limit=300,

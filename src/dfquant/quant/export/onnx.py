@@ -137,7 +137,7 @@ def check_options(ctx: OnnxExport) -> None:
 
     calib, input_size, opset = ctx.calib, ctx.input_size, ctx.opset
     if ctx.integer_residual and (calib is None or len(calib) == 0):
-        raise DfqError("integer_residual=True needs calib= images for the scales of the added quantizers",
+        raise DfqError("integer_residual=True needs calibration images (calib=) for the scales of the added quantizers",
                        params=("integer_residual",))
     if calib is not None and (calib.dim() != len(input_size) + 1 or len(calib) == 0
                               or tuple(calib.shape[1:]) != tuple(input_size)):
