@@ -54,13 +54,6 @@ class ModelSpec:
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         return (x01 - mean) / std
 
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        """What a quantized folder records so that every command feeds the model as it was fed here."""
-        return {"input_size": list(self.input_size) if self.input_size else None, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation, "crop_pct": self.crop_pct,
-                "resize": self.resize, "class_names": list(self.class_names)}
-
     def transform(self) -> Callable:
         """PIL image -> normalized tensor, by the model's own preprocessing: resize the short side to
         ``resize`` (default ``size / crop_pct``, timm's eval rule), centre-crop ``size``, normalize."""
