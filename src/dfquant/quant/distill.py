@@ -432,6 +432,21 @@ def _genie_batch(model, tap, swing, bs, input_size, iters, lr, bseed, device, de
     return x.detach()  # the last step's images, as the reference keeps them
 
 
+def _plateau_step(model, tap, images, opt, sched, bar=None) -> None:
+    """One inversion step of ``images`` (through ``tap``'s BN statistics) with a plateau scheduler on the loss;
+    ``bar``: the progress bar to show the loss on."""
+    tap.clear()
+    model(_to_model(images))
+    loss = _loss(tap, images)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    value = loss.item()
+    sched.step(value)
+    if bar is not None:
+        bar.set_postfix(bn_loss=f"{value:.4f}", refresh=False)
+
+
 def _zeroq_batch(model, tap, bs, input_size, iters, lr, bseed, device, desc, progress):
     g = torch.Generator().manual_seed(bseed)
     x = ((torch.randint(0, 255, (bs, *input_size), generator=g).float() - 127.5) / 5418.75).to(device)
@@ -439,16 +454,7 @@ def _zeroq_batch(model, tap, bs, input_size, iters, lr, bseed, device, desc, pro
     opt, sched = zeroq_optimizer(x, ZEROQ_LR if lr is None else lr)
     bar = _bar(iters, desc, progress)
     for it in bar:
-        tap.clear()
-        model(_to_model(x))
-        loss = _loss(tap, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.item()
-        sched.step(value)
-        if progress and it % 50 == 0:
-            bar.set_postfix(bn_loss=f"{value:.4f}", refresh=False)
+        _plateau_step(model, tap, x, opt, sched, bar if progress and it % 50 == 0 else None)
     return x.detach()
 
 
@@ -464,16 +470,7 @@ def _lite_batch(model, tap, bs, input_size, iters, lr, bseed, device, desc, prog
         img = gen(z)
         dx, dy = torch.randint(-m, m + 1, (2,), generator=g).tolist()  # swing: wrap-around shift by up to side/16
         img = torch.roll(img, shifts=(dy, dx), dims=(2, 3))
-        tap.clear()
-        model(_to_model(img))
-        loss = _loss(tap, img)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.item()
-        sched.step(value)
-        if progress and it % 50 == 0:
-            bar.set_postfix(bn_loss=f"{value:.4f}", refresh=False)
+        _plateau_step(model, tap, img, opt, sched, bar if progress and it % 50 == 0 else None)
     with torch.no_grad():
         return gen(z).detach()
 
