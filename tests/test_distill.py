@@ -180,14 +180,20 @@ def test_distill_genie_uses_the_builders_and_steps_the_generator_schedule_every_
     assert made[0][:2] == pytest.approx((0.3, 0.03))
 
 
-def _ref_genie_loss(model, x):
-    """Genie-D's loss, written out: BN inputs captured by forward hooks, one term per layer and per statistic."""
+def _bn_inputs(model, x):
+    """(BN layer, its input) for every BatchNorm2d of ``model`` on ``x``, captured by forward hooks."""
     inputs = []
     hs = [m.register_forward_hook(lambda m, a, o: inputs.append((m, a[0]))) for m in model.modules()
           if isinstance(m, nn.BatchNorm2d)]
     model(x)
     for h in hs:
         h.remove()
+    return inputs
+
+
+def _ref_genie_loss(model, x):
+    """Genie-D's loss, written out: BN inputs captured by forward hooks, one term per layer and per statistic."""
+    inputs = _bn_inputs(model, x)
     total = torch.zeros((), dtype=torch.float64)
     img = x.double().flatten(2)  # N, C, HW
     img_mean = img.mean(2)
@@ -205,12 +211,7 @@ def _ref_genie_loss(model, x):
 
 def _ref_zeroq_loss(model, x):
     """ZeroQ's loss, written out: per-image statistics of every BN input and of the image, / batch size."""
-    inputs = []
-    hs = [m.register_forward_hook(lambda m, a, o: inputs.append((m, a[0]))) for m in model.modules()
-          if isinstance(m, nn.BatchNorm2d)]
-    model(x)
-    for h in hs:
-        h.remove()
+    inputs = _bn_inputs(model, x)
     n = x.shape[0]
 
     def per_image(t):
