@@ -1,7 +1,8 @@
 """BN-inversion (``distill``) speed: images per second, the code of a given commit ("before") against this tree.
 
-"before" is ``src/dfquant/quant/distill.py`` of ``--before`` (default ``a8fe352``; its "genie" is what is now
-"genie-lite" and its "zeroq" the former pixel maths), read with ``git show`` and loaded as a temporary module;
+"before" is the ``distill`` module of ``--before`` (default ``a8fe352``; ``src/dfquant/quant/distill.py`` up to its
+move to ``src/dfquant/data/distill.py``; its "genie" is what is now "genie-lite" and its "zeroq" the former pixel
+maths), read with ``git show`` and loaded as a temporary module;
 "after" is this working tree (``genie`` = Genie-D, ``zeroq`` = ZeroQ as their references compute them, ``genie-lite``).
 Each row optimizes one batch of ``--batch`` images for ``--iters`` steps (after a 1-step warm-up) on
 ``--threads`` CPU threads; rows alternate within each of ``--repeats`` rounds and the fastest round is kept, so every
@@ -37,7 +38,7 @@ import torch
 
 from dfquant.io import atomic_path, write_text
 from dfquant.models.registry import get_model
-from dfquant.quant import distill as after
+from dfquant.data import distill as after
 
 ROOT = Path(__file__).resolve().parents[1]
 REALWORLD = ROOT.parent / "shared" / "realworld" / "akamaster"
@@ -48,8 +49,12 @@ BEFORE_DEFAULT_ITERS = 500  # the former distill(iters=500) for both methods
 
 def load_before(rev: str):
     """The ``distill`` module of git revision ``rev``, as a temporary module (not on ``sys.modules``' dfquant path)."""
-    src = subprocess.run(["git", "show", f"{rev}:src/dfquant/quant/distill.py"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+    for where in ("src/dfquant/data/distill.py", "src/dfquant/quant/distill.py"):  # the second: before its move
+        shown = subprocess.run(["git", "show", f"{rev}:{where}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    src = shown.stdout
     fd, path = tempfile.mkstemp(prefix="distill_before_", suffix=".py")
     with os.fdopen(fd, "w") as fh:
         fh.write(src)
@@ -252,7 +257,7 @@ the end; a load above the thread count means other jobs shared the CPUs).
 
 Machine: {cpu_model()}; torch {torch.__version__}, {args.threads} thread(s) (`torch.set_num_threads`).
 
-"before" is commit {args.before}'s `src/dfquant/quant/distill.py` (loaded from `git show`): its `genie` is today's
+"before" is commit {args.before}'s `distill` module (loaded from `git show`): its `genie` is today's
 `genie-lite` (same maths, so that pair measures the speed work alone) and its `zeroq` the former batch-statistics
 pixel maths. "after" is this tree: `genie` = Genie-D and `zeroq` = ZeroQ as their reference codes compute them
 (other losses, generator and batch size, so those pairs compare what a user waits for, not the same work).

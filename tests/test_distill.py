@@ -1,4 +1,4 @@
-"""BN-statistics inversion (dfquant.quant.distill): Genie-D, ZeroQ and genie-lite on tiny BN nets."""
+"""BN-statistics inversion (dfquant.data.distill): Genie-D, ZeroQ and genie-lite on tiny BN nets."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfquant.errors import DfqError
-from dfquant.quant import distill as D
-from dfquant.quant.distill import METHODS, GenieGenerator, distill, distill_loss
+from dfquant.data import distill as D
+from dfquant.data.distill import METHODS, GenieGenerator, distill, distill_loss
 
 
 class TinyNet(nn.Module):

@@ -67,11 +67,28 @@ BELOW = {
 }
 
 
+# Re-exports left at an old place until the modules that are being edited elsewhere import the new one: module ->
+# the one module it may import against the direction. Each is a debt: delete the entry with the re-export.
+TRANSITIONAL = {
+    "dfquant.quant.distill": "dfquant.data.distill",  # cli.py (dfq distill) and validate.py still import it
+}
+
+
 @pytest.mark.parametrize("layer", sorted(BELOW))
 def test_imports_point_down(layer):
     bad = [f"{m} imports {d}" for m, deps in _graph().items() if m == layer or m.startswith(layer + ".")
-           for d in deps if not any(d == ok or d.startswith(ok + ".") for ok in BELOW[layer])]
+           for d in deps if not any(d == ok or d.startswith(ok + ".") for ok in BELOW[layer])
+           and TRANSITIONAL.get(m) != d]
     assert not bad, bad
+
+
+def test_transitional_re_exports_are_only_re_exports():
+    """A module in TRANSITIONAL imports the one module it re-exports and defines nothing of its own."""
+    known = _modules()
+    for module, target in TRANSITIONAL.items():
+        tree = ast.parse(known[module].read_text())
+        assert _imports(known[module], known) == {target}, module
+        assert all(isinstance(n, (ast.ImportFrom, ast.Expr)) for n in tree.body), module
 
 
 def test_engine_errors_name_parameters_not_flags():

@@ -165,7 +165,7 @@ def _calibration_stage(r: Run, spec, progress: bool) -> tuple[str, str]:
                    *(["reference"] if cfg.distill_method != "genie-lite" else []))  # genie/zeroq follow their references
         if not r.cached("distill", key, out):
             from dfquant.io import save_tensors
-            from dfquant.quant.distill import distill
+            from dfquant.data.distill import distill
 
             r.log(f"distill: {cfg.n} images of {spec.input_size[-1]}px by BN-statistics inversion ({cfg.distill_method}, "
                   f"{cfg.distill_iters or 'the reference number of'} iters)")
