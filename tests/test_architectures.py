@@ -15,7 +15,7 @@ from PIL import Image
 
 from dfquant.data.fmnist import CLASS_NAMES
 from dfquant.errors import DfqError
-from dfquant.generate.architectures import ARCHITECTURES, _components, materialize_, random_pipeline
+from architectures import ARCHITECTURES, _components, materialize_, random_pipeline
 from dfquant.generate.pipeline import PRESETS, generate
 from dfquant.prompts import make_manifest
 

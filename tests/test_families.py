@@ -24,7 +24,7 @@ from dfquant.cli import app
 from dfquant.data.fmnist import CLASS_NAMES
 from dfquant.errors import DfqError
 from dfquant.generate import pipeline as gp
-from dfquant.generate.architectures import TINY, tiny_pipeline
+from architectures import TINY, tiny_pipeline
 from dfquant.generate.learned import base_embeddings, learn_prompts
 from dfquant.prompts import make_manifest, write_manifest
 

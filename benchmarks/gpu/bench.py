@@ -1,6 +1,6 @@
 """GPU benchmark (issue 9): SD-v1.5-size generation throughput and ResNet-50 Genie-M timing.
 
-Part ``generate``: a random-weight SD v1.5 architecture (``dfquant.generate.architectures``,
+Part ``generate``: a random-weight SD v1.5 architecture (``tests/architectures.py``,
 859.5M-parameter UNet) at 512 px in fp16, ``--gen-steps`` sampling steps (25 and 50, SD v1.5's
 PNDM scheduler), guidance 3.5 (so the UNet runs on a doubled batch, as in calibration-set generation), with
 and without ``torch.compile`` of the UNet. Reports images/s after one warm-up batch.
@@ -36,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from dfquant.io import write_text
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # architectures.py: the written-out pipelines
+
+from dfquant.io import write_text  # noqa: E402
 
 FIELDS = ["part", "device", "setting", "value", "unit"]
 
@@ -117,7 +119,7 @@ def _sync(device: str) -> None:
 
 
 def _bench_generate(args, device: str, record) -> None:
-    from dfquant.generate.architectures import random_pipeline
+    from architectures import random_pipeline
     from dfquant.generate.mini import build_pipeline
 
     if args.smoke:
@@ -143,7 +145,7 @@ def _bench_families(args, device: str, record) -> None:
     import gc
 
     from dfquant.errors import DfqError
-    from dfquant.generate.architectures import ARCHITECTURES, TINY, random_pipeline, tiny_pipeline
+    from architectures import ARCHITECTURES, TINY, random_pipeline, tiny_pipeline
     from dfquant.generate.pipeline import PRESETS, call_kwargs, load_pipeline, place, sampling
 
     names = args.families or [n for n in PRESETS if n != "mini"]
