@@ -24,7 +24,7 @@ from resumable_csv import log_command, notes_for
 from dfquant.data.calib import load_calibration
 from dfquant.io import atomic_path, write_text
 from dfquant.models.registry import get_model
-from dfquant.quant import reconstruct as R
+from dfquant.quant import estimate as E
 from dfquant.quant.api import quantize
 from dfquant.run import parse_bits
 
@@ -44,13 +44,13 @@ def main() -> None:
     out = Path(args.out)
     cmds = log_command(out)
     made: list[float] = []
-    estimate = R._estimate_seconds
+    estimate = E.estimate_seconds
 
     def recording(*a, **k) -> float:
         made.append(estimate(*a, **k))
         return made[-1]
 
-    R._estimate_seconds = recording
+    E.estimate_seconds = recording
     rows = []
     for model in args.models:
         spec = get_model(model)

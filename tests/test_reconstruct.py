@@ -301,7 +301,7 @@ def test_time_estimate_carries_measured_unit_work_over_to_every_unit():
     timed units, reproduces a third unit whose backward is heavy for its forward (a depthwise convolution's); the
     activation-range initialisation scales with the elements the unit's quantizers take in; captures grow with the
     forward before each unit and loss evaluations with its own; timed units faster than g scale g alone."""
-    from dfquant.quant.reconstruct import _estimate_seconds
+    from dfquant.quant.estimate import estimate_seconds
 
     profile = {"stem": (1e-3, 2), "block": (10e-3, 10), "late": (5e-3, 10)}   # forward seconds, module calls
     work = {"stem": (3e-3, 0), "block": (30e-3, 1000), "late": (40e-3, 500)}  # forward + backward seconds, elements
@@ -312,12 +312,12 @@ def test_time_estimate_carries_measured_unit_work_over_to_every_unit():
     capture = 0.01 + 0.1 + (0.1 + 32 * 10e-3)      # "late" runs 10 ms more of forward before it than "block"
     init = 0.2 + 0.2 * 500 / 1000                   # 0.2 s for the block's 1000 elements
     evals = 24 * ((10e-3 - 1e-3) + (5e-3 - 1e-3))  # 24 batches of loss evaluation, beyond the stem's (its rest)
-    assert _estimate_seconds(units, profile, work, timed, 100, 32, 24, 1, 0.0) == pytest.approx(
+    assert estimate_seconds(units, profile, work, timed, 100, 32, 24, 1, 0.0) == pytest.approx(
         100 * sum(step.values()) + capture + init + evals)
     assert 100 * step["late"] > 100 * 5 * profile["late"][0]  # a forward-scaled step would under-count "late"
     slow = {u: (10 * g, e) for u, (g, e) in work.items()}   # timed rates below g: g scaled by the rates' share
     share = sum(step[u] for u in ("stem", "block")) / sum(slow[u][0] for u in ("stem", "block"))
-    assert _estimate_seconds(units, profile, slow, timed, 100, 32, 24, 2, 0.5) == pytest.approx(
+    assert estimate_seconds(units, profile, slow, timed, 100, 32, 24, 2, 0.5) == pytest.approx(
         100 * share * sum(g for g, _ in slow.values()) + capture + 2 * (init + evals + 0.5))
 
 
@@ -326,13 +326,13 @@ def test_unit_profile_measures_each_unit_without_side_effects(resnet20, calib):
     elements entering its activation quantizers (ResNet-20 layer1.1: its block input and conv2's input, 16 x 32 x
     32 per image; the stem has none); it draws no random numbers and leaves no gradients, and with the estimate
     (progress on) the quantized model is bit-identical to one without."""
-    from dfquant.quant.reconstruct import _unit_profile
+    from dfquant.quant.estimate import unit_profile
 
     q = quantize_model(resnet20.model, make_quant_config("genie-m", 4, 4))
     set_quant_state(q, weights=False, acts=False)
     units = recon_units(q)
     rng = torch.get_rng_state()
-    work = _unit_profile(q, {u: q.get_submodule(u) for u in units}, calib[:4])
+    work = unit_profile(q, {u: q.get_submodule(u) for u in units}, calib[:4])
     assert torch.equal(rng, torch.get_rng_state()) and all(p.grad is None for p in q.parameters())
     assert set(work) == set(units) and all(g > 0 for g, _ in work.values())
     assert work["conv1"][1] == 0 and work["layer1.1"][1] == 2 * 4 * 16 * 32 * 32
