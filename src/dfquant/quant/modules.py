@@ -11,12 +11,13 @@ are switched off) — the residual path is quantized, as in Genie/QDrop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer
+from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer, round_ste
 
 @dataclass
 class QuantConfig:
@@ -37,9 +38,22 @@ class QuantConfig:
     zero_point_search: bool = False  # affine grids, two-sided data: also search every zero point (QDrop's 2-D search)
     fold_bn: bool = False
     keep_fp: list[str] = field(default_factory=list)  # module-name globs left in full precision
+    # quantizer constructors, not conventions (never saved; None: the UniformQuantizers below). weight_quantizer
+    # takes a layer's weight quantizer, its range searched on the weight, and returns the one the layer uses;
+    # act_quantizer(bits, cfg) builds every activation quantizer. NIPQ passes its pseudo-quantizers here.
+    weight_quantizer: Callable[[UniformQuantizer], nn.Module] | None = field(default=None, repr=False, compare=False,
+                                                                           metadata={"saved": False})
+    act_quantizer: Callable[[float, QuantConfig], nn.Module] | None = field(default=None, repr=False, compare=False,
+                                                                          metadata={"saved": False})
+    # deployment target (dfquant.quant.target): None keeps the papers' conventions; a target sets the fields below
+    target: str | None = None
+    weight_symmetric_8bit: bool = False  # 8-bit weights on a symmetric int8 grid (zero point 0), as integer kernels take
+    int32_bias: bool = False         # conv biases rounded to int32 on the step s_x * s_w (what QLinearConv adds)
 
 
 def _act_quantizer(bits: float, cfg: QuantConfig) -> UniformQuantizer:
+    if cfg.act_quantizer is not None:
+        return cfg.act_quantizer(bits, cfg)
     q = UniformQuantizer(bits, symmetric=cfg.act_symmetric, learn_scale=True, signed_step=cfg.act_signed_step,
                          clamp_first=cfg.act_clamp_first, clip_ratios=cfg.clip_ratios,
                          zero_point_search=cfg.zero_point_search)
@@ -48,16 +62,45 @@ def _act_quantizer(bits: float, cfg: QuantConfig) -> UniformQuantizer:
 
 
 class QuantLayer(nn.Module):
-    """Conv2d or Linear with fake-quantized weight and input."""
+    """Conv2d or Linear with fake-quantized weight and input (and, under a deployment target, output).
+
+    ``oq``: an output quantizer (a target's integer kernel writes integers). With ``cfg.int32_bias`` a
+    Conv2d adds its bias rounded on the step ``s_x * s_w`` of the integer accumulator, ``s_x`` the scale
+    of the quantizer that reads its input (:attr:`input_quantizer`: its own, or the one of the block or
+    layer it shares), as QLinearConv does."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, wbits: float, abits: float | None, cfg: QuantConfig):
         super().__init__()
         self.layer = layer
         self.wq = UniformQuantizer(wbits, channel_axis=0, clip_ratios=cfg.clip_ratios,
-                                   zero_point_search=cfg.zero_point_search)
+                                   zero_point_search=cfg.zero_point_search,
+                                   symmetric=cfg.weight_symmetric_8bit and float(wbits) == 8)
         self.wq.init_range(layer.weight, method=cfg.weight_init)
+        if cfg.weight_quantizer is not None:
+            self.wq = cfg.weight_quantizer(self.wq)
         self.aq = _act_quantizer(abits, cfg) if abits else None
+        self.oq: UniformQuantizer | None = None
         self.soft: SoftRoundingWeight | None = None
+        self.int32_bias = cfg.int32_bias and isinstance(layer, nn.Conv2d)
+        self.__dict__["_in_q"] = None  # a plain reference: the block's quantizer is owned (and saved) by the block
+
+    @property
+    def input_quantizer(self) -> nn.Module | None:
+        """The quantizer whose grid this layer's input is on: its own, or the block's it reads."""
+        return self.aq if self.aq is not None else self.__dict__["_in_q"]
+
+    def read_input_from(self, q: nn.Module) -> None:
+        """Record that ``q`` (a block's input quantizer) quantizes this layer's input."""
+        self.__dict__["_in_q"] = q
+
+    def bias(self) -> torch.Tensor | None:
+        b = self.layer.bias
+        q = self.input_quantizer
+        if not (self.int32_bias and b is not None and self.wq.enabled and q is not None and q.enabled
+                and getattr(q, "initialized", False)):
+            return b
+        step = (q.scale.reshape(()) * self.wq.scale.reshape(-1)).clamp_min(1e-30)
+        return round_ste(b / step).clamp(-(2**31), 2**31 - 1) * step
 
     def enable_soft_rounding(self, learn_scale: bool) -> SoftRoundingWeight:
         self.soft = SoftRoundingWeight(self.wq, self.layer.weight, learn_scale)
@@ -71,20 +114,25 @@ class QuantLayer(nn.Module):
             x = self.aq(x)
         w = self.qweight() if self.wq.enabled else self.layer.weight
         if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, self.layer.bias)  # honours padding_mode
-        return F.linear(x, w, self.layer.bias)
+            y = self.layer._conv_forward(x, w, self.bias())  # honours padding_mode
+        else:
+            y = F.linear(x, w, self.bias())
+        return self.oq(y) if self.oq is not None else y
 
 
 class QuantBlock(nn.Module):
-    """A residual block whose input is quantized once (shared by the identity branch)."""
+    """A module whose input is quantized once (a residual block: shared by the identity branch) and/or
+    whose output is quantized (a deployment target's integer tensor, e.g. a residual sum)."""
 
-    def __init__(self, block: nn.Module, abits: float, cfg: QuantConfig):
+    def __init__(self, block: nn.Module, abits: float | None, cfg: QuantConfig, out_bits: float | None = None):
         super().__init__()
         self.block = block
-        self.aq = _act_quantizer(abits, cfg)
+        self.aq = _act_quantizer(abits, cfg) if abits else None
+        self.oq = _act_quantizer(out_bits, cfg) if out_bits else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(self.aq(x))
+        y = self.block(self.aq(x) if self.aq is not None else x)
+        return self.oq(y) if self.oq is not None else y
 
 
 def quant_layers(module: nn.Module) -> list[QuantLayer]:

@@ -35,6 +35,7 @@ from torch import nn
 from dfquant.errors import DfqError
 from dfquant.quant.graph import ROOT, Graph, trace_graph
 from dfquant.quant.modules import QuantConfig
+from dfquant.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
 ADD = "add"
 POOL_FUNCTIONS = {"adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d", "mean"}
@@ -98,6 +99,8 @@ class QuantPlan:
     float_layers: dict[str, str] = field(default_factory=dict)   # layer -> why it stays float
     warnings: list[str] = field(default_factory=list)
     tracer: str = "fx"
+    target: str | None = None                                 # deployment target (dfquant.quant.target)
+    outputs: dict[str, float] = field(default_factory=dict)   # module -> bits of the output quantizer the target adds
 
     def unit_names(self) -> list[str]:
         return [u.name for u in self.units]
@@ -113,7 +116,8 @@ class QuantPlan:
     def from_dict(cls, d: dict) -> "QuantPlan":
         return cls(units=[UnitPlan(**u) for u in d["units"]], layers={k: LayerPlan(**v) for k, v in d["layers"].items()},
                    folds=dict(d.get("folds", {})), float_layers=dict(d.get("float_layers", {})),
-                   warnings=list(d.get("warnings", [])), tracer=d.get("tracer", "fx"))
+                   warnings=list(d.get("warnings", [])), tracer=d.get("tracer", "fx"), target=d.get("target"),
+                   outputs=dict(d.get("outputs", {})))
 
     def __str__(self) -> str:
         bits = lambda b: "-" if b is None else f"{b:g}"  # noqa: E731
@@ -134,6 +138,13 @@ class QuantPlan:
                      f"{len(self.folds)} BN folded, graph from {self.tracer}")
         if self.float_layers:
             lines.append("float: " + ", ".join(f"{k} ({v})" for k, v in self.float_layers.items()))
+        if self.target is not None:
+            from dfquant.quant.target import get_target
+
+            lines.append(f"\ntarget {self.target}: " + get_target(self.target).summary)
+            lines += [f"  + {r}" for r in get_target(self.target).rules]
+            lines.append(f"  output quantizers added ({len(self.outputs)}): "
+                         + (", ".join(f"{k} A{v:g}" for k, v in self.outputs.items()) or "none"))
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -393,8 +404,123 @@ def _assign_bits(a: _Analysis, chosen: list[tuple[str, str]], cfg: QuantConfig, 
             else:
                 readers[x] = name
         plans[name] = lp
-    plan = QuantPlan(units, plans, a.folds() if cfg.fold_bn else {}, a.float_layers, warn, a.g.tracer)
+    folds = a.folds() if cfg.fold_bn else {}
+    plan = QuantPlan(units, plans, folds, a.float_layers, warn, a.g.tracer)
+    if cfg.target is not None:
+        from dfquant.quant.target import get_target
+
+        plan.target = cfg.target
+        plan.outputs = _target_outputs(a, units, plans, folds, get_target(cfg.target).extra_bits, warn)
     return plan
+
+
+# what an integer kernel fuses into its requantization (the clip after QuantizeLinear), after a folded BN
+FUSED_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity, nn.Dropout)
+FUSED_FUNCTIONS = {"relu", "relu6", "hardtanh", "dropout"}
+
+
+def _target_outputs(a: _Analysis, units: list[UnitPlan], plans: dict[str, LayerPlan], folds: dict[str, str],
+                    bits: float, warn: list[str]) -> dict[str, float]:
+    """The output quantizers a deployment target needs (module -> bits), read off the data flow.
+
+    An integer conv writes integers: its output, after the ReLU/ReLU6 the kernel fuses, must be
+    quantized for every reader. Where no layer or block input quantizer reads it (a residual sum,
+    pooling, a concat, a non-fusable activation), an output quantizer is added on the module that
+    produces that tensor alone. A residual addition with a conv branch becomes an integer addition:
+    its other inputs and its sum are quantized the same way."""
+    g, mods = a.g, a.mods
+    folded = set(folds.values())
+    block_in: dict[int, dict[int, str]] = {}  # value -> {op reading it inside a block that quantizes it: the block}
+    for u in units:
+        if u.input_bits is not None:
+            x_in, ops = a.single_io(u.name)
+            block_in.setdefault(x_in, {}).update(dict.fromkeys(ops, u.name))
+
+    def reader(v: int, c: int) -> str | None:
+        """The quantizer through which op ``c`` reads ``v`` (a block's, a layer's, a quantizer module), or None."""
+        op = g.ops[c]
+        if c in block_in.get(v, {}):
+            return f"block {block_in[v][c]}"
+        if op.kind != "module":
+            return None
+        if op.target in plans:
+            lp = plans[op.target]
+            if lp.abits is not None:
+                return f"layer {op.target}"
+            return f"layer {lp.input.split(' ', 1)[1]}" if lp.input.startswith("shared") else \
+                (f"block {lp.input.split(' ', 1)[1]}" if lp.input.startswith("block") else None)
+        return f"module {op.target}" if isinstance(mods[op.target], (UniformQuantizer, LogSqrt2Quantizer)) else None
+
+    def quantizes(v: int, c: int) -> bool:
+        return reader(v, c) is not None
+
+    def fused(c: int) -> bool:
+        op = g.ops[c]
+        if op.kind == "function":
+            return op.target in FUSED_FUNCTIONS
+        m = mods[op.target]
+        if op.target in folded:  # a folded BN (or norm-act: its activation must be fusable too)
+            return type(m) is nn.BatchNorm2d or isinstance(getattr(m, "act", None), FUSED_MODULES)
+        return isinstance(m, FUSED_MODULES)  # stateless: a ReLU module used twice is still fused at each use
+
+    def chain(v: int) -> list[int]:
+        out = [v]
+        while v not in g.outputs:
+            cons = g.consumers.get(v, [])
+            if len(cons) != 1 or not fused(cons[0]) or len(g.ops[cons[0]].outputs) != 1:
+                break
+            v = g.ops[cons[0]].outputs[0]
+            out.append(v)
+        return out
+
+    def wrap_point(values: list[int]) -> str | None:
+        for v in reversed(values):
+            p = g.producer[v]
+            if p == ROOT:
+                return None
+            op = g.ops[p]
+            if op.kind == "module" and a.called_once(op.target) and len(op.outputs) == 1:
+                return op.target
+            for key in reversed(op.scope):
+                call = g.calls[key]
+                if a.single_io(call.path) is not None and g.call_outputs(call) == [v]:
+                    return call.path
+        return None
+
+    outputs: dict[str, float] = {}
+    unplaced: list[str] = []
+
+    def need(values: list[int], what: str) -> None:
+        t = values[-1]
+        readers = {reader(t, c) for c in g.consumers.get(t, [])}
+        if t in g.outputs or (None not in readers and len(readers) == 1):
+            return  # one quantizer reads it: the kernel requantizes onto that grid
+        path = wrap_point(values)
+        if path is None:
+            unplaced.append(what)
+        else:
+            outputs.setdefault(path, bits)
+
+    conv_ends: set[int] = set()
+    for name in a.layers:
+        if isinstance(mods[name], nn.Conv2d) and name in plans:
+            values = chain(g.ops[a.leaf_calls[name][0]].outputs[0])
+            conv_ends.add(values[-1])
+            need(values, f"the output of {name}")
+    for op in g.ops:
+        if op.kind == "function" and op.target == ADD and len(op.inputs) >= 2 and any(v in conv_ends for v in op.inputs):
+            for v in op.inputs:
+                if v not in conv_ends and not quantizes(v, op.index):
+                    path = wrap_point([v])
+                    if path is None:
+                        unplaced.append("an input of a residual addition")
+                    else:
+                        outputs.setdefault(path, bits)
+            need(chain(op.outputs[0]), "a residual sum")
+    if unplaced:
+        warn.append("target: no single module produces " + "; ".join(dict.fromkeys(unplaced)) + ", so it stays float "
+                    "and the kernels around it run in float")
+    return outputs
 
 
 def warn_plan(plan: QuantPlan) -> None:

@@ -18,9 +18,10 @@ from torch import nn
 
 from dfquant.errors import DfqError
 from dfquant.quant.algorithms import get_algorithm
-from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer
+from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, _act_quantizer
 from dfquant.quant.plan import QuantPlan, bn_folds, make_plan
 from dfquant.quant.quantizers import SIGNED_STEPS, check_bits
+from dfquant.quant.target import get_target
 from dfquant.quant.vit import has_attention, prepare_vit  # noqa: F401 (has_attention: importable from here)
 
 
@@ -38,7 +39,13 @@ def make_quant_config(algo: str, wbits: float, abits: float, **overrides) -> Qua
     if unknown:
         raise DfqError(f"unknown quantization setting(s) {', '.join(unknown)}; use fields of QuantConfig: "
                        + ", ".join(f.name for f in fields(QuantConfig)))
-    cfg = QuantConfig(wbits=wbits, abits=abits, **{**get_algorithm(algo).quant, **overrides})
+    target = get_target(overrides.get("target"))
+    conventions = target.conventions if target is not None else {}
+    clash = sorted(k for k in overrides if k in conventions and overrides[k] != conventions[k])
+    if clash:
+        raise DfqError(f"target={target.name!r} fixes {', '.join(f'{k}={conventions[k]!r}' for k in clash)} (what its "
+                       "integer kernels compute); drop the override or the target", params=("target",))
+    cfg = QuantConfig(wbits=wbits, abits=abits, **{**get_algorithm(algo).quant, **conventions, **overrides})
     if not (isinstance(cfg.clip_ratios, int) and 1 <= cfg.clip_ratios <= 100):
         raise DfqError(f"clip_ratios {cfg.clip_ratios!r} is not an integer from 1 to 100 (80: BRECQ/AdaRound, 100: Genie/QDrop)")
     if cfg.act_signed_step not in SIGNED_STEPS:
@@ -109,8 +116,17 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, init: bool = True, plan: 
             ql.aq = made[lp.input.split(" ", 1)[1]].aq  # one quantizer for a tensor several layers read
         made[name] = ql
         _set(qmodel, name, ql)
-    for name, bits in sorted(plan.blocks().items(), key=lambda kv: len(kv[0]), reverse=True):
-        _set(qmodel, name, QuantBlock(qmodel.get_submodule(name), bits, cfg))
+    blocks, outputs = plan.blocks(), plan.outputs
+    for name in sorted(set(blocks) | set(outputs), key=len, reverse=True):  # innermost first: names stay valid
+        if name in made:  # a quantized layer's own output quantizer
+            made[name].oq = _act_quantizer(outputs[name], cfg)
+            continue
+        qb = QuantBlock(qmodel.get_submodule(name), blocks.get(name), cfg, outputs.get(name))
+        _set(qmodel, name, qb)
+        if qb.aq is not None:
+            for lp in plan.layers.values():
+                if lp.input == f"block {name}":
+                    made[lp.name].read_input_from(qb.aq)
     qmodel.dfq_plan = plan
     return qmodel
 

@@ -38,7 +38,10 @@ FP_KINDS = ("LayerNorm", "GELU", "Softmax", "residual additions", "position embe
 class QuantAttention(nn.Module):
     """Unfused multi-head attention with quantized q, k, v and softmax output."""
 
-    def __init__(self, attn: nn.Module, abits: float, kind: str, clamp_first: bool = False):
+    def __init__(self, attn: nn.Module, abits: float, kind: str, clamp_first: bool = False,
+                 softmax_bits: float | None = None):
+        """``softmax_bits``: a uniform grid of that many bits for the softmax output (a deployment target's:
+        integer attention-times-value MatMul) instead of RepQ-ViT's log-sqrt2 grid at ``abits``."""
         super().__init__()
         self.attn = attn
         self.kind = kind
@@ -47,7 +50,12 @@ class QuantAttention(nn.Module):
                                         for _ in range(3))
         for q in (self.q_q, self.k_q, self.v_q):
             q.init_method = "psearch"
-        self.softmax_q = LogSqrt2Quantizer(abits)
+        if softmax_bits is None:
+            self.softmax_q = LogSqrt2Quantizer(abits)
+        else:  # probabilities in [0, 1]: an unsigned grid whose top is the largest one seen
+            self.softmax_q = UniformQuantizer(softmax_bits, symmetric=True, signed=False, learn_scale=True,
+                                              clamp_first=clamp_first)
+            self.softmax_q.init_method = "minmax"
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 **_: object) -> torch.Tensor:
@@ -94,8 +102,17 @@ def prepare_vit(model: nn.Module, cfg: QuantConfig, options: dict) -> nn.Module:
             raise DfqError(f"attention module {name} ({type(m).__module__}.{type(m).__name__}) cannot be quantized yet; "
                            f"supported: timm {', '.join(SUPPORTED)}. Pass a model built from those, or add its forward to dfquant.quant.vit")
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, QuantAttention(m, cfg.abits, kind, cfg.act_clamp_first))
+        setattr(model.get_submodule(parent) if parent else model, attr, QuantAttention(m, cfg.abits, kind, cfg.act_clamp_first,
+                                                                                   _softmax_bits(cfg)))
     return model
+
+
+def _softmax_bits(cfg: QuantConfig) -> float | None:
+    """A deployment target's uniform softmax grid (its extra bits), or None for RepQ-ViT's log-sqrt2."""
+    from dfquant.quant.target import get_target
+
+    target = get_target(cfg.target)
+    return None if target is None else target.extra_bits
 
 
 def _ln_pairs(qmodel: nn.Module) -> list[tuple[nn.LayerNorm, QuantLayer, str]]:

@@ -62,7 +62,7 @@ def _exact_bias_window(t, m, a_min, a_max, levels):
     return lo.max(1), hi.min(1)
 
 
-def _bias_plans(model, layers: dict[str, "_ExportLayer"]) -> list[dict[str, Any]]:
+def _bias_plans(model, layers: dict[str, "_ExportLayer"], on_grid: bool = False) -> list[dict[str, Any]]:
     """For each Conv/Gemm with a bias that onnxruntime runs as an integer kernel, the int32 bias (and
     weight multiplier) that reproduces the simulation's output integers best.
 
@@ -77,6 +77,9 @@ def _bias_plans(model, layers: dict[str, "_ExportLayer"]) -> list[dict[str, Any]
     float noise of 1e-4 output steps). Powers of two come first (``s_w / k`` is then exact in
     float32); grids stored with zero points keep ``k = 1``. A channel without such a pair takes the
     nearest ``B / k``.
+
+    ``on_grid``: the simulation already rounds every bias to int32 on ``s_x s_w`` (a deployment target's model):
+    the int32 bias is that integer, with the stored weights (exact by construction; no search).
 
     Each plan: ``node`` (name), ``exact`` (every channel), ``channels`` (exact ones, all), ``error`` (worst bias error of an inexact
     channel, ``|t - B/k| s_x s_w``, as a share of the output grid's range) and the rewrite
@@ -125,8 +128,12 @@ def _bias_plans(model, layers: dict[str, "_ExportLayer"]) -> list[dict[str, Any]
         margin = 1e-4 / m
         k_best, b_best = np.ones(len(d)), np.round(t)
         residual, exact = np.abs(t - b_best), np.zeros(len(d), dtype=bool)
-        for k in (pow2 + [k for k in range(1, w_max + 1) if k not in pow2]) if own_grid else [1]:
-            allowed = k * span <= w_max if own_grid else np.ones(len(d), dtype=bool)
+        if on_grid:  # t is an integer up to float noise: the simulation's own int32 bias
+            exact = residual < 1e-3
+        for k in [] if on_grid else (pow2 + [k for k in range(1, w_max + 1) if k not in pow2]) if own_grid else [1]:
+            # k = 1 keeps the weights as the grid stores them (an 8-bit symmetric grid beyond w_max relies on
+            # int8 dot products without int16 saturation: VNNI, AMX, ARM; see _exact_int8_bound)
+            allowed = (k * span <= w_max) | (k == 1) if own_grid else np.ones(len(d), dtype=bool)
             near = np.round(k * t)
             b_lo, b_hi = np.ceil(k * (lo + margin)), np.ceil(k * (hi - margin)) - 1  # B / k inside the window
             # every B in the window is exact; the one nearest 0 keeps bias + accumulator furthest from int32's end
@@ -182,7 +189,7 @@ def _run_graph(model, images: torch.Tensor, optimized: bool, batch_size: int = 3
 
 
 def _int32_biases(model, layers: dict[str, "_ExportLayer"], calib: torch.Tensor | None,
-                  approximate: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                  approximate: bool = False, on_grid: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Give every integer Conv/Gemm the int32 bias of :func:`_bias_plans`, keeping float the ones
     whose rounding moves the model's output.
 
@@ -203,7 +210,7 @@ def _int32_biases(model, layers: dict[str, "_ExportLayer"], calib: torch.Tensor 
     when measured, ``mean_rel_logit_diff`` of the chosen form and its ``tolerance``."""
     import numpy as np
 
-    plans = _bias_plans(model, layers)
+    plans = _bias_plans(model, layers, on_grid)
     # a bias that int32 cannot hold beside its accumulator stays float in every form
     unfit = {p["node"] for p in plans if not p["fits"]}
     inexact = [p["node"] for p in sorted((p for p in plans if not p["exact"] and p["fits"]), key=lambda p: -p["error"])]

@@ -101,6 +101,7 @@ class OnnxExport:
     calib: torch.Tensor | None
     int8_weights: bool
     example: torch.Tensor | None = None
+    target: str | None = None  # the deployment target the model was quantized for (its plan's)
     emodel: nn.Module | None = None  # the export-friendly copy of qmodel (export_module)
     trace_opset: int = 0
     model: Any = None  # the onnx ModelProto the graph passes rewrite
@@ -120,7 +121,7 @@ class OnnxExport:
         for node in self.model.graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
         layers = self.layers
-        return {"path": str(self.path), "opset": self.opset, "ops": ops, "weights": self.weights,
+        return {"path": str(self.path), "target": self.target, "opset": self.opset, "ops": ops, "weights": self.weights,
                 "int4_fallback": self.missing, "fused_bias": self.fuse_bias, "integer_residual": self.added,
                 "folded_activation_clips": self.folded, "int32_biases": self.biases,
                 "reround_weights": sorted(n for n, m in layers.items() if m.quantized and m.reround),
@@ -143,7 +144,12 @@ def check_options(ctx: OnnxExport) -> None:
                               or tuple(calib.shape[1:]) != tuple(input_size)):
         raise DfqError(f"calibration images must be a non-empty batch of shape (N, {', '.join(map(str, input_size))}), "
                        f"got {tuple(calib.shape)}; pass images of the model's input size")
-    ctx.fuse_bias = ctx.fuse_bias or ctx.integer_residual
+    ctx.target = getattr(getattr(ctx.qmodel, "dfq_plan", None), "target", None)
+    if ctx.target is not None and ctx.integer_residual:
+        raise DfqError(f"the model was quantized for target {ctx.target!r}: its export is already integer where the "
+                       "runtime can be; drop integer_residual", params=("integer_residual",))
+    # a target's model is simulated as the integer kernels compute it: its export fuses every bias
+    ctx.fuse_bias = ctx.fuse_bias or ctx.integer_residual or ctx.target is not None
 
     max_opset = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= max_opset:
@@ -227,7 +233,8 @@ def int32_biases(ctx: OnnxExport) -> None:
     """``fuse_bias``: int32 biases and per-channel weight multipliers of the integer kernels."""
     if ctx.fuse_bias:
         multipliers, ctx.biases = _int32_biases(ctx.model, ctx.layers, ctx.calib,
-                                                approximate=ctx.integer_residual or ctx.int8_weights)
+                                                approximate=ctx.integer_residual or ctx.int8_weights,
+                                                on_grid=ctx.target is not None)
         ctx.small = {k: (q, z, multipliers.get(k, m)) for k, (q, z, m) in ctx.small.items()}
 
 

@@ -256,8 +256,10 @@ class _ExportLayer(nn.Module):
         if self.conv:
             self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
         self.aq = _act_module(ql.aq, f"{name}.aq")
+        self.oq = _act_module(ql.oq, f"{name}.oq")
         self.quantized = ql.wq.enabled
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        bias = ql.bias()  # a deployment target's model adds its bias already rounded to int32 on s_x * s_w
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
         if self.quantized:
             iw = integer_weight(ql, name)
             self.bits, self.qrange = iw["bits"], iw["qrange"]
@@ -325,9 +327,9 @@ class _ExportLayer(nn.Module):
             y = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
         else:
             y = F.linear(x, w, bias)
-        if self.bias is None or self.fuse_bias:
-            return y
-        return y + (self.bias.view(-1, 1, 1) if self.conv else self.bias)
+        if self.bias is not None and not self.fuse_bias:
+            y = y + (self.bias.view(-1, 1, 1) if self.conv else self.bias)
+        return self.oq(y)
 
 
 def _act_module(q: nn.Module | None, name: str) -> nn.Module:
