@@ -48,14 +48,16 @@ def _calibration(calib: Any, transform: Callable | None, limit: int | None) -> t
 
 
 def plan(model: nn.Module, example_input: torch.Tensor, *, wbits: float = 4, abits: float = 4, algo: str = "genie-m",
-         keep_fp: tuple[str, ...] | list[str] = (), units: list[str] | None = None) -> QuantPlan:
+         keep_fp: tuple[str, ...] | list[str] = (), units: list[str] | None = None, target: str | None = None) -> QuantPlan:
     """The quantization plan ``quantize`` would follow: units in execution order, each layer's role,
-    bits and where its input is quantized, BN folds, what stays float (``print`` it for a table)."""
+    bits and where its input is quantized, BN folds, what stays float (``print`` it for a table).
+    ``target`` (e.g. ``"onnxruntime"``, :data:`~dfquant.quant.target.TARGETS`): also what the deployment
+    target adds (the quantizers its integer kernels need)."""
     from dfquant.quant.api import vit_options
     from dfquant.quant.plan import make_plan
     from dfquant.quant.transform import make_quant_config
 
-    qcfg = make_quant_config(algo, wbits, abits, keep_fp=list(keep_fp))
+    qcfg = make_quant_config(algo, wbits, abits, keep_fp=list(keep_fp), **({"target": target} if target else {}))
     vit = vit_options(model, algo)
     if vit is not None:
         from dfquant.quant.vit import prepare_vit
@@ -68,20 +70,23 @@ def quantize(model: nn.Module, calib: Any, *, wbits: float, abits: float, algo: 
              batch_size: int = 32, bn_recalib: str = "none", keep_fp: tuple[str, ...] | list[str] = (),
              units: list[str] | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
              transform: Callable | None = None, n: int | None = None,
-             recon: dict[str, Any] | None = None, quant: dict[str, Any] | None = None) -> tuple[nn.Module, dict]:
+             recon: dict[str, Any] | None = None, quant: dict[str, Any] | None = None,
+             target: str | None = None) -> tuple[nn.Module, dict]:
     """Quantize ``model`` (left untouched) with ``algo`` at W``wbits``A``abits`` on ``calib``; returns the
     fake-quantized model and a report (``report["plan"]`` is the :class:`QuantPlan` it followed).
     ``n`` caps the number of calibration images; ``transform`` is needed when ``calib`` is a folder.
     ``recon`` overrides fields of the algorithm's :class:`~dfquant.quant.reconstruct.ReconConfig`, e.g.
     ``{"loss_reduction": "sample", "round_weight": 0.01}`` for dfquant's maths before it matched the
     reference code (docs/reconstruction.md). ``quant`` overrides its
-    :class:`~dfquant.quant.modules.QuantConfig` conventions, e.g. ``{"act_signed_step": "qmax"}``."""
+    :class:`~dfquant.quant.modules.QuantConfig` conventions, e.g. ``{"act_signed_step": "qmax"}``.
+    ``target="onnxruntime"`` simulates what onnxruntime's integer kernels compute (docs/deployment.md), so that
+    :func:`export` writes the evaluated model and it runs as integer kernels; None keeps the papers' conventions."""
     from dfquant.quant.api import quantize as quantize_tensor
 
     x = _calibration(calib, transform, n)
     return quantize_tensor(model.eval(), x, algo, wbits, abits, iters=iters, batch_size=batch_size, seed=seed,
                            device=device, progress=progress, bn_recalib=bn_recalib, keep_fp=tuple(keep_fp), units=units,
-                           recon=recon, quant=quant)
+                           recon=recon, quant={**(quant or {}), **({"target": target} if target else {})})
 
 
 def save(quant_dir: str | Path, qmodel: nn.Module, report: dict, model: str | None = None, *, weights: str | Path | None = None,

@@ -34,6 +34,8 @@ def _renamed(old: str, new: str, old_value: Optional[T], value: T) -> T:
 
 
 MODEL_HELP = "registry name (fmnist/resnet20, torchvision/resnet50, timm/<name>) or path/to/file.py:factory / package.module:factory"
+TARGET_HELP = ("deployment target: onnxruntime (simulate what its integer kernels compute, so the export is the "
+               "evaluated model and runs fast); default: the papers' conventions")
 
 # The model arguments every command takes (dfquant.models.source.ModelArgs), added by @model_options.
 _MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -345,6 +347,7 @@ def quantize_cmd(
     joint_iters: int = typer.Option(0, help="then optimize all quantization parameters jointly (logit + feature distillation)"),
     bn_recalib: str = typer.Option("none", help="relative | absolute | none: re-estimate BatchNorm statistics after "
                                    "reconstruction (Genie-M keeps BN; relative suits synthetic data)"),
+    target: Optional[str] = typer.Option(None, help=TARGET_HELP),
     n: int = typer.Option(1024, help="calibration images"),
     augment: str = typer.Option("none", help="none | mixup | cutmix: pixel-level mixing of the calibration images in pairs "
                                 "(the mixup-class paper's baselines), deterministic per image index and --seed"),
@@ -367,11 +370,11 @@ def quantize_cmd(
     _threads(threads)
     calib_dir = Path(calib) if Path(calib).is_dir() else None
     spec = _spec(model, margs, folder=val if val is not None else calib_dir)
-    out = out or Path("runs/quantize") / f"{_stem(model)}-w{wbits:g}a{abits:g}-{algo}"
+    out = out or Path("runs/quantize") / f"{_stem(model)}-w{wbits:g}a{abits:g}-{algo}{'-' + target if target else ''}"
     res = run_quantize(spec, calib, wbits, abits, algo, iters, n, batch_size, seed, out, val, eval_limit, device,
                        joint_iters=joint_iters, bn_recalib=bn_recalib, keep_fp=tuple(keep_fp),
                        units=[u.strip() for u in units.split(",") if u.strip()] if units else None,
-                       augment=augment, augment_alpha=augment_alpha)
+                       augment=augment, augment_alpha=augment_alpha, target=target)
     accuracy = (f"FP top-1 {res['fp_top1']:.2f}%  quantized top-1 {res['q_top1']:.2f}% (on {res['eval_images']} images)"
                 if res["q_top1"] is not None
                 else "no test set (pass --val to evaluate)")
@@ -386,6 +389,7 @@ def plan_cmd(
     wbits: float = typer.Option(4), abits: float = typer.Option(4),
     keep_fp: list[str] = typer.Option([], help="module-name glob left in float (repeatable)"),
     units: Optional[str] = typer.Option(None, help="comma-separated module names to use as units"),
+    target: Optional[str] = typer.Option(None, help=TARGET_HELP + "; lists what it adds"),
     margs: Optional[dict] = None,
 ) -> None:
     """Show the quantization plan: units in execution order, each layer's role, bits and input quantizer, BN folds, float parts."""
@@ -395,7 +399,7 @@ def plan_cmd(
 
     spec = _spec(model, margs, pretrained=False)
     p = plan(spec.model, torch.zeros(1, *spec.input_size), wbits=wbits, abits=abits, algo=algo, keep_fp=tuple(keep_fp),
-             units=[u.strip() for u in units.split(",") if u.strip()] if units else None)
+             units=[u.strip() for u in units.split(",") if u.strip()] if units else None, target=target)
     typer.echo(str(p))
 
 
@@ -450,6 +454,7 @@ def run_cmd(
     abits: Optional[float] = typer.Option(None),
     iters: Optional[int] = typer.Option(None, help="reconstruction iterations per block"),
     bn_recalib: Optional[str] = typer.Option(None, help="relative | absolute | none: BatchNorm re-estimation after reconstruction"),
+    target: Optional[str] = typer.Option(None, help=TARGET_HELP),
     seed: Optional[int] = typer.Option(None),
     out: Optional[str] = typer.Option(None, help="run folder"),
     val: Optional[str] = typer.Option(None, help="ImageNet-style val folder"),
@@ -469,7 +474,7 @@ def run_cmd(
     if wbits is not None:
         bits = [f"W{wbits:g}A{abits:g}"]
     cfg = RunConfig.load(config, model=model, source=source, strategy=strategy, k=k, pairing=pairing, n=n,
-                         augment=augment, augment_alpha=augment_alpha, generator=generator, algo=algo, bits=bits, iters=iters, bn_recalib=bn_recalib, seed=seed, out=out, val=val,
+                         augment=augment, augment_alpha=augment_alpha, generator=generator, algo=algo, bits=bits, iters=iters, bn_recalib=bn_recalib, target=target, seed=seed, out=out, val=val,
                          eval_limit=eval_limit, device=device, **_config_values(margs))
     rows = run(cfg)
     typer.echo("\n" + results_table(rows))
@@ -565,6 +570,8 @@ def export_cmd(
                    f"{exp['tensors']} tensors, {exp['bytes'] / 1024:.0f} KiB)")
     if "deployment" in rep:
         _echo_deployment(rep["deployment"], rep["export"]["fused_bias"])
+    if rep.get("note"):
+        typer.echo(f"note: {rep['note']}")
     typer.echo(f"report -> {rep['report_path']}")
     err = verification_error(rep)
     if err is not None:

@@ -21,7 +21,7 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
                  progress: bool = True, calib: torch.Tensor | None = None, fp_top1: float | None = None,
                  joint_iters: int = 0, bn_recalib: str = "none", keep_fp: tuple[str, ...] = (),
                  units: list[str] | None = None, evaluate_top1: bool = True, augment: str = "none",
-                 augment_alpha: float = 1.0, log=print) -> dict:
+                 augment_alpha: float = 1.0, target: str | None = None, log=print) -> dict:
     """Quantize ``spec``'s model on ``calib_source``, evaluate (when it has a test set or ``val``), and
     write the checkpoint (with how to rebuild the FP model) + results. ``augment`` mixes the calibration
     images at pixel level (:func:`~dfquant.data.calib.load_calibration`); a given ``calib`` is used as is.
@@ -32,14 +32,16 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
     from dfquant.quant.api import make_quant_config, quantize
     from dfquant.quant.checkpoint import save_quantized
 
-    make_quant_config(algo, wbits, abits)  # validate before any slow work
+    quant = {"target": target} if target else {}
+    make_quant_config(algo, wbits, abits, **quant)  # validate before any slow work
     calib = load_calibration(calib_source, spec, n, seed, augment, augment_alpha) if calib is None else calib
     calib_check = check_generated(spec, calib_source, log) if Path(str(calib_source)).is_dir() else None
     can_eval = evaluate_top1 and (spec.embedded or val is not None)
     if fp_top1 is None and can_eval:
         fp_top1 = evaluate(spec, val_dir=val, limit=eval_limit, progress=progress)
     qmodel, info = quantize(spec.model, calib, algo, wbits, abits, iters=iters, batch_size=batch_size, seed=seed,
-                            device=device, progress=progress, bn_recalib=bn_recalib, keep_fp=keep_fp, units=units)
+                            device=device, progress=progress, bn_recalib=bn_recalib, keep_fp=keep_fp, units=units,
+                            quant=quant)
     if joint_iters > 0:
         from dfquant.quant.joint import joint_finetune
 
@@ -47,7 +49,7 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
         joint_finetune(qmodel, calib, joint_iters, batch_size, seed=seed, resume=Path(out) / "joint_resume.pt",
                        progress=progress)
     q_top1 = evaluate(spec, qmodel, val_dir=val, limit=eval_limit, progress=progress) if can_eval else None
-    meta = {"algo": algo, "wbits": wbits, "abits": abits, "calib": str(calib_source), "n_calib": len(calib),
+    meta = {"algo": algo, "wbits": wbits, "abits": abits, "target": target, "calib": str(calib_source), "n_calib": len(calib),
             "augment": None if augment == "none" else {"method": augment, "alpha": augment_alpha},
             "iters": iters, "joint_iters": joint_iters, "bn_recalib": bn_recalib, "batch_size": batch_size, "seed": seed,
             "fp_top1": fp_top1, "q_top1": q_top1, "eval_images": getattr(q_top1, "n", None), "calib_check": calib_check,
@@ -56,7 +58,7 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
             "recon": {k: v for k, v in vars(info["recon"]).items()} if info.get("recon") else None,
             "full_precision_layers": info.get("full_precision_layers", [])}
     save_quantized(Path(out), spec, qmodel, info["quant"], meta)
-    write_json(Path(out) / "results.json", {k: meta[k] for k in ("algo", "wbits", "abits", "calib", "augment", "n_calib", "iters",
+    write_json(Path(out) / "results.json", {k: meta[k] for k in ("algo", "wbits", "abits", "target", "calib", "augment", "n_calib", "iters",
                                                                    "seed", "fp_top1", "q_top1", "eval_images", "calib_check",
                                                                    "seconds")})
     return meta
@@ -150,6 +152,14 @@ def run_export(ckpt_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
             report["export"] = export_onnx(qmodel, spec.input_size, staged, opset, metadata=meta, fuse_bias=fuse_bias,
                                            integer_residual=integer_residual, calib=calib, int8_weights=int8_weights)
             report["export"]["path"] = str(out)
+            report["target"] = report["export"]["target"]
+            slow = {k: v for k, v in report["export"]["float_kernels"].items() if "model output" not in v}
+            if report["target"] is None and slow:
+                report["note"] = (f"quantized with the papers' conventions (no --target): {len(slow)} Conv/Gemm/MatMul "
+                                  "kernels run in float in onnxruntime, because the simulation keeps their inputs or "
+                                  "outputs (residual sums, pooling inputs, the image) or biases off the integer grid, "
+                                  "so this export is slow; quantize again with --target onnxruntime for an exact "
+                                  "export that runs as integer kernels")
             if verify:
                 images, labels = _verify_images(spec, n, val)
                 report["verify"] = verify_onnx(qmodel, staged, images, labels, approximate=approximate)

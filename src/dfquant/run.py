@@ -102,7 +102,8 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     for (wbits, abits), tag in zip(bit_settings, cfg.bits):
         qdir = r.dir / "quant" / tag.upper()
         key = _key("quant", calib_key, algo, wbits, abits, cfg.iters, cfg.batch_size, cfg.seed, cfg.eval_limit, cfg.val,
-                   *([cfg.bn_recalib] if cfg.bn_recalib != "none" else []), *model_key)  # old runs' keys stay valid
+                   *([cfg.bn_recalib] if cfg.bn_recalib != "none" else []), *([cfg.target] if cfg.target else []),
+                   *model_key)  # old runs' keys stay valid
         if r.cached(f"quant_{tag.upper()}", key, qdir / "results.json"):
             res = read_json(qdir / "results.json")
             r.log(f"{tag}: cached, top-1 {res['q_top1']:.2f}%" + _on(res.get("eval_images")))
@@ -112,7 +113,8 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
             r.log(f"{tag}: quantizing with {algo}, {cfg.iters} iterations per block")
             res = run_quantize(spec, calib_src, wbits, abits, algo, cfg.iters, cfg.n, cfg.batch_size, cfg.seed,
                                qdir, cfg.val, cfg.eval_limit, cfg.device, progress=progress, calib=calib, fp_top1=fp_top1,
-                               bn_recalib=cfg.bn_recalib, augment=cfg.augment, augment_alpha=cfg.augment_alpha, log=r.log)
+                               bn_recalib=cfg.bn_recalib, augment=cfg.augment, augment_alpha=cfg.augment_alpha, target=cfg.target,
+                               log=r.log)
             r.done(f"quant_{tag.upper()}", key)
             r.log(f"{tag}: top-1 {res['q_top1']:.2f}%{_on(res.get('eval_images'))} ({res['seconds']:.0f}s)")
         rows.append({"model": cfg.model, "source": cfg.source, "strategy": _strategy_label(cfg), "algo": algo,

@@ -53,6 +53,7 @@ class RunConfig:
     bits: list[str] = field(default_factory=lambda: ["W4A4"])
     iters: int = 20000
     bn_recalib: str = "none"         # relative | absolute | none: BN re-estimation after reconstruction (not in the papers)
+    target: str | None = None        # deployment target (onnxruntime): simulate its integer kernels; None: the papers' conventions
     batch_size: int = 32
     eval_limit: int | None = None
     val: str | None = None
@@ -110,10 +111,11 @@ def choices() -> dict[str, tuple[str, ...]]:
     from dfquant.models.source import INTERPOLATIONS
     from dfquant.quant.bn import BN_MODES
     from dfquant.quant.distill import METHODS
+    from dfquant.quant.target import TARGETS
 
     return {"strategy": STRATEGIES, "pairing": PAIRINGS, "algo": ("auto", *ALGOS), "bn_recalib": BN_MODES,
             "dtype": tuple(DTYPES), "scheduler": tuple(SCHEDULERS), "distill_method": tuple(METHODS), "augment": AUGMENTS,
-            "interpolation": INTERPOLATIONS}
+            "interpolation": INTERPOLATIONS, "target": tuple(TARGETS)}
 
 
 def _option(key: str) -> str:

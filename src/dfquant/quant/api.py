@@ -50,6 +50,10 @@ def quantize(model: nn.Module, calib: torch.Tensor, algo: str, wbits: float, abi
 
     algorithm = get_algorithm(algo)
     check_bn_args(bn_recalib, model)
+    if bn_recalib != "none" and (quant or {}).get("target") is not None:
+        raise DfqError(f"target={quant['target']!r} folds every BatchNorm into its conv (what the integer kernels run), "
+                       f"so bn_recalib={bn_recalib!r} has nothing to re-estimate; use bn_recalib='none'",
+                       params=("bn_recalib", "target"))
     if bn_recalib != "none" and not batchnorms(model):
         raise DfqError(f"bn_recalib={bn_recalib!r} re-estimates BatchNorm statistics, but the model has no BatchNorm "
                        "layers; use bn_recalib='none'", params=("bn_recalib",))

@@ -128,8 +128,8 @@ def _bias_plans(model, layers: dict[str, "_ExportLayer"], on_grid: bool = False)
         margin = 1e-4 / m
         k_best, b_best = np.ones(len(d)), np.round(t)
         residual, exact = np.abs(t - b_best), np.zeros(len(d), dtype=bool)
-        if on_grid:  # t is an integer up to float noise: the simulation's own int32 bias
-            exact = residual < 1e-3
+        if on_grid:  # t is an integer up to the float32 error of the stored bias (large int32 biases: |t| 2^-24 each)
+            exact = residual < 0.25
         for k in [] if on_grid else (pow2 + [k for k in range(1, w_max + 1) if k not in pow2]) if own_grid else [1]:
             # k = 1 keeps the weights as the grid stores them (an 8-bit symmetric grid beyond w_max relies on
             # int8 dot products without int16 saturation: VNNI, AMX, ARM; see _exact_int8_bound)
