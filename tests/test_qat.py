@@ -112,6 +112,46 @@ def _tiny() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
 
 
+class _SharedInput(nn.Module):
+    """Two convolutions read one tensor (the plan quantizes it once, for both)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a, self.b, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        return self.fc(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
+
+
+def test_prepare_builds_pseudo_quantizers_and_finalize_hardens_them(resnet20, tmp_path):
+    """The transform builds NIPQ's quantizers itself (QuantConfig.weight_quantizer / act_quantizer): no plain
+    quantizer before finalize, a shared input quantizer shared throughout, a plain model after; a checkpoint keeps
+    the conventions only and refuses a config that still carries constructors."""
+    from dataclasses import replace
+
+    from dfquant.io import read_json
+    from dfquant.quant.checkpoint import save_quantized
+
+    fp = _SharedInput().eval()
+    calib = torch.randn(32, 3, 16, 16)
+    q = prepare_nipq(fp, 2, 4, learn_bits=True, init_bits=3, calib=calib)
+    assert all(isinstance(m.wq, NIPQQuantizer) for m in q.modules() if hasattr(m, "wq"))
+    assert all(type(a) is NIPQQuantizer for a in act_quantizers(q))
+    assert [m.wq.learn_bits for m in (q.stem, q.a, q.b, q.fc)] == [False, True, True, False]
+    assert q.a.aq is q.b.aq
+    qat_distill(q, fp, calib, 2, 1e-3, 3.0, batch_size=16, progress=False)
+    finalize(q, calib, 3.0, fp_model=fp)
+    assert q.a.aq is q.b.aq and type(q.a.aq) is UniformQuantizer
+    assert q.nipq_config.weight_quantizer is None and q.nipq_config.act_quantizer is None
+    save_quantized(tmp_path / "ck", resnet20, q, q.nipq_config, {})
+    assert "weight_quantizer" not in read_json(tmp_path / "ck" / "quant_config.json")["quant"]
+    with pytest.raises(DfqError, match="weight_quantizer"):
+        save_quantized(tmp_path / "bad", resnet20, q, replace(q.nipq_config, weight_quantizer=id), {})
+
+
 def test_qat_resume_matches_straight_run(tmp_path):
     fp = _tiny()
     calib = torch.randn(64, 3, 16, 16)

@@ -8,7 +8,7 @@ with the checkpoint lays it out exactly as it was quantized, without tracing it 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,17 @@ def quantizer_state(qmodel: nn.Module) -> dict[str, dict]:
     return out
 
 
+def _conventions(qcfg: QuantConfig) -> dict:
+    """The saved form of ``qcfg``: its conventions, without the quantizer constructors (``metadata["saved"]``
+    false), which a checkpoint cannot hold; a model built with custom quantizers is hardened to plain ones first."""
+    unsaved = [f.name for f in fields(qcfg) if not f.metadata.get("saved", True)]
+    custom = [name for name in unsaved if getattr(qcfg, name) is not None]
+    if custom:
+        raise DfqError(f"the quantization config has {', '.join(custom)} set: a checkpoint holds plain quantizers; "
+                       "harden the model and save the conventions without them (NIPQ: finalize, then nipq_config)")
+    return {k: v for k, v in asdict(qcfg).items() if k not in unsaved}
+
+
 # What `dfq export` writes into a checkpoint folder by default: a rewritten checkpoint makes them stale.
 EXPORT_FILES = ("model.onnx", "model_int.safetensors", "export_report.json")
 
@@ -61,7 +72,7 @@ def save_quantized(out_dir: Path, spec: Any, qmodel: nn.Module, qcfg: QuantConfi
                   if hasattr(spec, k)}
     plan = getattr(qmodel, "dfq_plan", None)
     write_json(out_dir / "quant_config.json", {"model": spec.name, "model_source": source, "preprocess": preprocess,
-                                                "quant": asdict(qcfg), "plan": plan.to_dict() if plan else None,
+                                                "quant": _conventions(qcfg), "plan": plan.to_dict() if plan else None,
                                                 "quantizers": quantizer_state(qmodel), **meta})
 
 

@@ -40,6 +40,8 @@ The result is a plain :class:`~dfquant.quant.quantizers.UniformQuantizer` model 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,11 +98,22 @@ class NIPQQuantizer(UniformQuantizer):
         self.two_sided = True   # False: lower clip fixed at 0 (non-negative activations)
         self.log_hi = nn.Parameter(torch.zeros(1))
         self.log_lo = nn.Parameter(torch.zeros(1))
-        if learn_bits:
-            p = min(max((bits - b_min) / (b_max - b_min), 0.02), 0.98)  # keep the sigmoid out of saturation
-            self.bit_logit = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
-        else:
-            self.bit_logit = None
+        self.bit_logit = self._bit_logit(bits) if learn_bits else None
+
+    def _bit_logit(self, bits: float) -> nn.Parameter:
+        b_min, b_max = self.bit_range
+        p = min(max((bits - b_min) / (b_max - b_min), 0.02), 0.98)  # keep the sigmoid out of saturation
+        return nn.Parameter(torch.tensor(math.log(p / (1 - p))))
+
+    def learn_bit_width(self, bits: float) -> None:
+        """Make the bit-width a parameter starting at ``bits`` (within ``bit_range``), as ``learn_bits=True`` at
+        construction would; an initialized clip range is re-derived on the grid of the learned bits."""
+        if not self.bit_range[0] <= bits <= self.bit_range[1]:
+            raise ValueError(f"initial bits {bits} outside the learnable range {self.bit_range}")
+        self.learn_bits = True
+        self.bit_logit = self._bit_logit(bits)
+        if self.initialized:
+            self.set_params(self.scale.detach(), self.zero_point)
 
     # ----- bit-width --------------------------------------------------------------------
     def bit_width(self) -> torch.Tensor:
@@ -208,6 +221,22 @@ class NIPQQuantizer(UniformQuantizer):
 
 
 # ----- model preparation -----------------------------------------------------------------
+def _weight_pseudo_quantizer(grid: UniformQuantizer, bit_range: tuple[float, float] = BIT_RANGE) -> NIPQQuantizer:
+    """A layer's weight pseudo-quantizer (``QuantConfig.weight_quantizer``): per channel, fixed bits, on the grid
+    the preset's range search found (``grid``); :func:`prepare_nipq` lets the inner layers learn their bits."""
+    q = NIPQQuantizer(grid.bits, channel_axis=0, bit_range=bit_range)
+    q.bits = grid.bits
+    q.set_params(grid.scale.detach(), grid.zero_point)
+    return q
+
+
+def _act_pseudo_quantizer(bits: float, cfg: QuantConfig) -> NIPQQuantizer:
+    """An activation pseudo-quantizer (``QuantConfig.act_quantizer``), range-initialized on its first input."""
+    q = NIPQQuantizer(bits)
+    q.init_method = cfg.act_init
+    return q
+
+
 def nipq_quantizers(qmodel: nn.Module) -> list[NIPQQuantizer]:
     return [m for m in qmodel.modules() if isinstance(m, NIPQQuantizer)]
 
@@ -261,8 +290,8 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
                  calib: torch.Tensor | None = None, init_images: int = 256, budget_by: str = "size") -> nn.Module:
     """Wrap ``model`` (a copy) for NIPQ training, on :func:`~dfquant.quant.transform.quantize_model`'s conventions.
 
-    Every weight and activation quantizer the transform creates becomes a :class:`NIPQQuantizer`
-    initialized by the preset's range search. First/last layer weights (and the last layer's
+    The transform builds every weight and activation quantizer as a :class:`NIPQQuantizer` (through
+    ``QuantConfig.weight_quantizer`` / ``act_quantizer``); the weight grids start where the preset's range search puts them. First/last layer weights (and the last layer's
     input) stay at ``first_last_bits`` with fixed bits; with ``learn_bits`` the other weight
     quantizers learn their bit-width, starting at ``init_bits`` (default ``wbits``). Activation bits
     are fixed. ``calib`` initializes the activation ranges now (else on the first forward pass).
@@ -286,24 +315,15 @@ def prepare_nipq(model: nn.Module, wbits: float, abits: float, learn_bits: bool 
     if learn_bits and not bit_range[0] <= start <= bit_range[1]:
         raise DfqError(f"initial bit-width {start:g} lies outside the learnable range {bit_range[0]:g}..{bit_range[1]:g}")
     cfg = QuantConfig(wbits=_round_half_up(start) if learn_bits else wbits, abits=abits,
-                      first_last_bits=first_last_bits, **get_algorithm(preset).quant)
+                      first_last_bits=first_last_bits, **get_algorithm(preset).quant,
+                      weight_quantizer=partial(_weight_pseudo_quantizer, bit_range=bit_range),
+                      act_quantizer=_act_pseudo_quantizer)
     qmodel = quantize_model(model, cfg)
-    modules = list(qmodel.named_modules())
-    layers = [n for n, m in modules if isinstance(m, QuantLayer)]
-    ends = {layers[0], layers[-1]}
-    for name, m in modules:
-        if isinstance(m, QuantLayer):
-            old = m.wq
-            learn = learn_bits and name not in ends
-            nq = NIPQQuantizer(start if learn else old.bits, channel_axis=0, learn_bits=learn, bit_range=bit_range)
-            nq.bits = old.bits  # the grid the preset's range search was run on
-            nq.set_params(old.scale.detach(), old.zero_point)
-            m.wq = nq
-        if isinstance(m, (QuantLayer, QuantBlock)) and isinstance(m.aq, UniformQuantizer):
-            nq = NIPQQuantizer(m.aq.bits)
-            nq.init_method = cfg.act_init
-            m.aq = nq
-    qmodel.nipq_config = cfg  # the conventions, for saving
+    if learn_bits:
+        layers = [m for m in qmodel.modules() if isinstance(m, QuantLayer)]
+        for m in layers[1:-1]:  # the first and last layer keep their fixed bits
+            m.wq.learn_bit_width(start)
+    qmodel.nipq_config = replace(cfg, weight_quantizer=None, act_quantizer=None)  # the conventions, for saving
     qmodel.budget_by = budget_by
     if calib is not None:
         init_activation_ranges(qmodel, calib, init_images)
@@ -477,13 +497,22 @@ def qat_distill(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, ite
 
 
 # ----- finalization -----------------------------------------------------------------------------
-def _replace_quantizers(qmodel: nn.Module) -> None:
+def _harden_quantizers(qmodel: nn.Module) -> None:
+    """Each frozen pseudo-quantizer hands its grid over to a plain :class:`UniformQuantizer` (what checkpoints and
+    export read); a quantizer several layers share stays shared."""
+    plain: dict[int, UniformQuantizer] = {}
+
+    def hard(q: NIPQQuantizer) -> UniformQuantizer:
+        if id(q) not in plain:
+            plain[id(q)] = q.to_uniform()
+        return plain[id(q)]
+
     for m in list(qmodel.modules()):
         if isinstance(m, (QuantLayer, QuantBlock)):
             if isinstance(m, QuantLayer) and isinstance(m.wq, NIPQQuantizer):
-                m.wq = m.wq.to_uniform()
+                m.wq = hard(m.wq)
             if isinstance(m.aq, NIPQQuantizer):
-                m.aq = m.aq.to_uniform()
+                m.aq = hard(m.aq)
 
 
 def layer_bits(qmodel: nn.Module) -> dict[str, float]:
@@ -498,7 +527,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     """Hard quantization + short recalibration, in place; return a summary.
 
     1. round the learned bit-widths (:func:`round_bits`, honouring ``budget``) and freeze every grid;
-    2. replace the pseudo-quantizers by plain :class:`UniformQuantizer` s with the same grids;
+    2. hand every frozen grid over to a plain :class:`UniformQuantizer` (the checkpoint's and export's form);
     3. re-estimate BatchNorm running statistics of the hard-quantized model on up to ``n`` calibration images
        (:func:`~dfquant.quant.bn.reestimate_bn`; ``bn_stats``: ``relative`` to the FP model's statistics — the default when
        ``fp_model`` is given —, ``absolute``, or ``none``);
@@ -520,7 +549,7 @@ def finalize(qmodel: nn.Module, calib: torch.Tensor, budget: float | None = None
     for q in nipq_quantizers(qmodel):
         if not q.frozen:
             q.freeze()
-    _replace_quantizers(qmodel)
+    _harden_quantizers(qmodel)
     qmodel.eval()
     n_bn = recalibrate_bn(qmodel, calib, bn_stats, fp_model, batch_size, n)
     n_act = 0
