@@ -85,7 +85,7 @@ def test_requantizing_removes_stale_exports_and_refuses_nan(fixtures, tmp_path):
     meta = read_json(ckpt / "quant_config.json")
     qcfg = QuantConfig(**meta.pop("quant"))
     meta.pop("quantizers")
-    save_quantized(ckpt, spec, qmodel, qcfg, meta)
+    save_quantized(ckpt, spec.record(), qmodel, qcfg, meta)
     assert not any((ckpt / name).exists() for name in EXPORT_FILES)
     assert (ckpt / "model.safetensors").exists()
 
@@ -94,7 +94,7 @@ def test_requantizing_removes_stale_exports_and_refuses_nan(fixtures, tmp_path):
         param.view(-1)[0] = float("inf")
     fresh = tmp_path / "fresh"
     with pytest.raises(DfqError, match=f"tensor {name};.*nothing was written"):
-        save_quantized(fresh, spec, qmodel, qcfg, meta)
+        save_quantized(fresh, spec.record(), qmodel, qcfg, meta)
     assert not fresh.exists()
 
 

@@ -420,7 +420,7 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
     monkeypatch.setattr(source, "get_model", lambda name, pretrained=True: registry.get_model(name, pretrained=False))
     spec = registry.get_model("fmnist/resnet20", pretrained=False)
     ckpt = tmp_path / "ckpt"
-    checkpoint.save_quantized(ckpt, spec, qmodels["w8a8"], make_quant_config("mse", 8, 8),
+    checkpoint.save_quantized(ckpt, spec.record(), qmodels["w8a8"], make_quant_config("mse", 8, 8),
                               {"algo": "mse", "wbits": 8, "abits": 8, "q_top1": 0.0})
     runner = CliRunner()
     res = runner.invoke(app, ["export", str(ckpt), "--eval-limit", "64", "--speed-runs", "2"])
@@ -462,7 +462,7 @@ def _checkpoint(qmodel, tmp_path, monkeypatch):
 
     monkeypatch.setattr(source, "get_model", lambda name, pretrained=True: registry.get_model(name, pretrained=False))
     ckpt = tmp_path / "ckpt"
-    checkpoint.save_quantized(ckpt, registry.get_model("fmnist/resnet20", pretrained=False), qmodel,
+    checkpoint.save_quantized(ckpt, registry.get_model("fmnist/resnet20", pretrained=False).record(), qmodel,
                               make_quant_config("mse", 8, 8), {"algo": "mse", "wbits": 8, "abits": 8, "q_top1": 0.0})
     return ckpt
 

@@ -126,14 +126,14 @@ class _SharedInput(nn.Module):
         return self.fc(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
 
 
-def test_prepare_builds_pseudo_quantizers_and_finalize_hardens_them(resnet20, tmp_path):
+def test_prepare_builds_pseudo_quantizers_and_finalize_hardens_them(tmp_path):
     """The transform builds NIPQ's quantizers itself (QuantConfig.weight_quantizer / act_quantizer): no plain
     quantizer before finalize, a shared input quantizer shared throughout, a plain model after; a checkpoint keeps
     the conventions only and refuses a config that still carries constructors."""
     from dataclasses import replace
 
     from dfquant.io import read_json
-    from dfquant.quant.checkpoint import save_quantized
+    from dfquant.quant.checkpoint import ModelRecord, save_quantized
 
     fp = _SharedInput().eval()
     calib = torch.randn(32, 3, 16, 16)
@@ -146,10 +146,10 @@ def test_prepare_builds_pseudo_quantizers_and_finalize_hardens_them(resnet20, tm
     finalize(q, calib, 3.0, fp_model=fp)
     assert q.a.aq is q.b.aq and type(q.a.aq) is UniformQuantizer
     assert q.nipq_config.weight_quantizer is None and q.nipq_config.act_quantizer is None
-    save_quantized(tmp_path / "ck", resnet20, q, q.nipq_config, {})
+    save_quantized(tmp_path / "ck", ModelRecord("shared"), q, q.nipq_config, {})
     assert "weight_quantizer" not in read_json(tmp_path / "ck" / "quant_config.json")["quant"]
     with pytest.raises(DfqError, match="weight_quantizer"):
-        save_quantized(tmp_path / "bad", resnet20, q, replace(q.nipq_config, weight_quantizer=id), {})
+        save_quantized(tmp_path / "bad", ModelRecord("shared"), q, replace(q.nipq_config, weight_quantizer=id), {})
 
 
 def test_qat_resume_matches_straight_run(tmp_path):
@@ -207,7 +207,7 @@ def test_qat_lowers_distillation_loss_and_checkpoint_round_trip(resnet20, tmp_pa
     conv.wq.bits = 3.0
     conv.wq.init_range(conv.layer.weight, method="minmax")
     qcfg = make_quant_config("genie-m", 2, 4, act_symmetric=False)
-    save_quantized(tmp_path / "ck", resnet20, q, qcfg, {"algo": "nipq-qat"})
+    save_quantized(tmp_path / "ck", resnet20.record(), q, qcfg, {"algo": "nipq-qat"})
     _, loaded = load_quantized_spec(tmp_path / "ck")
     assert loaded.get_submodule("layer3.2.block.conv2").wq.bits == 3.0
     with torch.no_grad():

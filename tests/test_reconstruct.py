@@ -89,7 +89,7 @@ def test_checkpoint_round_trip(resnet20, calib, tmp_path):
     from dfquant.quant.checkpoint import save_quantized
 
     qmodel, info = quantize(resnet20.model, calib, "genie-m", 3, 3, iters=3, progress=False)
-    save_quantized(tmp_path, resnet20, qmodel, info["quant"], {})
+    save_quantized(tmp_path, resnet20.record(), qmodel, info["quant"], {})
     _, loaded = load_quantized_spec(tmp_path)
     x = calib[:16]
     assert torch.allclose(loaded(x), qmodel(x), atol=1e-5)

@@ -99,13 +99,11 @@ def save(quant_dir: str | Path, qmodel: nn.Module, report: dict, model: str | No
     with its preprocessing (``size``, ``resize``/``crop_pct``, ``interpolation``, ``mean``, ``std``) and
     ``class_names``, recorded so that ``dfq eval DIR`` / ``dfq export DIR`` / :func:`evaluate` rebuild and
     feed it as the CLI would. Without ``model`` the folder reopens only with ``load(dir, model)``."""
-    from dfquant.quant.checkpoint import save_quantized
+    from dfquant.quant.checkpoint import ModelRecord, save_quantized
 
     meta = {k: report[k] for k in ("units",) if k in report}
     if model is None:
-        from types import SimpleNamespace
-
-        spec: Any = SimpleNamespace(name=name or "custom", source={"python": name or "custom"})
+        record = ModelRecord(name or "custom", {"python": name or "custom"})
     else:
         from dfquant.models.source import ModelArgs, resolve_model
 
@@ -116,7 +114,8 @@ def save(quant_dir: str | Path, qmodel: nn.Module, report: dict, model: str | No
             raise DfqError(f"save(model={model!r}) needs size= (the input size it was quantized at)")
         if name is not None:
             spec.name = name
-    save_quantized(Path(quant_dir), spec, qmodel, report["quant"], meta)
+        record = spec.record()
+    save_quantized(Path(quant_dir), record, qmodel, report["quant"], meta)
 
 
 def _reopen(model_or_dir: nn.Module | str | Path):

@@ -57,7 +57,7 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
             "versions": versions(),
             "recon": {k: v for k, v in vars(info["recon"]).items()} if info.get("recon") else None,
             "full_precision_layers": info.get("full_precision_layers", [])}
-    save_quantized(Path(out), spec, qmodel, info["quant"], meta)
+    save_quantized(Path(out), spec.record(), qmodel, info["quant"], meta)
     write_json(Path(out) / "results.json", {k: meta[k] for k in ("algo", "wbits", "abits", "target", "calib", "augment", "n_calib", "iters",
                                                                    "seed", "fp_top1", "q_top1", "eval_images", "calib_check",
                                                                    "seconds")})
@@ -240,7 +240,7 @@ def run_qat(model: str | ModelSpec, calib_source: str, wbits: float, abits: floa
 
         qcfg = copy.copy(qmodel.nipq_config)
         qcfg.act_symmetric = False  # NIPQ activation grids are affine (zero point 0 for non-negative inputs)
-        save_quantized(out, spec, qmodel, qcfg, meta)
+        save_quantized(out, spec.record(), qmodel, qcfg, meta)
         write_json(out / "results.json", {k_: meta[k_] for k_ in (
             "algo", "wbits", "abits", "calib", "n_calib", "iters", "lr", "learn_bits", "avg_bits_budget", "seed",
             "budget_by", "bn_stats", "act_reinit", "fp_top1", "init_top1", "q_top1", "avg_weight_bits_all",

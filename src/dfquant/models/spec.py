@@ -7,15 +7,22 @@ evaluation and prompt learning can take a :class:`ModelSpec` without importing t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from dfquant.errors import DfqError
 
+if TYPE_CHECKING:
+    from dfquant.quant.checkpoint import ModelRecord
+
 FMNIST_MEAN = (0.2190, 0.2190, 0.2190)
 FMNIST_STD = (0.3318, 0.3318, 0.3318)
+
+
+# what a quantized folder records of the preprocessing (ModelSpec.record), so that it reopens without the model
+PREPROCESS_FIELDS = ("input_size", "mean", "std", "interpolation", "crop_pct", "resize", "class_names")
 
 
 @dataclass
@@ -33,6 +40,12 @@ class ModelSpec:
     card: dict[str, Any] = field(default_factory=dict)
     resize: int | None = None  # short side before the centre crop; None: input size / crop_pct (timm's rule)
     source: dict[str, Any] = field(default_factory=dict)  # how to rebuild the model (saved with a quantized folder)
+
+    def record(self) -> ModelRecord:
+        """What a quantized folder records of this model (:class:`~dfquant.quant.checkpoint.ModelRecord`)."""
+        from dfquant.quant.checkpoint import ModelRecord
+
+        return ModelRecord(self.name, dict(self.source), {k: getattr(self, k) for k in PREPROCESS_FIELDS})
 
     @property
     def num_classes(self) -> int:

@@ -8,7 +8,7 @@ with the checkpoint lays it out exactly as it was quantized, without tracing it 
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,18 @@ def quantizer_state(qmodel: nn.Module) -> dict[str, dict]:
     return out
 
 
+@dataclass
+class ModelRecord:
+    """What a quantized folder records of its full-precision model: ``name``; ``source``, how to rebuild it (the
+    caller resolves it; empty: ``{"name": name}``); ``preprocess``, its input size, normalization, resizing and
+    class names (empty when the folder reopens only with the model at hand). A ModelSpec gives its own
+    (:meth:`~dfquant.models.spec.ModelSpec.record`)."""
+
+    name: str
+    source: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+
 def _conventions(qcfg: QuantConfig) -> dict:
     """The saved form of ``qcfg``: its conventions, without the quantizer constructors (``metadata["saved"]``
     false), which a checkpoint cannot hold; a model built with custom quantizers is hardened to plain ones first."""
@@ -51,27 +63,25 @@ def _conventions(qcfg: QuantConfig) -> dict:
 EXPORT_FILES = ("model.onnx", "model_int.safetensors", "export_report.json")
 
 
-def save_quantized(out_dir: Path, spec: Any, qmodel: nn.Module, qcfg: QuantConfig, meta: dict) -> None:
+def save_quantized(out_dir: Path, model: ModelRecord, qmodel: nn.Module, qcfg: QuantConfig, meta: dict) -> None:
     """Write the checkpoint atomically (config last, so a folder with a config is complete).
 
-    ``spec`` is the model's :class:`~dfquant.models.registry.ModelSpec` (its ``name``, and ``source``
-    and preprocessing, which say how to rebuild and feed the FP model). Refuses non-finite tensors
+    ``model`` is what the folder records of the full-precision model (its name, and the source and preprocessing
+    that say how to rebuild and feed it). Refuses non-finite tensors
     (nothing is written then), and removes the exports of a previous checkpoint in the same folder,
     which would otherwise sit beside weights they no longer match."""
     out_dir = Path(out_dir)
     state = {k: v.detach().clone() for k, v in qmodel.state_dict().items()}  # a shared input quantizer appears twice
-    check_finite(state.items(), f"the quantized {spec.name}",
+    check_finite(state.items(), f"the quantized {model.name}",
                  "nothing was written; check the calibration images and lower the learning rates or the iterations")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in EXPORT_FILES:
         (out_dir / name).unlink(missing_ok=True)
-    save_tensors(out_dir / "model.safetensors", state, metadata={"model": spec.name})
-    source = dict(getattr(spec, "source", None) or {"name": spec.name})
-    preprocess = {k: getattr(spec, k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "resize",
-                                                  "class_names")
-                  if hasattr(spec, k)}
+    save_tensors(out_dir / "model.safetensors", state, metadata={"model": model.name})
+    source = dict(model.source or {"name": model.name})
     plan = getattr(qmodel, "dfq_plan", None)
-    write_json(out_dir / "quant_config.json", {"model": spec.name, "model_source": source, "preprocess": preprocess,
+    write_json(out_dir / "quant_config.json", {"model": model.name, "model_source": source,
+                                                "preprocess": dict(model.preprocess),
                                                 "quant": _conventions(qcfg), "plan": plan.to_dict() if plan else None,
                                                 "quantizers": quantizer_state(qmodel), **meta})
 
