@@ -388,8 +388,11 @@ def test_genie_lite_reproduces_the_former_genie(kw, abs_sum, values, monkeypatch
     for flag in ("FUSE_UPSAMPLE_CONV", "CHANNELS_LAST_MODEL"):
         monkeypatch.setattr(D, flag, False)
     out = distill(tiny_net(), method="genie-lite", progress=False, **kw)
+    # recorded on an Intel CPU (AVX-512) with one thread; an AMD EPYC (AVX2) with two threads rounds its float kernels
+    # otherwise, and Adam's sign-like first steps carry that to 6.1e-4 on these values (2.8e-6 relative on the
+    # abs-sum); a change of the maths moves them by ~1e-1
     assert out.double().abs().sum().item() == pytest.approx(abs_sum, rel=1e-5)
-    assert torch.allclose(out.flatten()[::83], torch.tensor(values), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(out.flatten()[::83], torch.tensor(values), atol=2e-3, rtol=0)
 
 
 def test_genie_lite_speed_paths_compute_the_same(monkeypatch):

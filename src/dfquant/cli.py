@@ -421,7 +421,7 @@ def distill_cmd(
     """Synthesize calibration images by BN-statistics inversion (Genie-D / ZeroQ), at the model's input size."""
     check_options(**locals())
     from dfquant.io import save_tensors
-    from dfquant.quant.distill import METHODS, distill
+    from dfquant.data.distill import METHODS, distill
 
     _threads(threads)
     _require_safetensors(out)

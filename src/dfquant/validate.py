@@ -110,7 +110,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from dfquant.quant.algorithms import ALGOS
     from dfquant.models.source import INTERPOLATIONS
     from dfquant.quant.bn import BN_MODES
-    from dfquant.quant.distill import METHODS
+    from dfquant.data.distill import METHODS
     from dfquant.quant.target import TARGETS
 
     return {"strategy": STRATEGIES, "pairing": PAIRINGS, "algo": ("auto", *ALGOS), "bn_recalib": BN_MODES,
