@@ -103,11 +103,13 @@ def capture_all(model: torch.nn.Module, modules: dict[str, torch.nn.Module], ima
                 ) -> dict[str, tuple[ActivationCache, ActivationCache]]:
     """One forward pass over ``images`` caching the input and output of every module in ``modules``
     (used for the full-precision targets, which do not change during reconstruction). Each pass
-    stops as soon as every one of ``modules`` has run."""
+    stops as soon as every one of ``modules`` has run. Each tensor is copied when its module returns:
+    the forward goes on, and an in-place op after it (a ReLU(inplace=True) behind a conv whose BatchNorm
+    was folded into it, now an Identity) would otherwise change the cached value."""
     store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(key: str, args, out) -> None:
-        store[key] = (args[0], out)
+        store[key] = (args[0].clone(), out.clone())
         if len(store) == len(modules):
             raise StopForward
 
