@@ -207,3 +207,17 @@ def test_val_folder_with_a_bad_image_is_one_line(fixtures, tmp_path, capsys):
     code, _, err = dfq(["eval", "fmnist/resnet20", "--val", str(val)], capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "c3/1.png is not a readable image" in lines[0], err
+
+
+def test_iters_0_is_range_init_only_for_algorithms_that_learn_nothing(tmp_path, capsys):
+    """RepQ-ViT as published runs no reconstruction: `--iters 0` is accepted for it (and minmax / mse), refused with
+    one line for an algorithm that learns (it would silently become another one), on `dfq run` before any output."""
+    code, out, err = dfq(["quantize", "fmnist/vit", "--algo", "repq-vit", "--calib", "real:A", "--n", "8", "--iters", "0",
+                          "--wbits", "8", "--abits", "8", "--eval-limit", "20", "--out", str(tmp_path / "vit")], capsys)
+    assert code == 0 and "repq-vit" in out and (tmp_path / "vit" / "model.safetensors").exists(), err
+    code, out, err = dfq(["run", "--model", "fmnist/resnet20", "--source", "real", "--algo", "brecq", "--iters", "0",
+                          "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --iters 0 must be at least 1 for brecq (block reconstruction); 0 is range initialization only: "
+        "--algo repq-vit as published, or minmax / mse"]
+    assert not (tmp_path / "run").exists()

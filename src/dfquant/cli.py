@@ -13,7 +13,7 @@ import typer
 
 from dfquant.errors import DfqError
 from dfquant.quant.algorithms import ALGOS
-from dfquant.validate import check_options
+from dfquant.validate import ITERS_ALLOW_ZERO, check_options
 
 T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -343,7 +343,7 @@ def quantize_cmd(
     wbits: float = typer.Option(4, help="weight bits (2..8, or 1.58 ternary)"),
     abits: float = typer.Option(4, help="activation bits (2..8)"),
     algo: str = typer.Option("genie-m", help=" | ".join(ALGOS)),
-    iters: int = typer.Option(20000, help="reconstruction iterations per block (paper: 20000)"),
+    iters: int = typer.Option(20000, help="reconstruction iterations per block (paper: 20000; 0: range initialization only, RepQ-ViT as published)"),
     joint_iters: int = typer.Option(0, help="then optimize all quantization parameters jointly (logit + feature distillation)"),
     bn_recalib: str = typer.Option("none", help="relative | absolute | none: re-estimate BatchNorm statistics after "
                                    "reconstruction (Genie-M keeps BN; relative suits synthetic data)"),
@@ -364,7 +364,7 @@ def quantize_cmd(
     margs: Optional[dict] = None,
 ) -> None:
     """Quantize a model with block reconstruction and print FP vs quantized top-1 (when it has a test set or --val)."""
-    check_options(**locals())
+    check_options(minimum=ITERS_ALLOW_ZERO, **locals())
     from dfquant.jobs import run_quantize
 
     _threads(threads)
@@ -464,7 +464,7 @@ def run_cmd(
     margs: Optional[dict] = None,
 ) -> None:
     """Run prompts -> generate -> quantize -> evaluate, reusing finished stages."""
-    check_options(**locals())
+    check_options(minimum=ITERS_ALLOW_ZERO, **locals())
     from dfquant.run import RunConfig, results_table, run
 
     _threads(threads)

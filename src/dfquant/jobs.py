@@ -16,6 +16,16 @@ from dfquant.errors import DfqError
 from dfquant.models.spec import ModelSpec
 
 
+def check_iters(algo: str, iters: int) -> None:
+    """``--iters 0`` is range initialization only: RepQ-ViT as published, minmax / mse; an algorithm that learns
+    (block reconstruction) would silently become another one, so it needs at least one iteration."""
+    from dfquant.quant.algorithms import get_algorithm
+
+    if iters < 1 and get_algorithm(algo).learns:
+        raise DfqError(f"--iters {iters} must be at least 1 for {algo} (block reconstruction); 0 is range initialization "
+                       "only: --algo repq-vit as published, or minmax / mse")
+
+
 def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float, algo: str, iters: int, n: int,
                  batch_size: int, seed: int, out, val=None, eval_limit: int | None = None, device: str = "cpu",
                  progress: bool = True, calib: torch.Tensor | None = None, fp_top1: float | None = None,
@@ -34,6 +44,7 @@ def run_quantize(spec: ModelSpec, calib_source: str, wbits: float, abits: float,
 
     quant = {"target": target} if target else {}
     make_quant_config(algo, wbits, abits, **quant)  # validate before any slow work
+    check_iters(algo, iters)
     calib = load_calibration(calib_source, spec, n, seed, augment, augment_alpha) if calib is None else calib
     calib_check = check_generated(spec, calib_source, log) if Path(str(calib_source)).is_dir() else None
     can_eval = evaluate_top1 and (spec.embedded or val is not None)

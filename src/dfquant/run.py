@@ -62,16 +62,18 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     check_bn_mode(cfg.bn_recalib, "bn_recalib")
     torch.manual_seed(cfg.seed)
     from dfquant.models.source import ensure_input_size, resolve_model
+    from dfquant.jobs import check_iters
     from dfquant.quant.algorithms import default_algorithm
 
     margs = _model_args(cfg)
     spec = resolve_model(margs)  # a bad model name or damaged weights must not leave a run folder behind
     folder = cfg.val or (cfg.source if cfg.source not in ("generated", "real", "distill") else None)
     spec = ensure_input_size(spec, folder)
+    algo = cfg.algo if cfg.algo != "auto" else default_algorithm(spec.model)
+    check_iters(algo, cfg.iters)
     r = Run(cfg)
     write_text(r.dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     write_json(r.dir / "versions.json", versions())
-    algo = cfg.algo if cfg.algo != "auto" else default_algorithm(spec.model)
     r.log(f"run {r.dir}: {cfg.model} source={cfg.source} strategy={cfg.strategy} algo={algo} bits={cfg.bits}")
 
     calib_key, calib_src = _calibration_stage(r, spec, progress)

@@ -122,18 +122,27 @@ def _option(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def check_options(**values: Any) -> None:
-    """Range-check the command-line options named in :data:`MINIMUM` (others and ``None`` are ignored).
+# Where a command's option means something else than the shared name: quantizing with 0 iterations per block
+# is range initialization only (RepQ-ViT as published, the others without reconstruction); steps of distillation,
+# analysis, QAT and prompt learning need at least one.
+ITERS_ALLOW_ZERO = {"iters": 0}
+
+
+def check_options(*, minimum: dict[str, float] | None = None, **values: Any) -> None:
+    """Range-check the command-line options named in :data:`MINIMUM` (others and ``None`` are ignored);
+    ``minimum`` overrides it for one command (:data:`ITERS_ALLOW_ZERO`).
 
     Commands call it as ``check_options(**locals())`` first thing, before any output exists.
     """
+    bounds = {**MINIMUM, **(minimum or {})}
     for key, value in values.items():
-        if key in MINIMUM and isinstance(value, (int, float)) and not isinstance(value, bool) and value < MINIMUM[key]:
-            raise DfqError(f"{_option(key)} {value:g} must be at least {MINIMUM[key]:g}")
+        if key in bounds and isinstance(value, (int, float)) and not isinstance(value, bool) and value < bounds[key]:
+            raise DfqError(f"{_option(key)} {value:g} must be at least {bounds[key]:g}")
 
 
 def _schema() -> type:
-    """A strict pydantic model with RunConfig's fields, types and defaults, plus the ranges of MINIMUM."""
+    """A strict pydantic model with RunConfig's fields, types and defaults, plus the ranges of MINIMUM (``iters``:
+    reconstruction iterations, 0 allowed as for ``dfq quantize``)."""
     import dataclasses
     import typing
     from typing import Annotated
@@ -141,9 +150,10 @@ def _schema() -> type:
     from pydantic import ConfigDict, Field, create_model
 
     hints = typing.get_type_hints(RunConfig)
+    run_min = {**MINIMUM, **ITERS_ALLOW_ZERO}
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(RunConfig):
-        hint = Annotated[hints[f.name], Field(ge=MINIMUM[f.name])] if f.name in MINIMUM else hints[f.name]
+        hint = Annotated[hints[f.name], Field(ge=run_min[f.name])] if f.name in run_min else hints[f.name]
         fields[f.name] = (hint, None)
     return create_model("RunConfigSchema", __config__=ConfigDict(strict=True, extra="forbid"), **fields)
 

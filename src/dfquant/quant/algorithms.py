@@ -31,6 +31,12 @@ class Algorithm:
     runner: str = "reconstruct"
     vit: bool = False
 
+    @property
+    def learns(self) -> bool:
+        """Whether it optimizes anything over iterations (block reconstruction); without, ``iters=0`` is the
+        algorithm as published (RepQ-ViT) or changes nothing (range init only)."""
+        return self.recon is not None and self.recon.get("learn_rounding", True)
+
 
 # AdaRound / BRECQ / QDrop (yhhhli/BRECQ, wimh966/QDrop): lp_loss = sum over channels, mean over the rest;
 # rounding weight 0.01; Adam on V at its default 1e-3 without a schedule; activation steps with cosine decay,
