@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfquant.quant.integer import mark, on_grid
 from dfquant.quant.quantizers import LogSqrt2Quantizer, SoftRoundingWeight, UniformQuantizer, round_ste
 
 @dataclass
@@ -49,6 +50,8 @@ class QuantConfig:
     target: str | None = None
     weight_symmetric_8bit: bool = False  # 8-bit weights on a symmetric int8 grid (zero point 0), as integer kernels take
     int32_bias: bool = False         # conv biases rounded to int32 on the step s_x * s_w (what QLinearConv adds)
+    weight_reduce_range: bool = False  # 8-bit weights on 7 bits (-64..63, onnxruntime's reduce_range): products with
+                                       # uint8 inputs never saturate int16 pair sums (AVX2 without VNNI; target.py)
 
 
 def _act_quantizer(bits: float, cfg: QuantConfig) -> UniformQuantizer:
@@ -61,20 +64,39 @@ def _act_quantizer(bits: float, cfg: QuantConfig) -> UniformQuantizer:
     return q
 
 
+def depthwise(layer: nn.Module) -> bool:
+    """A depthwise convolution (one input and one output channel per group), which integer runtimes run with
+    their own kernels rather than as a matrix product."""
+    return isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels == layer.out_channels > 1
+
+
 class QuantLayer(nn.Module):
     """Conv2d or Linear with fake-quantized weight and input (and, under a deployment target, output).
 
     ``oq``: an output quantizer (a target's integer kernel writes integers). With ``cfg.int32_bias`` a
     Conv2d adds its bias rounded on the step ``s_x * s_w`` of the integer accumulator, ``s_x`` the scale
     of the quantizer that reads its input (:attr:`input_quantizer`: its own, or the one of the block or
-    layer it shares), as QLinearConv does."""
+    layer it shares), as QLinearConv does.
+
+    Without autograd (evaluation, calibration captures) such a Conv2d whose output integers one quantizer
+    writes (:attr:`output_quantizer`, from the plan's ``kernels``) computes what QLinearConv computes
+    (:meth:`_kernel_forward`): the exact integer accumulator plus the int32 bias, requantized in float32 as
+    ``round(float(acc + B) * (s_x * s_w / s_y))``, and returns that integer times ``s_y``; the quantizer
+    (after a ReLU/ReLU6, which the kernel folds into its clip) then clamps it onto its grid. Summing the
+    dequantized products in float instead moves about one output in a million by a grid step (a half-way
+    value rounded the other way), and the step travels to the logits. With autograd (reconstruction's
+    steps) the float form runs: the same values up to that rounding, and its gradients."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, wbits: float, abits: float | None, cfg: QuantConfig):
         super().__init__()
         self.layer = layer
-        self.wq = UniformQuantizer(wbits, channel_axis=0, clip_ratios=cfg.clip_ratios,
-                                   zero_point_search=cfg.zero_point_search,
-                                   symmetric=cfg.weight_symmetric_8bit and float(wbits) == 8)
+        eight = float(wbits) == 8
+        symmetric = (cfg.weight_symmetric_8bit or cfg.weight_reduce_range) and eight
+        # depthwise kernels multiply in 16/32 bits (no int16 pair sums): their int8 grid stays whole
+        reduce = cfg.weight_reduce_range and eight and not depthwise(layer)
+        self.wq = UniformQuantizer(7 if reduce else wbits, channel_axis=0,
+                                   clip_ratios=cfg.clip_ratios, zero_point_search=cfg.zero_point_search,
+                                   symmetric=symmetric, signed=True if symmetric else None)
         self.wq.init_range(layer.weight, method=cfg.weight_init)
         if cfg.weight_quantizer is not None:
             self.wq = cfg.weight_quantizer(self.wq)
@@ -83,6 +105,7 @@ class QuantLayer(nn.Module):
         self.soft: SoftRoundingWeight | None = None
         self.int32_bias = cfg.int32_bias and isinstance(layer, nn.Conv2d)
         self.__dict__["_in_q"] = None  # a plain reference: the block's quantizer is owned (and saved) by the block
+        self.__dict__["_out_q"] = None  # likewise: the quantizer that writes this layer's output integers
 
     @property
     def input_quantizer(self) -> nn.Module | None:
@@ -92,6 +115,39 @@ class QuantLayer(nn.Module):
     def read_input_from(self, q: nn.Module) -> None:
         """Record that ``q`` (a block's input quantizer) quantizes this layer's input."""
         self.__dict__["_in_q"] = q
+
+    @property
+    def output_quantizer(self) -> nn.Module | None:
+        """The quantizer that requantizes this layer's output (its ``oq``, or the one reader of the output)."""
+        return self.__dict__["_out_q"]
+
+    def write_output_to(self, q: nn.Module) -> None:
+        """Record that ``q`` requantizes this layer's output (an integer kernel's output grid)."""
+        self.__dict__["_out_q"] = q
+
+    def _integer_kernel(self) -> bool:
+        """Whether :meth:`_kernel_forward` applies: an int32-bias conv with hard-rounded integer weights between
+        two calibrated per-tensor grids."""
+        return (self.int32_bias and on_grid(self.wq, per_tensor=False) and (self.soft is None or self.soft.hard)
+                and on_grid(self.input_quantizer) and on_grid(self.output_quantizer))
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """QLinearConv's output integer ``k`` times ``s_y`` (see the class doc); ``x`` is on the input grid."""
+        s_x, s_y = self.input_quantizer.scale.reshape(()), self.output_quantizer.scale.reshape(())
+        s_w = self.wq.scale.reshape(-1)
+        shape = (-1,) + (1,) * (self.layer.weight.dim() - 1)
+        xi = torch.round(x / s_x)  # x - z_x on the integer grid (padding adds x = 0, the zero point)
+        wi = torch.round(self.qweight() / s_w.view(shape))
+        # float32 sums of integers are exact below 2^24 (oneDNN's direct convolution on CPU); beyond, or on
+        # accelerators (TF32), float64
+        bound = float(wi.abs().flatten(1).sum(1).max() * xi.abs().max())
+        dtype = torch.float32 if bound < 2**24 and x.device.type == "cpu" else torch.float64
+        acc = self.layer._conv_forward(xi.to(dtype), wi.to(dtype), None).double()
+        step = s_x * s_w
+        if self.layer.bias is not None:
+            acc = acc + torch.round(self.layer.bias / step.clamp_min(1e-30)).clamp(-(2**31), 2**31 - 1).double().view(-1, 1, 1)
+        k = torch.round(acc.float() * (step / s_y).view(-1, 1, 1))  # int32 -> float32, float32 multiplier
+        return k * s_y
 
     def bias(self) -> torch.Tensor | None:
         b = self.layer.bias
@@ -112,12 +168,15 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.aq is not None:
             x = self.aq(x)
+        if not torch.is_grad_enabled() and self._integer_kernel():
+            y = self._kernel_forward(x)
+            return mark(self.oq(y), self.oq) if self.oq is not None else y
         w = self.qweight() if self.wq.enabled else self.layer.weight
         if isinstance(self.layer, nn.Conv2d):
             y = self.layer._conv_forward(x, w, self.bias())  # honours padding_mode
         else:
             y = F.linear(x, w, self.bias())
-        return self.oq(y) if self.oq is not None else y
+        return mark(self.oq(y), self.oq) if self.oq is not None else y
 
 
 class QuantBlock(nn.Module):
@@ -131,8 +190,8 @@ class QuantBlock(nn.Module):
         self.oq = _act_quantizer(out_bits, cfg) if out_bits else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.block(self.aq(x) if self.aq is not None else x)
-        return self.oq(y) if self.oq is not None else y
+        y = self.block(mark(self.aq(x), self.aq) if self.aq is not None else x)
+        return mark(self.oq(y), self.oq) if self.oq is not None else y
 
 
 def quant_layers(module: nn.Module) -> list[QuantLayer]:

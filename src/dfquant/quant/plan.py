@@ -101,6 +101,12 @@ class QuantPlan:
     tracer: str = "fx"
     target: str | None = None                                 # deployment target (dfquant.quant.target)
     outputs: dict[str, float] = field(default_factory=dict)   # module -> bits of the output quantizer the target adds
+    # target: integer conv -> the quantizer that writes its output integers ("layer L" / "block U": their input
+    # quantizer, "output M": the output quantizer of M, "module Q": a quantizer module)
+    kernels: dict[str, str] = field(default_factory=dict)
+    # target: integer additions and global average poolings, {"op": "add" | "pool", "inputs": [writer of each
+    # operand], "output": writer of the result} (dfquant.quant.integer)
+    int_ops: list[dict] = field(default_factory=list)
 
     def unit_names(self) -> list[str]:
         return [u.name for u in self.units]
@@ -117,7 +123,8 @@ class QuantPlan:
         return cls(units=[UnitPlan(**u) for u in d["units"]], layers={k: LayerPlan(**v) for k, v in d["layers"].items()},
                    folds=dict(d.get("folds", {})), float_layers=dict(d.get("float_layers", {})),
                    warnings=list(d.get("warnings", [])), tracer=d.get("tracer", "fx"), target=d.get("target"),
-                   outputs=dict(d.get("outputs", {})))
+                   outputs=dict(d.get("outputs", {})), kernels=dict(d.get("kernels", {})),
+                   int_ops=list(d.get("int_ops", [])))
 
     def __str__(self) -> str:
         bits = lambda b: "-" if b is None else f"{b:g}"  # noqa: E731
@@ -410,7 +417,7 @@ def _assign_bits(a: _Analysis, chosen: list[tuple[str, str]], cfg: QuantConfig, 
         from dfquant.quant.target import get_target
 
         plan.target = cfg.target
-        plan.outputs = _target_outputs(a, units, plans, folds, get_target(cfg.target).extra_bits, warn)
+        plan.outputs, plan.kernels, plan.int_ops = _target_outputs(a, units, plans, folds, get_target(cfg.target).extra_bits, warn)
     return plan
 
 
@@ -420,8 +427,10 @@ FUSED_FUNCTIONS = {"relu", "relu6", "hardtanh", "dropout"}
 
 
 def _target_outputs(a: _Analysis, units: list[UnitPlan], plans: dict[str, LayerPlan], folds: dict[str, str],
-                    bits: float, warn: list[str]) -> dict[str, float]:
-    """The output quantizers a deployment target needs (module -> bits), read off the data flow.
+                    bits: float, warn: list[str]) -> tuple[dict[str, float], dict[str, str], list[dict]]:
+    """The output quantizers a deployment target needs (module -> bits), read off the data flow; which
+    quantizer writes the output integers of each conv (:attr:`QuantPlan.kernels`), and of each integer
+    addition and global average pooling (:attr:`QuantPlan.int_ops`).
 
     An integer conv writes integers: its output, after the ReLU/ReLU6 the kernel fuses, must be
     quantized for every reader. Where no layer or block input quantizer reads it (a residual sum,
@@ -489,38 +498,78 @@ def _target_outputs(a: _Analysis, units: list[UnitPlan], plans: dict[str, LayerP
 
     outputs: dict[str, float] = {}
     unplaced: list[str] = []
+    writer_of: dict[int, str] = {}  # value -> the quantizer that writes it (as QuantPlan.kernels names them)
 
-    def need(values: list[int], what: str) -> None:
+    def need(values: list[int], what: str) -> str | None:
+        """Quantize the end of ``values`` for its readers; returns the quantizer that does (None: it stays float)."""
         t = values[-1]
+        if t in g.outputs:
+            return None
         readers = {reader(t, c) for c in g.consumers.get(t, [])}
-        if t in g.outputs or (None not in readers and len(readers) == 1):
-            return  # one quantizer reads it: the kernel requantizes onto that grid
+        if None not in readers and len(readers) == 1:
+            writer_of[t] = readers.pop()  # one quantizer reads it: the kernel requantizes onto that grid
+            return writer_of[t]
         path = wrap_point(values)
         if path is None:
             unplaced.append(what)
-        else:
-            outputs.setdefault(path, bits)
+            return None
+        outputs.setdefault(path, bits)
+        writer_of[t] = f"output {path}"
+        return writer_of[t]
 
     conv_ends: set[int] = set()
+    kernels: dict[str, str] = {}
     for name in a.layers:
         if isinstance(mods[name], nn.Conv2d) and name in plans:
             values = chain(g.ops[a.leaf_calls[name][0]].outputs[0])
             conv_ends.add(values[-1])
-            need(values, f"the output of {name}")
+            writer = need(values, f"the output of {name}")
+            if writer is not None:
+                kernels[name] = writer
+    int_ops: list[dict] = []
     for op in g.ops:
         if op.kind == "function" and op.target == ADD and len(op.inputs) >= 2 and any(v in conv_ends for v in op.inputs):
             for v in op.inputs:
-                if v not in conv_ends and not quantizes(v, op.index):
-                    path = wrap_point([v])
-                    if path is None:
-                        unplaced.append("an input of a residual addition")
-                    else:
-                        outputs.setdefault(path, bits)
-            need(chain(op.outputs[0]), "a residual sum")
+                if v in conv_ends:
+                    continue
+                if quantizes(v, op.index):
+                    writer_of.setdefault(v, reader(v, op.index))
+                    continue
+                path = wrap_point([v])
+                if path is None:
+                    unplaced.append("an input of a residual addition")
+                else:
+                    outputs.setdefault(path, bits)
+                    writer_of[v] = f"output {path}"
+            out = need(chain(op.outputs[0]), "a residual sum")
+            ins = [writer_of.get(v) for v in op.inputs]
+            if len(ins) == 2 and out is not None and None not in ins:  # QLinearAdd
+                int_ops.append({"op": "add", "inputs": ins, "output": out})
+    for op in g.ops:  # a global average pooling of an integer tensor whose (flattened) value one quantizer reads
+        pool = (op.kind == "function" and op.target == "adaptive_avg_pool2d") or \
+            (op.kind == "module" and isinstance(mods[op.target], nn.AdaptiveAvgPool2d) and mods[op.target].output_size in (1, (1, 1)))
+        if not pool or writer_of.get(op.inputs[0]) is None:
+            continue
+        t = op.outputs[0]
+        while len(g.consumers.get(t, [])) == 1 and t not in g.outputs and _reshapes(g.ops[g.consumers[t][0]], mods):
+            t = g.ops[g.consumers[t][0]].outputs[0]
+        readers = {reader(t, c) for c in g.consumers.get(t, [])}
+        if t not in g.outputs and len(readers) == 1 and None not in readers:  # QLinearGlobalAveragePool
+            int_ops.append({"op": "pool", "inputs": [writer_of[op.inputs[0]]], "output": readers.pop()})
     if unplaced:
         warn.append("target: no single module produces " + "; ".join(dict.fromkeys(unplaced)) + ", so it stays float "
                     "and the kernels around it run in float")
-    return outputs
+    return outputs, kernels, int_ops
+
+
+RESHAPE_FUNCTIONS = {"flatten", "view", "reshape", "squeeze", "dropout"}
+
+
+def _reshapes(op, mods: dict[str, nn.Module]) -> bool:
+    """An op that only moves values (the exporter puts a QuantizeLinear before it, see onnx_passes)."""
+    if op.kind == "function":
+        return op.target in RESHAPE_FUNCTIONS
+    return isinstance(mods[op.target], (nn.Flatten, nn.Dropout, nn.Identity))
 
 
 def warn_plan(plan: QuantPlan) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from dfquant.errors import DfqError
 from dfquant.quant.algorithms import get_algorithm
+from dfquant.quant.integer import link
 from dfquant.quant.modules import QuantBlock, QuantConfig, QuantLayer, _act_quantizer
 from dfquant.quant.plan import QuantPlan, bn_folds, make_plan
 from dfquant.quant.quantizers import SIGNED_STEPS, check_bits
@@ -117,16 +118,30 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, init: bool = True, plan: 
         made[name] = ql
         _set(qmodel, name, ql)
     blocks, outputs = plan.blocks(), plan.outputs
+    # quantizer modules of the model that write a kernel's output, found before wrapping moves their names
+    writers = [*plan.kernels.values(), *(w for op in plan.int_ops for w in (*op["inputs"], op["output"]))]
+    modules = {w: qmodel.get_submodule(w.split(" ", 1)[1]) for w in writers if w.startswith("module ")}
+    wrapped: dict[str, QuantBlock] = {}
     for name in sorted(set(blocks) | set(outputs), key=len, reverse=True):  # innermost first: names stay valid
         if name in made:  # a quantized layer's own output quantizer
             made[name].oq = _act_quantizer(outputs[name], cfg)
             continue
-        qb = QuantBlock(qmodel.get_submodule(name), blocks.get(name), cfg, outputs.get(name))
+        qb = wrapped[name] = QuantBlock(qmodel.get_submodule(name), blocks.get(name), cfg, outputs.get(name))
         _set(qmodel, name, qb)
         if qb.aq is not None:
             for lp in plan.layers.values():
                 if lp.input == f"block {name}":
                     made[lp.name].read_input_from(qb.aq)
+
+    def resolve(writer: str) -> nn.Module:
+        """The quantizer a plan's writer name stands for."""
+        kind, _, owner = writer.partition(" ")
+        return {"layer": lambda: made[owner].input_quantizer, "block": lambda: wrapped[owner].aq,
+                "module": lambda: modules[writer], "output": lambda: (made[owner] if owner in made else wrapped[owner]).oq}[kind]()
+
+    for conv, writer in plan.kernels.items():  # the grid each integer conv writes (QuantLayer._kernel_forward)
+        made[conv].write_output_to(resolve(writer))
+    link(plan.int_ops, resolve)  # integer additions and poolings (dfquant.quant.integer)
     qmodel.dfq_plan = plan
     return qmodel
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dfquant.quant.export.onnx_graph import (FLOAT_KERNELS, INTEGER_KERNELS, _activation_chain, _const, _ort_session,
-                                             _require_onnx, _separate_bias)
+                                             _q_bounds, _require_onnx, _separate_bias)
 
 
 def _made_redundant_by_q(graph, act, q) -> bool:
@@ -161,6 +161,69 @@ def _float_kernel_weights(model, kept_float: dict[str, str] | None = None) -> di
     del graph.node[:]
     graph.node.extend(kept)
     return reasons
+
+
+def _saturating_kernels(model, float_nodes) -> dict[str, str]:
+    """The integer Conv/Gemm/MatMul (not in ``float_nodes``) whose int8 weights times uint8 input codes can
+    overflow an int16 pair sum, ``2 x_max max|w| > 2^15 - 1``: onnxruntime's u8s8 matrix kernels on AVX2 CPUs
+    without VNNI (VPMADDUBSW) saturate there and return another integer than the simulation. Depthwise
+    convolutions (16/32-bit products), uint8 weights (uint8 x uint8 kernels widen to 16 bits) and weights computed
+    at load (4-bit grids, kept within the bound by their multiplier) cannot. Returns node name -> why."""
+    import numpy as np
+
+    graph = model.graph
+    prod = {o: n for n in graph.node for o in n.output}
+    out = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.name in float_nodes or len(node.input) < 2:
+            continue
+        dq_x, dq_w = prod.get(node.input[0]), prod.get(node.input[1])
+        if dq_x is None or dq_w is None or "DequantizeLinear" != dq_x.op_type or "DequantizeLinear" != dq_w.op_type:
+            continue
+        w, src = _const(graph, dq_w.input[0]), prod.get(dq_x.input[0])
+        q_x = prod.get(src.input[0]) if src is not None and src.op_type == "Clip" else src
+        if w is None or w.dtype != np.int8 or q_x is None or q_x.op_type != "QuantizeLinear":
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1 and group == w.shape[0] and w.shape[1] == 1:
+            continue
+        x_max, w_max = _q_bounds(graph, q_x)[1], int(np.abs(w.astype(np.int32)).max())
+        if 2 * x_max * w_max > 2**15 - 1:
+            out[node.name] = (f"int8 weights up to {w_max} times uint8 inputs up to {x_max}: int16 pair sums saturate on "
+                              "AVX2 CPUs without VNNI (quantize again with target='onnxruntime': 7-bit matrix weights)")
+    return out
+
+
+# ops that move or select integers exactly (onnxruntime drops the Q/DQ around them or runs them on the grid)
+_EXACT_MOVES = ("MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Relu", "Clip", "Identity")
+
+
+def _float_requantizations(model) -> dict[str, str]:
+    """The QuantizeLinear nodes left in onnxruntime's optimized graph that round a value it computed in float
+    (LayerNorm, Softmax, GELU, a float kernel's output...): float arithmetic in another order than PyTorch's, so
+    a value near half-way between two integers may round the other way. Quantizing the model input or
+    re-quantizing a dequantized grid (through MaxPool, reshapes, ReLU) is the same float division in both.
+    Returns node name -> why."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _ort_session(model, "extended", Path(tmp) / "optimized.onnx")
+        graph = onnx.load(str(Path(tmp) / "optimized.onnx")).graph
+    prod = {o: n for n in graph.node for o in n.output}
+    inputs = {i.name for i in graph.input}
+    out = {}
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear":
+            continue
+        v = q.input[0]
+        while v in prod and prod[v].op_type in _EXACT_MOVES:
+            v = prod[v].input[0]
+        if v in inputs or v in {t.name for t in graph.initializer} or (v in prod and prod[v].op_type == "DequantizeLinear"):
+            continue
+        out[q.name] = (f"quantizes the output of a float {prod[v].op_type if v in prod else v} (onnxruntime's float "
+                       "arithmetic, another summation order than PyTorch's: a value half-way between two integers may "
+                       "round the other way)")
+    return out
 
 
 def runtime_graph(onnx_path: str | Path) -> dict[str, Any]:

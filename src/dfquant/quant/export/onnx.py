@@ -28,11 +28,12 @@ from torch import nn
 from dfquant.errors import DfqError
 from dfquant.io import atomic_path
 from dfquant.quant.export.int32_bias import _int32_biases
-from dfquant.quant.export.kernels import _float_kernel_weights
+from dfquant.quant.export.kernels import _float_kernel_weights, _float_requantizations, _saturating_kernels
 from dfquant.quant.export.onnx_graph import (DEFAULT_OPSET, INT4_MIN_OPSET, MIN_OPSET, TORCHSCRIPT_MAX_OPSET,
                                              _require_onnx)
 from dfquant.quant.export.onnx_passes import (_fold_activation_clips, _materialize_identities, _prune_initializers,
-                                              _quantize_float_activations, _to_int4, _uint8_activations)
+                                              _quantize_before_reshapes, _quantize_float_activations, _to_int4,
+                                              _uint8_activations)
 from dfquant.quant.export.qdq import _ExportLayer, export_module
 
 
@@ -114,6 +115,7 @@ class OnnxExport:
     float_kernels: dict[str, str] = dataclasses.field(default_factory=dict)
     weights: dict[str, str] = dataclasses.field(default_factory=dict)
     missing: list[str] = dataclasses.field(default_factory=list)
+    inexact: dict[str, str] | None = None  # a target's model: kernels that do not compute the simulation (check_exact)
 
     def summary(self) -> dict[str, Any]:
         """The dictionary :func:`export_onnx` returns."""
@@ -121,7 +123,8 @@ class OnnxExport:
         for node in self.model.graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
         layers = self.layers
-        return {"path": str(self.path), "target": self.target, "opset": self.opset, "ops": ops, "weights": self.weights,
+        exact = {} if self.inexact is None else {"exact": not self.inexact, "inexact": self.inexact}
+        return {"path": str(self.path), "target": self.target, **exact, "opset": self.opset, "ops": ops, "weights": self.weights,
                 "int4_fallback": self.missing, "fused_bias": self.fuse_bias, "integer_residual": self.added,
                 "folded_activation_clips": self.folded, "int32_biases": self.biases,
                 "reround_weights": sorted(n for n, m in layers.items() if m.quantized and m.reround),
@@ -214,6 +217,13 @@ def materialize_identities(ctx: OnnxExport) -> None:
     _materialize_identities(ctx.model)
 
 
+def quantize_before_reshapes(ctx: OnnxExport) -> None:
+    """A target's model: QuantizeLinear before Flatten, so a global average pooling runs as the integer kernel the
+    simulation computes (:func:`_quantize_before_reshapes`)."""
+    if ctx.target is not None:
+        _quantize_before_reshapes(ctx.model)
+
+
 def quantize_float_activations(ctx: OnnxExport) -> None:
     """``integer_residual``: 8-bit Q/DQ on the float activations around convolutions."""
     ctx.added = _quantize_float_activations(ctx.model, ctx.calib) if ctx.integer_residual else None
@@ -249,6 +259,21 @@ def float_kernels(ctx: OnnxExport) -> None:
            + ("and the logits on the calibration images" if biases and biases["calibration_images"]
               else "no calibration images to measure the logits"))
     ctx.float_kernels = _float_kernel_weights(ctx.model, dict.fromkeys((biases or {}).get("kept_float", {}), why))
+
+
+def check_exact(ctx: OnnxExport) -> None:
+    """A target's model: which nodes keep onnxruntime from computing the simulation bit for bit (``inexact``):
+    a Conv/Gemm/MatMul in float other than the classifier (float sums in another order), an int32 bias off the
+    simulation's grid, int8 weights that saturate on AVX2 (:func:`_saturating_kernels`), a quantizer of a value
+    computed by float ops (a ViT's LayerNorm, softmax, GELU: :func:`_float_requantizations`)."""
+    if ctx.target is None:
+        return
+    inexact = {n: f"runs in float ({why})" for n, why in ctx.float_kernels.items() if "model output" not in why}
+    for n in (ctx.biases or {}).get("rounded", {}):
+        inexact[n] = "int32 bias off the simulation's grid"
+    inexact.update(_saturating_kernels(ctx.model, ctx.float_kernels))
+    inexact.update(_float_requantizations(ctx.model))
+    ctx.inexact = inexact
 
 
 def prune_initializers(ctx: OnnxExport) -> None:
@@ -301,8 +326,8 @@ def save(ctx: OnnxExport) -> None:
 # reordering passes) and runs it the way export_onnx does.
 PASSES: tuple[Callable[[OnnxExport], None], ...] = (
     require_onnx, check_options, lower_modules, trace, convert_opset, plan_int4, materialize_identities,
-    quantize_float_activations, fold_activation_clips, uint8_activations, int32_biases, to_int4, float_kernels,
-    prune_initializers, describe_weights, add_metadata, check_model, save)
+    quantize_before_reshapes, quantize_float_activations, fold_activation_clips, uint8_activations, int32_biases,
+    to_int4, float_kernels, check_exact, prune_initializers, describe_weights, add_metadata, check_model, save)
 
 
 def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path, opset: int = DEFAULT_OPSET,
@@ -339,6 +364,11 @@ def export_onnx(qmodel: nn.Module, input_size: tuple[int, ...], path: str | Path
     :func:`verify_onnx` (``approximate=True``). ``int8_weights`` (another approximation) writes
     8-bit asymmetric weight grids as symmetric int8 (:class:`_ExportLayer`); the summary's
     ``reround_weights`` lists those layers.
+    A model quantized for a deployment target (``quantize(..., quant={"target": "onnxruntime"})``) takes no
+    options: its export is the integer form, and its simulation computes what those kernels compute. Its summary
+    adds ``exact`` (True when onnxruntime's logits equal the simulation's up to the classifier's float Gemm) and
+    ``inexact`` (node -> why not: a kernel left in float, an int32 bias off the grid, int8 weights that saturate
+    on AVX2, e.g. in a checkpoint quantized before the target limited them; :func:`check_exact`).
     A module or operator ONNX cannot express raises :class:`DfqError` naming it.
     """
     ctx = OnnxExport(qmodel, input_size, path, opset, metadata, fuse_bias, integer_residual, calib,

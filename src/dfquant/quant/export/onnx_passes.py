@@ -114,6 +114,50 @@ def _act_pairs(graph) -> list[tuple[Any, Any | None, list]]:
     return out
 
 
+RESHAPES = ("Flatten", "Reshape", "Squeeze")
+
+
+def _quantize_before_reshapes(model) -> int:
+    """Move an activation QuantizeLinear (with the integer Clip after it) above the Flatten/Reshape/Squeeze that
+    feeds only it and reads a GlobalAveragePool: a per-tensor grid commutes with moving values, so the integers are
+    the same, and DequantizeLinear -> GlobalAveragePool -> QuantizeLinear is the pattern onnxruntime fuses into
+    QLinearGlobalAveragePool, the integer kernel a deployment target's simulation computes. Returns how many
+    were moved."""
+    graph = model.graph
+    prod = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    moves: dict[str, str] = {}  # output of a moved reshape -> output of the node it now follows
+    for q, clip, dqs in _act_pairs(graph):
+        r = prod.get(q.input[0])
+        src = prod.get(r.input[0]) if r is not None else None
+        scale = _const(graph, q.input[1])
+        if (r is None or r.op_type not in RESHAPES or src is None or src.op_type != "GlobalAveragePool"
+                or len(_consumers(graph, r.output[0])) != 1 or scale is None or scale.size != 1 or r.output[0] in outputs):
+            continue
+        end = (clip or q).output[0]
+        q.input[0], r.input[0] = r.input[0], end
+        r.output[0] = end + "_reshaped"
+        for d in dqs:
+            d.input[0] = r.output[0]
+        moves[r.output[0]] = end
+    if moves:  # each moved reshape goes right after the QuantizeLinear (or its Clip) it now reads
+        nodes = list(graph.node)
+        moved = {n.output[0]: n for n in nodes if n.output[0] in moves}
+        order = []
+        for n in nodes:
+            if n.output[0] in moved:
+                continue
+            order.append(n)
+            order += [m for out, m in moved.items() if moves[out] == n.output[0]]
+        changed = set(moves) | set(moves.values()) | {prod[e].input[0] for e in moves.values() if e in prod}
+        kept = [v for v in graph.value_info if v.name not in changed]  # their shapes and types changed
+        del graph.node[:]
+        graph.node.extend(order)
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    return len(moves)
+
+
 def _uint8_activations(model) -> None:
     """Write every int8 activation grid as the same grid in uint8: zero point and integer clip
     bounds + 128. ``clamp(round(x/s) + z, lo, hi) - z`` does not change, so the values are
