@@ -92,15 +92,9 @@ class RowFailed(Exception):
 
 def dfq(args: list[str]) -> tuple[str, str]:
     """Run ``dfq <args>`` (as ``benchmarks/realworld.py`` does: streamed, DFQ_PROGRESS=0); return (command, output).
-
-    ``dfq quantize`` asks for ``--iters`` of at least 1, so a row with 0 (RepQ-ViT as published: calibration
-    without block reconstruction) runs the same CLI through ``target_cost.py --dfq-iters0``, which only lowers
-    that minimum to 0 (``dfquant.quant.api`` runs RepQ-ViT's reconstruction only when ``iters > 0``)."""
-    iters0 = args[args.index("--iters") + 1] == "0" if "--iters" in args else False
-    prefix = ([sys.executable, str(Path(__file__).resolve()), "--dfq-iters0"] if iters0
-              else [str(Path(sys.executable).parent / "dfq")])
-    shown = (("python benchmarks/target_cost.py --dfq-iters0 " if iters0 else "dfq ")
-             + " ".join(shlex.quote(a) for a in args))
+    RepQ-ViT rows run with ``--iters 0`` (as published: calibration without block reconstruction)."""
+    prefix = [str(Path(sys.executable).parent / "dfq")]
+    shown = "dfq " + " ".join(shlex.quote(a) for a in args)
     print("  $ " + shown, flush=True)
     proc = subprocess.Popen([*prefix, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, "DFQ_PROGRESS": "0"})
@@ -257,14 +251,6 @@ def _plot(table: list[dict], png: Path, atomic_path) -> None:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--dfq-iters0"]:  # `dfq <args>` with --iters 0 allowed (see dfq())
-        import dfquant.validate
-        from dfquant.cli import main as dfq_main
-
-        dfquant.validate.MINIMUM["iters"] = 0
-        sys.argv = ["dfq", *sys.argv[2:]]
-        dfq_main()
-        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+",
                     default=["fmnist/resnet20", "fmnist/mobilenetv2", "fmnist/vit", "realworld/resnet20"])
