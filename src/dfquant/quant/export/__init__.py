@@ -20,7 +20,10 @@ This module writes what a deployment runtime consumes:
   biases that reproduce the simulation's output integers, or the Conv kept float (:func:`_int32_biases`). What
   dfquant keeps in float (ReLU, pooling, residual additions, LayerNorm, GELU, softmax) stays
   float in the graph. RepQ-ViT's log-sqrt2 softmax quantizer has no QDQ form and is written as
-  elementwise ops (Div, Clip, Log, Round, Pow, Where).
+  elementwise ops (Div, Clip, Log, Round, Pow, Where). A model quantized for a deployment target
+  (:mod:`dfquant.quant.target`) keeps none of that in float around its convolutions: its export
+  is the integer form without options, onnxruntime computes the simulation bit for bit, and the
+  summary's ``exact`` / ``inexact`` say so, or what keeps it from it.
 * :func:`export_int_state` — a safetensors file with the integer weights, their scales and
   zero points, the activation quantizers and every remaining float tensor (key names in
   its docstring).
