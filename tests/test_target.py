@@ -305,3 +305,25 @@ def test_integer_conv_is_onnxruntimes_qlinearconv_at_half_way_values():
              helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["out"])]
     ort_codes = _ort_run(nodes, ["x"], init, {"x": x.numpy().astype(np.uint8)}, TensorProto.UINT8)
     assert (codes.numpy() == ort_codes).all(), int((codes.numpy() != ort_codes).sum())
+
+
+def test_target_warns_once_per_part_it_cannot_run_as_integer():
+    """A tensor no single module produces (here an input of each residual addition, scaled inside the block's own
+    forward) cannot get an output quantizer: one warning per part, naming it and what stays float."""
+    from dfquant.api import plan as make_plan
+
+    class Scaled(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + 0.5 * x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Scaled(8), Scaled(8), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 10)).eval()
+    p = make_plan(model, torch.randn(1, 3, 16, 16), algo="minmax", target="onnxruntime")
+    warned = [w for w in p.warnings if w.startswith("target:")]
+    assert warned == [f"target: no single module produces an input of the residual addition in {name}, so it stays "
+                      "float and the kernels around it run in float" for name in ("2", "3")], p.warnings

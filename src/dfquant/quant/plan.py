@@ -537,7 +537,8 @@ def _target_outputs(a: _Analysis, units: list[UnitPlan], plans: dict[str, LayerP
                     continue
                 path = wrap_point([v])
                 if path is None:
-                    unplaced.append("an input of a residual addition")
+                    where = g.calls[op.scope[-1]].path if op.scope else "the model's own forward"
+                    unplaced.append(f"an input of the residual addition in {where or 'the model'}")
                 else:
                     outputs.setdefault(path, bits)
                     writer_of[v] = f"output {path}"
@@ -556,9 +557,9 @@ def _target_outputs(a: _Analysis, units: list[UnitPlan], plans: dict[str, LayerP
         readers = {reader(t, c) for c in g.consumers.get(t, [])}
         if t not in g.outputs and len(readers) == 1 and None not in readers:  # QLinearGlobalAveragePool
             int_ops.append({"op": "pool", "inputs": [writer_of[op.inputs[0]]], "output": readers.pop()})
-    if unplaced:
-        warn.append("target: no single module produces " + "; ".join(dict.fromkeys(unplaced)) + ", so it stays float "
-                    "and the kernels around it run in float")
+    for what in dict.fromkeys(unplaced):  # one warning per part, naming it
+        warn.append(f"target: no single module produces {what}, so it stays float and the kernels around it run in "
+                    "float")
     return outputs, kernels, int_ops
 
 
