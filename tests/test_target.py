@@ -327,3 +327,20 @@ def test_target_warns_once_per_part_it_cannot_run_as_integer():
     warned = [w for w in p.warnings if w.startswith("target:")]
     assert warned == [f"target: no single module produces an input of the residual addition in {name}, so it stays "
                       "float and the kernels around it run in float" for name in ("2", "3")], p.warnings
+
+
+def test_checkpoint_with_unknown_settings_is_one_clear_error(target_w4a4, tmp_path):
+    """A folder saved by another dfquant version, with a QuantConfig field this one lacks, is refused in one line
+    naming the field (it was a TypeError traceback)."""
+    import json
+
+    from dfquant.api import load, save
+
+    q, info = target_w4a4
+    save(tmp_path / "ckpt", q, info)
+    path = tmp_path / "ckpt" / "quant_config.json"
+    meta = json.loads(path.read_text())
+    meta["quant"]["weight_multiplier"] = False
+    path.write_text(json.dumps(meta))
+    with pytest.raises(DfqError, match=r"does not know \(weight_multiplier\): it was saved by another version"):
+        load(tmp_path / "ckpt", _resnet18())

@@ -102,6 +102,10 @@ def load_quantized(ckpt_dir: Path, model: nn.Module, example_input: torch.Tensor
     (its weights are replaced by the checkpoint's)."""
     ckpt_dir = Path(ckpt_dir)
     meta = read_record(ckpt_dir)
+    unknown = sorted(set(meta["quant"]) - {f.name for f in fields(QuantConfig)})
+    if unknown:
+        raise DfqError(f"{ckpt_dir / 'quant_config.json'} records quantization settings this dfquant does not know "
+                       f"({', '.join(unknown)}): it was saved by another version; quantize the model again")
     qcfg = QuantConfig(**meta["quant"])
     plan = QuantPlan.from_dict(meta["plan"]) if meta.get("plan") else None  # older folders: plan from the graph
     try:
