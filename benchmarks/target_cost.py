@@ -173,7 +173,7 @@ def report(out: Path, commands: str) -> None:
         "under the papers' conventions (`paper`: no `--target`, the default) and under `--target onnxruntime` "
         "(`target`: the simulation computes what onnxruntime's integer kernels compute: image input quantized to 8 "
         "bits, BN folded, int32 biases, 8-bit output quantizers on residual-branch outputs, sums and pooling inputs, "
-        "symmetric int8 weight grids, a uniform softmax grid for the ViT), and evaluates both on the same test images. "
+        "symmetric weight grids (8-bit weights on 7 bits where the kernel is a matrix product), a uniform softmax grid for the ViT), and evaluates both on the same test images. "
         "`target − paper` is the mean ± std over seeds of the per-seed difference (negative: the target costs "
         "top-1).\n",
         "Zoo models (`fmnist/*`): calibration on real Fashion-MNIST split A (`--calib real:A`, a different sample per "
