@@ -143,13 +143,19 @@ def _free_port() -> int:
 def test_accelerate_two_processes_match_one(tiny_dir, rows, tmp_path):
     manifest = tmp_path / "m.jsonl"
     write_manifest(rows, manifest)
-    args = ["-m", "dfquant.cli", "generate", str(manifest), "--generator", str(tiny_dir), "--steps", "2",
-            "--batch-size", "2", "--threads", "1", "--device", "cpu"]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=ENV, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    args = ["generate", str(manifest), "--generator", str(tiny_dir), "--steps", "2", "--batch-size", "2", "--threads", "1",
+            "--device", "cpu"]
+    # the one-process reference runs the same command in this process (as tests/test_families.py does): an interpreter
+    # start-up with torch and diffusers fewer; --threads 1 sets this process's torch threads, restored after
+    threads = torch.get_num_threads()
+    try:
+        one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    assert one.exit_code == 0, (one.output, one.exception)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+    two = subprocess.run([*launch, "-m", "dfquant.cli", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
                          env={**ENV, "DFQ_PROGRESS": "1"}, timeout=300)  # bars on, off a terminal: they name the workers
     assert two.returncode == 0, two.stderr[-2000:]
     assert "generate[1/2]" in two.stderr  # really two workers
