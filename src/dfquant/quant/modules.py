@@ -145,7 +145,7 @@ class QuantLayer(nn.Module):
         acc = self.layer._conv_forward(xi.to(dtype), wi.to(dtype), None).double()
         step = s_x * s_w
         if self.layer.bias is not None:
-            acc = acc + torch.round(self.layer.bias / step.clamp_min(1e-30)).clamp(-(2**31), 2**31 - 1).double().view(-1, 1, 1)
+            acc = acc + self._bias_codes(step).double().view(-1, 1, 1)
         k = torch.round(acc.float() * (step / s_y).view(-1, 1, 1))  # int32 -> float32, float32 multiplier
         return k * s_y
 
@@ -155,8 +155,12 @@ class QuantLayer(nn.Module):
         if not (self.int32_bias and b is not None and self.wq.enabled and q is not None and q.enabled
                 and getattr(q, "initialized", False)):
             return b
-        step = (q.scale.reshape(()) * self.wq.scale.reshape(-1)).clamp_min(1e-30)
-        return round_ste(b / step).clamp(-(2**31), 2**31 - 1) * step
+        step = q.scale.reshape(()) * self.wq.scale.reshape(-1)
+        return self._bias_codes(step) * step.clamp_min(1e-30)
+
+    def _bias_codes(self, step: torch.Tensor) -> torch.Tensor:
+        """The bias as int32 codes on ``step`` = ``s_x * s_w`` (what QLinearConv adds to its accumulator)."""
+        return round_ste(self.layer.bias / step.clamp_min(1e-30)).clamp(-(2**31), 2**31 - 1)
 
     def enable_soft_rounding(self, learn_scale: bool) -> SoftRoundingWeight:
         self.soft = SoftRoundingWeight(self.wq, self.layer.weight, learn_scale)
