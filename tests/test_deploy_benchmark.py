@@ -62,3 +62,25 @@ def test_report_computes_the_goals_from_the_rows(tmp_path):
     assert "`OMP_NUM_THREADS=1 python benchmarks/deploy.py`" in md
     pytest.importorskip("matplotlib")
     assert out.with_suffix(".png").exists()
+
+
+def test_kernel_ceiling_separates_convolution_kernels_from_the_rest(tmp_path):
+    import kernel_ceiling as kc
+
+    def r(form, op, ms, wall):
+        return {"model": "m", "batch": "1", "form": form, "op_type": op, "ms": ms, "nodes": 2, "wall_ms": wall}
+
+    rows = [r("fp32", "Conv", 9.0, 10.0), r("fp32", "MaxPool", 0.5, 10.0),
+            r("target", "QLinearConv", 4.0, 5.0), r("target", "QLinearAdd", 0.6, 5.0), r("target", "Gemm", 0.2, 5.0)]
+    by_form = {s["form"]: s for s in kc.summary(rows)}
+    assert by_form["target"]["conv_speedup"] == pytest.approx(9.0 / 4.0)
+    assert by_form["target"]["speedup"] == pytest.approx(2.0)
+    assert by_form["target"]["other_ms"] == pytest.approx(0.8) and by_form["target"]["conv_nodes"] == 2
+    path = tmp_path / "kc.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, kc.FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    kc.report(path, tmp_path / "kc", ["python benchmarks/kernel_ceiling.py"])
+    md = (tmp_path / "kc.md").read_text()
+    assert "| m | 1 | target | 5.0 | 2.00x | 4.0 (2) | 2.25x | 0.80 |" in md and "2.25x (m, batch 1)" in md

@@ -1,0 +1,182 @@
+"""Where the integer speed-up stops on this CPU (issue 30): onnxruntime's own per-kernel profile of the FP32 model,
+dfquant's target export and onnxruntime's ``quantize_static`` files.
+
+``deploy.py`` measures whole-model speed-ups; this asks which part of the model limits them. For each model it
+exports FP32 and the W8A8 ``target`` form (range initialization, as ``deploy.py``), quantizes the FP32 file with
+``quantize_static`` twice (uint8 activations with ``reduce_range``, the u8s8 kernels ``deploy.py`` compares with,
+and int8 activations, the s8s8 kernels), and runs each with onnxruntime's profiler (``enable_profiling``, one
+intra-op thread unless OMP_NUM_THREADS says otherwise) at batch 1 and 32. Per (model, batch, form) it writes the
+wall median and the summed kernel time per run of each operator type; the report compares the convolution
+kernels alone (``Conv`` / ``QLinearConv``: over 95% of these models' time), which bounds what any graph built
+from them can gain over FP32.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/kernel_ceiling.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import deploy  # noqa: E402
+from resumable_csv import append_row, open_results  # noqa: E402
+
+FIELDS = ["model", "batch", "form", "op_type", "ms", "nodes", "wall_ms", "runs", "commit"]
+FORMS = ["fp32", "target", "ort-u8s8", "ort-s8s8"]
+CONV = {"Conv", "QLinearConv", "FusedConv"}
+
+
+def profile(path: Path, input_size: tuple[int, ...], batch: int, runs: int, tmp: Path) -> tuple[float, dict]:
+    """Wall median (ms) of ``runs`` timed runs, and per operator type the kernel ms per run and node count, from
+    onnxruntime's profile of the same runs (two untimed warm-up runs excluded)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *input_size),
+                                                                                 dtype=np.float32)}
+    for _ in range(2):
+        sess.run(None, feed)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp / f"{path.stem}_b{batch}")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(2):
+        sess.run(None, feed)
+    walls = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        walls.append(1e3 * (time.perf_counter() - t))
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    us: Counter = Counter()
+    nodes: dict[str, set] = defaultdict(set)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"].get("op_name", "?")
+            us[op] += e["dur"]
+            nodes[op].add(e["name"])
+    per_run = {op: (us[op] / (runs + 2) / 1e3, len(nodes[op])) for op in us}
+    return float(np.median(walls)), per_run
+
+
+def measure(name: str, args, csv_path: Path, commit: str) -> None:
+    import dfquant.quant.export as E
+
+    d = deploy.load(name, 1, 1)
+    spec = d.spec
+    w, a = int(args.bits[1]), int(args.bits[3])
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        paths = {f: tmp / f"{f}.onnx" for f in FORMS}
+        t = time.time()
+        E.export_onnx(spec.model, spec.input_size, paths["fp32"])
+        args.algo, args.iters = "minmax", None
+        q = deploy.quantized(spec, d.calib, w, a, True, args)
+        E.export_onnx(q, spec.input_size, paths["target"])
+        deploy.ort_static(paths["fp32"], paths["ort-u8s8"], d.calib, "MinMax", tmp, True, True, "uint8")
+        deploy.ort_static(paths["fp32"], paths["ort-s8s8"], d.calib, "MinMax", tmp, True, False, "int8")
+        deploy.log(f"{name}: four files ready ({time.time() - t:.0f}s)")
+        for batch, runs in ((1, args.runs), (32, max(2, args.runs // 5))):
+            for form in FORMS:
+                wall, ops = profile(paths[form], spec.input_size, batch, runs, tmp)
+                for op, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0]):
+                    append_row(csv_path, FIELDS, {"model": name, "batch": batch, "form": form, "op_type": op,
+                                                  "ms": round(ms, 4), "nodes": n, "wall_ms": round(wall, 3),
+                                                  "runs": runs, "commit": commit})
+                conv = sum(ms for op, (ms, _) in ops.items() if op in CONV)
+                deploy.log(f"{name} b{batch} {form}: wall {wall:.1f} ms, conv kernels {conv:.1f} ms")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (model, batch, form): wall, conv kernel ms, other kernel ms and both speed-ups over fp32."""
+    agg: dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["model"], int(r["batch"]), r["form"])
+        s = agg.setdefault(k, {"model": k[0], "batch": k[1], "form": k[2], "wall_ms": float(r["wall_ms"]),
+                               "conv_ms": 0.0, "other_ms": 0.0, "conv_nodes": 0})
+        if r["op_type"] in CONV:
+            s["conv_ms"] += float(r["ms"])
+            s["conv_nodes"] += int(r["nodes"])
+        else:
+            s["other_ms"] += float(r["ms"])
+    for s in agg.values():
+        fp = agg.get((s["model"], s["batch"], "fp32"))
+        s["speedup"] = fp["wall_ms"] / s["wall_ms"] if fp else float("nan")
+        s["conv_speedup"] = fp["conv_ms"] / s["conv_ms"] if fp and s["conv_ms"] else float("nan")
+    order = {f: i for i, f in enumerate(FORMS)}
+    return sorted(agg.values(), key=lambda s: (s["model"], s["batch"], order.get(s["form"], 9)))
+
+
+def report(csv_path: Path, out: Path, commands: list[str]) -> None:
+    with open(csv_path) as fh:
+        rows = list(csv.DictReader(fh))
+    summ = summary(rows)
+    lines = ["# Where the integer speed-up stops: onnxruntime's kernel profile (issue 30)", "",
+             f"CPU: {deploy.cpu_sentence(deploy.cpu_info())}", "",
+             "Each model in four forms: **fp32**; dfquant's W8A8 **target** export (range initialization); "
+             "onnxruntime's `quantize_static` (QDQ, per channel, MinMax) with uint8 activations and reduce_range "
+             "(**ort-u8s8**, the anchor of `deploy.md`) and with int8 activations (**ort-s8s8**). "
+             "*wall* = median of the timed runs (one process, profiler on); *conv* = summed `Conv` / `QLinearConv` "
+             "kernel time per run from onnxruntime's profiler, *other* = every other kernel. *conv speed-up* = "
+             "FP32 conv ms / this form's conv ms: no graph built from these convolution kernels can be faster "
+             "than it by more than its other kernels' share.", "",
+             "| model | batch | form | wall ms | speed-up | conv ms (nodes) | conv speed-up | other ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summ:
+        lines.append(f"| {s['model']} | {s['batch']} | {s['form']} | {s['wall_ms']:.1f} | {s['speedup']:.2f}x | "
+                     f"{s['conv_ms']:.1f} ({s['conv_nodes']}) | {s['conv_speedup']:.2f}x | {s['other_ms']:.2f} |")
+    target = [s for s in summ if s["form"] == "target"]
+    if target:
+        lo = min(target, key=lambda s: s["conv_speedup"])
+        hi = max(target, key=lambda s: s["conv_speedup"])
+        lines += ["", f"Target form: the integer convolution kernels alone run {lo['conv_speedup']:.2f}x "
+                  f"({lo['model']}, batch {lo['batch']}) to {hi['conv_speedup']:.2f}x ({hi['model']}, batch "
+                  f"{hi['batch']}) faster than onnxruntime's FP32 convolutions on this CPU; every other kernel "
+                  "together takes "
+                  f"{max(100 * s['other_ms'] / max(s['conv_ms'] + s['other_ms'], 1e-9) for s in target):.1f}% "
+                  "of the target form's kernel time at most."]
+    lines += ["", "Commands:", ""] + [f"    {c}" for c in commands]
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out.with_suffix(".md"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=deploy.SPEED_GOAL_MODELS)
+    ap.add_argument("--bits", default="W8A8", choices=["W8A8", "W4A4"])
+    ap.add_argument("--runs", type=int, default=20, help="timed runs at batch 1 (batch 32: a fifth, at least 2)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernel_ceiling")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    csv_path = args.out.with_suffix(".csv")
+    commands = deploy.log_command(args.out, not args.report_only)
+    if not args.report_only:
+        done = {m for m, *_ in open_results(csv_path, FIELDS, lambda r: (r["model"],))}
+        commit = deploy.git_commit()
+        for name in args.models:
+            if name in done:
+                deploy.log(f"{name}: in {csv_path.name} already (delete its rows to measure again)")
+                continue
+            measure(name, args, csv_path, commit)
+            report(csv_path, args.out, commands)
+    report(csv_path, args.out, commands)
+
+
+if __name__ == "__main__":
+    main()
