@@ -103,12 +103,13 @@ def ort_variants(reduce_range: str = "both") -> dict[str, tuple[str, bool]]:
     return {m + (" reduce_range" if rr else ""): (m, rr) for rr in modes for m in ORT_CALIBS}
 
 
-def wanted_keys(model: str, reduce_range: str = "both") -> list[tuple]:
-    """The rows one model gets, in measuring order."""
+def wanted_keys(model: str, reduce_range: str = "both", forms: list[str] | None = None) -> list[tuple]:
+    """The rows one model gets, in measuring order (``forms``: only those; the fp32 row, every speed-up's
+    reference, always)."""
     out = [(model, "FP32", "fp32", "")]
     out += [(model, b, f, "") for b in BITS for f in FORMS]
     out += [(model, ORT_BITS, "ort-static", c) for c in ort_variants(reduce_range)]
-    return out
+    return [k for k in out if forms is None or k[2] in forms or k[2] == "fp32"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -764,6 +765,8 @@ def main() -> None:
     ap.add_argument("--ort-reduce-range", choices=["off", "on", "both"], default="both",
                     help="ort-static rows with reduce_range=False, True (7-bit weights: onnxruntime's advice for CPUs "
                          "without VNNI) or both (default)")
+    ap.add_argument("--forms", nargs="+", choices=FORM_ORDER[1:], default=None,
+                    help="measure only these forms (default: all; fp32 always)")
     ap.add_argument("--out", default="benchmarks/results/deploy")
     ap.add_argument("--report-only", action="store_true", help="rewrite <out>.md and <out>.png from the CSV")
     ap.add_argument("--update", action="store_true",
@@ -795,7 +798,7 @@ def main() -> None:
         if name in unavailable:
             log(f"{name}: skipped: {unavailable[name]}")
             continue
-        missing = [k for k in wanted_keys(name, args.ort_reduce_range) if k not in done]
+        missing = [k for k in wanted_keys(name, args.ort_reduce_range, args.forms) if k not in done]
         if not missing:
             log(f"{name}: all its rows are in {csv_path}; skipped (--update to re-measure)")
             continue

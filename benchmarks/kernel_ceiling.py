@@ -5,10 +5,10 @@ dfquant's target export and onnxruntime's ``quantize_static`` files.
 exports FP32 and the W8A8 ``target`` form (range initialization, as ``deploy.py``), quantizes the FP32 file with
 ``quantize_static`` twice (uint8 activations with ``reduce_range``, the u8s8 kernels ``deploy.py`` compares with,
 and int8 activations, the s8s8 kernels), and runs each with onnxruntime's profiler (``enable_profiling``, one
-intra-op thread unless OMP_NUM_THREADS says otherwise) at batch 1 and 32. Per (model, batch, form) it writes the
-wall median and the summed kernel time per run of each operator type; the report compares the convolution
-kernels alone (``Conv`` / ``QLinearConv``: over 95% of these models' time), which bounds what any graph built
-from them can gain over FP32.
+intra-op thread unless OMP_NUM_THREADS says otherwise) at batch 1 and 32, the four forms interleaved. Per (model,
+batch, form) it writes the wall median and the kernel time per run of each operator type; the report compares the
+convolution kernels alone (``Conv`` / ``QLinearConv``: over 95% of these models' time), which bounds what any
+graph built from them can gain over FP32.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/kernel_ceiling.py
 """
@@ -37,41 +37,54 @@ FORMS = ["fp32", "target", "ort-u8s8", "ort-s8s8"]
 CONV = {"Conv", "QLinearConv", "FusedConv"}
 
 
-def profile(path: Path, input_size: tuple[int, ...], batch: int, runs: int, tmp: Path) -> tuple[float, dict]:
-    """Wall median (ms) of ``runs`` timed runs, and per operator type the kernel ms per run and node count, from
-    onnxruntime's profile of the same runs (two untimed warm-up runs excluded)."""
+def profile(paths: dict[str, Path], input_size: tuple[int, ...], batch: int, runs: int,
+            tmp: Path) -> dict[str, tuple[float, dict]]:
+    """Per form: the wall median (ms) of ``runs`` timed runs and, per operator type, the kernel ms per run and node
+    count from onnxruntime's profile of the same runs. The forms run interleaved (each round runs every form once,
+    in a rotating order), so load from other processes hits them alike; kernel times are medians over the timed
+    runs of each run's sum (two untimed warm-up runs each are left out)."""
     import numpy as np
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *input_size),
-                                                                                 dtype=np.float32)}
-    for _ in range(2):
-        sess.run(None, feed)
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(tmp / f"{path.stem}_b{batch}")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    for _ in range(2):
-        sess.run(None, feed)
-    walls = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        walls.append(1e3 * (time.perf_counter() - t))
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    us: Counter = Counter()
-    nodes: dict[str, set] = defaultdict(set)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            op = e["args"].get("op_name", "?")
-            us[op] += e["dur"]
-            nodes[op].add(e["name"])
-    per_run = {op: (us[op] / (runs + 2) / 1e3, len(nodes[op])) for op in us}
-    return float(np.median(walls)), per_run
+    x = np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)
+    sessions = {}
+    for form, path in paths.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, torch.get_num_threads())
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(tmp / f"{form}_b{batch}")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sessions[form] = (sess, {sess.get_inputs()[0].name: x})
+    for sess, feed in sessions.values():
+        for _ in range(2):
+            sess.run(None, feed)
+    forms = list(sessions)
+    walls: dict[str, list[float]] = {f: [] for f in forms}
+    for r in range(runs):
+        for form in forms[r % len(forms):] + forms[: r % len(forms)]:
+            sess, feed = sessions[form]
+            t = time.perf_counter()
+            sess.run(None, feed)
+            walls[form].append(1e3 * (time.perf_counter() - t))
+    out = {}
+    for form, (sess, _) in sessions.items():
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[2:]
+        per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(spans))
+        nodes: dict[str, set] = defaultdict(set)
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                i = next((i for i, (a, b) in enumerate(spans) if a <= e["ts"] <= b), None)
+                if i is None:  # a warm-up run
+                    continue
+                op = e["args"].get("op_name", "?")
+                per_run[op][i] += e["dur"] / 1e3
+                nodes[op].add(e["name"])
+        out[form] = (float(np.median(walls[form])),
+                     {op: (float(np.median(v)), len(nodes[op])) for op, v in per_run.items()})
+    return out
 
 
 def measure(name: str, args, csv_path: Path, commit: str) -> None:
@@ -91,15 +104,16 @@ def measure(name: str, args, csv_path: Path, commit: str) -> None:
         deploy.ort_static(paths["fp32"], paths["ort-u8s8"], d.calib, "MinMax", tmp, True, True, "uint8")
         deploy.ort_static(paths["fp32"], paths["ort-s8s8"], d.calib, "MinMax", tmp, True, False, "int8")
         deploy.log(f"{name}: four files ready ({time.time() - t:.0f}s)")
+        rows = []  # appended once the model is complete, so a resumed run measures a model whole or not at all
         for batch, runs in ((1, args.runs), (32, max(2, args.runs // 5))):
-            for form in FORMS:
-                wall, ops = profile(paths[form], spec.input_size, batch, runs, tmp)
-                for op, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0]):
-                    append_row(csv_path, FIELDS, {"model": name, "batch": batch, "form": form, "op_type": op,
-                                                  "ms": round(ms, 4), "nodes": n, "wall_ms": round(wall, 3),
-                                                  "runs": runs, "commit": commit})
+            for form, (wall, ops) in profile(paths, spec.input_size, batch, runs, tmp).items():
+                rows += [{"model": name, "batch": batch, "form": form, "op_type": op, "ms": round(ms, 4),
+                          "nodes": n, "wall_ms": round(wall, 3), "runs": runs, "commit": commit}
+                         for op, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])]
                 conv = sum(ms for op, (ms, _) in ops.items() if op in CONV)
                 deploy.log(f"{name} b{batch} {form}: wall {wall:.1f} ms, conv kernels {conv:.1f} ms")
+        for row in rows:
+            append_row(csv_path, FIELDS, row)
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -131,10 +145,11 @@ def report(csv_path: Path, out: Path, commands: list[str]) -> None:
              "Each model in four forms: **fp32**; dfquant's W8A8 **target** export (range initialization); "
              "onnxruntime's `quantize_static` (QDQ, per channel, MinMax) with uint8 activations and reduce_range "
              "(**ort-u8s8**, the anchor of `deploy.md`) and with int8 activations (**ort-s8s8**). "
-             "*wall* = median of the timed runs (one process, profiler on); *conv* = summed `Conv` / `QLinearConv` "
-             "kernel time per run from onnxruntime's profiler, *other* = every other kernel. *conv speed-up* = "
-             "FP32 conv ms / this form's conv ms: no graph built from these convolution kernels can be faster "
-             "than it by more than its other kernels' share.", "",
+             "*wall* = median of the timed runs (one process, profiler on, the four forms interleaved); "
+             "*conv* = `Conv` / `QLinearConv` kernel time per run (median over the runs) from onnxruntime's "
+             "profiler, *other* = every other kernel. *conv speed-up* = FP32 conv ms / this form's conv ms: no "
+             "graph built from these convolution kernels can be faster than it by more than its other kernels' "
+             "share.", "",
              "| model | batch | form | wall ms | speed-up | conv ms (nodes) | conv speed-up | other ms |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summ:

@@ -84,3 +84,9 @@ def test_kernel_ceiling_separates_convolution_kernels_from_the_rest(tmp_path):
     kc.report(path, tmp_path / "kc", ["python benchmarks/kernel_ceiling.py"])
     md = (tmp_path / "kc.md").read_text()
     assert "| m | 1 | target | 5.0 | 2.00x | 4.0 (2) | 2.25x | 0.80 |" in md and "2.25x (m, batch 1)" in md
+
+
+def test_forms_restrict_the_rows_but_keep_the_fp32_reference():
+    keys = deploy.wanted_keys("m", "on", ["target", "ort-static"])
+    assert keys[0][2] == "fp32" and {k[2] for k in keys} == {"fp32", "target", "ort-static"}
+    assert len(keys) == 1 + 2 + 3
