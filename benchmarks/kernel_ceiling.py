@@ -35,6 +35,16 @@ from resumable_csv import append_row, open_results  # noqa: E402
 FIELDS = ["model", "batch", "form", "op_type", "ms", "nodes", "wall_ms", "runs", "commit"]
 FORMS = ["fp32", "target", "ort-u8s8", "ort-s8s8"]
 CONV = {"Conv", "QLinearConv", "FusedConv"}
+GROUPED = " group>1"  # appended to the op type of grouped (depthwise) convolutions
+
+
+def _grouped_convs(optimized: Path) -> set[str]:
+    """Names of the convolutions with group > 1 (depthwise in these models) in the graph onnxruntime ran."""
+    import onnx
+
+    model = onnx.load(str(optimized), load_external_data=False)
+    return {n.name for n in model.graph.node if n.op_type in CONV
+            and any(a.name == "group" and a.i > 1 for a in n.attribute)}
 
 
 def profile(paths: dict[str, Path], input_size: tuple[int, ...], batch: int, runs: int,
@@ -55,6 +65,7 @@ def profile(paths: dict[str, Path], input_size: tuple[int, ...], batch: int, run
         opts.log_severity_level = 3
         opts.enable_profiling = True
         opts.profile_file_prefix = str(tmp / f"{form}_b{batch}")
+        opts.optimized_model_filepath = str(tmp / f"{form}_b{batch}_optimized.onnx")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         sessions[form] = (sess, {sess.get_inputs()[0].name: x})
     for sess, feed in sessions.values():
@@ -70,6 +81,7 @@ def profile(paths: dict[str, Path], input_size: tuple[int, ...], batch: int, run
             walls[form].append(1e3 * (time.perf_counter() - t))
     out = {}
     for form, (sess, _) in sessions.items():
+        grouped = _grouped_convs(tmp / f"{form}_b{batch}_optimized.onnx")
         events = json.loads(Path(sess.end_profiling()).read_text())
         spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[2:]
         per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(spans))
@@ -80,6 +92,7 @@ def profile(paths: dict[str, Path], input_size: tuple[int, ...], batch: int, run
                 if i is None:  # a warm-up run
                     continue
                 op = e["args"].get("op_name", "?")
+                op += GROUPED if e["name"][: -len("_kernel_time")] in grouped else ""
                 per_run[op][i] += e["dur"] / 1e3
                 nodes[op].add(e["name"])
         out[form] = (float(np.median(walls[form])),
@@ -110,7 +123,7 @@ def measure(name: str, args, csv_path: Path, commit: str) -> None:
                 rows += [{"model": name, "batch": batch, "form": form, "op_type": op, "ms": round(ms, 4),
                           "nodes": n, "wall_ms": round(wall, 3), "runs": runs, "commit": commit}
                          for op, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])]
-                conv = sum(ms for op, (ms, _) in ops.items() if op in CONV)
+                conv = sum(ms for op, (ms, _) in ops.items() if op.removesuffix(GROUPED) in CONV)
                 deploy.log(f"{name} b{batch} {form}: wall {wall:.1f} ms, conv kernels {conv:.1f} ms")
         for row in rows:
             append_row(csv_path, FIELDS, row)
@@ -122,16 +135,21 @@ def summary(rows: list[dict]) -> list[dict]:
     for r in rows:
         k = (r["model"], int(r["batch"]), r["form"])
         s = agg.setdefault(k, {"model": k[0], "batch": k[1], "form": k[2], "wall_ms": float(r["wall_ms"]),
-                               "conv_ms": 0.0, "other_ms": 0.0, "conv_nodes": 0})
-        if r["op_type"] in CONV:
+                               "conv_ms": 0.0, "other_ms": 0.0, "conv_nodes": 0, "grouped_ms": 0.0,
+                               "grouped_nodes": 0})
+        if r["op_type"].removesuffix(GROUPED) in CONV:
             s["conv_ms"] += float(r["ms"])
             s["conv_nodes"] += int(r["nodes"])
+            if r["op_type"].endswith(GROUPED):
+                s["grouped_ms"] += float(r["ms"])
+                s["grouped_nodes"] += int(r["nodes"])
         else:
             s["other_ms"] += float(r["ms"])
     for s in agg.values():
         fp = agg.get((s["model"], s["batch"], "fp32"))
         s["speedup"] = fp["wall_ms"] / s["wall_ms"] if fp else float("nan")
         s["conv_speedup"] = fp["conv_ms"] / s["conv_ms"] if fp and s["conv_ms"] else float("nan")
+        s["grouped_speedup"] = fp["grouped_ms"] / s["grouped_ms"] if fp and s["grouped_ms"] else float("nan")
     order = {f: i for i, f in enumerate(FORMS)}
     return sorted(agg.values(), key=lambda s: (s["model"], s["batch"], order.get(s["form"], 9)))
 
@@ -147,14 +165,19 @@ def report(csv_path: Path, out: Path, commands: list[str]) -> None:
              "(**ort-u8s8**, the anchor of `deploy.md`) and with int8 activations (**ort-s8s8**). "
              "*wall* = median of the timed runs (one process, profiler on, the four forms interleaved); "
              "*conv* = `Conv` / `QLinearConv` kernel time per run (median over the runs) from onnxruntime's "
-             "profiler, *other* = every other kernel. *conv speed-up* = FP32 conv ms / this form's conv ms: no "
+             "profiler (*depthwise*: those with group > 1), *other* = every other kernel. *conv speed-up* = "
+             "FP32 conv ms / this form's conv ms: no "
              "graph built from these convolution kernels can be faster than it by more than its other kernels' "
              "share.", "",
-             "| model | batch | form | wall ms | speed-up | conv ms (nodes) | conv speed-up | other ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | batch | form | wall ms | speed-up | conv ms (nodes) | conv speed-up | of which depthwise ms "
+             "(nodes) | depthwise speed-up | other ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summ:
+        dw = (f"{s['grouped_ms']:.1f} ({s['grouped_nodes']}) | {s['grouped_speedup']:.2f}x" if s["grouped_nodes"]
+              else "- | -")
         lines.append(f"| {s['model']} | {s['batch']} | {s['form']} | {s['wall_ms']:.1f} | {s['speedup']:.2f}x | "
-                     f"{s['conv_ms']:.1f} ({s['conv_nodes']}) | {s['conv_speedup']:.2f}x | {s['other_ms']:.2f} |")
+                     f"{s['conv_ms']:.1f} ({s['conv_nodes']}) | {s['conv_speedup']:.2f}x | {dw} | "
+                     f"{s['other_ms']:.2f} |")
     target = [s for s in summ if s["form"] == "target"]
     if target:
         lo = min(target, key=lambda s: s["conv_speedup"])

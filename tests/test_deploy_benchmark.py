@@ -70,12 +70,14 @@ def test_kernel_ceiling_separates_convolution_kernels_from_the_rest(tmp_path):
     def r(form, op, ms, wall):
         return {"model": "m", "batch": "1", "form": form, "op_type": op, "ms": ms, "nodes": 2, "wall_ms": wall}
 
-    rows = [r("fp32", "Conv", 9.0, 10.0), r("fp32", "MaxPool", 0.5, 10.0),
-            r("target", "QLinearConv", 4.0, 5.0), r("target", "QLinearAdd", 0.6, 5.0), r("target", "Gemm", 0.2, 5.0)]
+    rows = [r("fp32", "Conv", 8.0, 10.0), r("fp32", "Conv group>1", 1.0, 10.0), r("fp32", "MaxPool", 0.5, 10.0),
+            r("target", "QLinearConv", 3.0, 5.0), r("target", "QLinearConv group>1", 1.0, 5.0),
+            r("target", "QLinearAdd", 0.6, 5.0), r("target", "Gemm", 0.2, 5.0)]
     by_form = {s["form"]: s for s in kc.summary(rows)}
     assert by_form["target"]["conv_speedup"] == pytest.approx(9.0 / 4.0)
+    assert by_form["target"]["grouped_speedup"] == pytest.approx(1.0) and by_form["target"]["grouped_nodes"] == 2
     assert by_form["target"]["speedup"] == pytest.approx(2.0)
-    assert by_form["target"]["other_ms"] == pytest.approx(0.8) and by_form["target"]["conv_nodes"] == 2
+    assert by_form["target"]["other_ms"] == pytest.approx(0.8) and by_form["target"]["conv_nodes"] == 4
     path = tmp_path / "kc.csv"
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, kc.FIELDS, extrasaction="ignore")
@@ -83,7 +85,8 @@ def test_kernel_ceiling_separates_convolution_kernels_from_the_rest(tmp_path):
         w.writerows(rows)
     kc.report(path, tmp_path / "kc", ["python benchmarks/kernel_ceiling.py"])
     md = (tmp_path / "kc.md").read_text()
-    assert "| m | 1 | target | 5.0 | 2.00x | 4.0 (2) | 2.25x | 0.80 |" in md and "2.25x (m, batch 1)" in md
+    assert "| m | 1 | target | 5.0 | 2.00x | 4.0 (4) | 2.25x | 1.0 (2) | 1.00x | 0.80 |" in md
+    assert "2.25x (m, batch 1)" in md
 
 
 def test_forms_restrict_the_rows_but_keep_the_fp32_reference():
