@@ -111,8 +111,8 @@ def measure(name: str, args, csv_path: Path, commit: str) -> None:
         paths = {f: tmp / f"{f}.onnx" for f in FORMS}
         t = time.time()
         E.export_onnx(spec.model, spec.input_size, paths["fp32"])
-        args.algo, args.iters = "minmax", None
-        q = deploy.quantized(spec, d.calib, w, a, True, args)
+        recipe = argparse.Namespace(algo="minmax", vit_algo="repq-vit", iters=None)  # deploy.py's default
+        q = deploy.quantized(spec, d.calib, w, a, True, recipe)
         E.export_onnx(q, spec.input_size, paths["target"])
         deploy.ort_static(paths["fp32"], paths["ort-u8s8"], d.calib, "MinMax", tmp, True, True, "uint8")
         deploy.ort_static(paths["fp32"], paths["ort-s8s8"], d.calib, "MinMax", tmp, True, False, "int8")
