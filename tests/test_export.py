@@ -441,6 +441,9 @@ def test_cli_export(qmodels, tmp_path, monkeypatch):
                               "--int8-weights", "--eval-limit", "64", "--speed-runs", "2"])
     rep = json.loads((tmp_path / "export_report.json").read_text())
     assert "approximate export" in res.output and rep["verify"]["approximate"], res.output
+    cpu = rep["deployment"]["cpu"]  # integer kernels ran: the CPU note appears exactly where VNNI and AMX are missing
+    assert cpu == E.cpu_integer_support()
+    assert ("no VNNI or AMX" in res.output) == bool(cpu.get("x86") and not (cpu["vnni"] or cpu["amx"])), res.output
     assert res.exit_code == (0 if rep["verify"]["passed"] else 2), res.output
     assert rep["deployment"]["runtime_graph"]["float"] == 1 and rep["export"]["integer_residual"]["calibration_images"] == 64
     # the exact integer-kernel form: which Convs keep float because of their int32 bias, printed and reported
@@ -826,3 +829,11 @@ def test_export_calibration_images_follow_the_verification_ones(tmp_path):
     for skip in (18, 30):  # 20 images: fewer than skip + 4, so the last 4
         assert torch.equal(_verify_images(spec, 4, tmp_path, skip=skip)[0], last4[-4:])
     assert len(_verify_images(spec, 64, None, skip=9990)[0]) == 64
+
+
+def test_cpu_integer_support_reads_the_flags_that_decide_int8_speed():
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert E.cpu_integer_support(avx2) == {"x86": True, "vnni": False, "amx": False}
+    xeon = "flags\t\t: sse2 avx2 avx512f avx512_vnni amx_tile amx_int8\n"
+    assert E.cpu_integer_support(xeon) == {"x86": True, "vnni": True, "amx": True}
+    assert E.cpu_integer_support("Features\t: fp asimd asimddp\n") == {}  # no x86 flags line (e.g. ARM)

@@ -149,12 +149,32 @@ def measure_latency(paths: dict[str, str | Path], input_size: tuple[int, ...], b
     return out
 
 
+def cpu_integer_support(cpuinfo: str | None = None) -> dict[str, bool]:
+    """What decides onnxruntime's int8 speed on this CPU, from ``/proc/cpuinfo`` (or ``cpuinfo``, its text):
+    ``{"x86", "vnni", "amx"}`` flags, or ``{}`` where unknown.
+
+    Why: without VNNI or AMX (x86 with AVX2 only) onnxruntime's u8s8 kernels add products in 16-bit pairs, and its
+    integer convolutions run only 1.5-2x its float ones (measured on an AMD EPYC, AVX2:
+    benchmarks/results/kernel_ceiling.md); on a Xeon with VNNI and AMX the same kernels ran ResNet-18/50 at 2.1-2.8x
+    FP32. A user who sees 1.6x should learn that it is the CPU, not the export."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), None)
+    if flags is None:
+        return {}
+    return {"x86": "sse2" in flags, "vnni": any("vnni" in f for f in flags),
+            "amx": any(f.startswith("amx") for f in flags)}
+
+
 def deployment_gain(fp_model: nn.Module, onnx_path: str | Path, input_size: tuple[int, ...],
                     batch_sizes: tuple[int, ...] = (1, 32), runs: int = 10) -> dict[str, Any]:
     """What the export at ``onnx_path`` buys over running ``fp_model`` (same architecture, float32)
     in onnxruntime: ``size_ratio`` (FP32 file bytes / export bytes), ``latency``
-    (:func:`measure_latency`, FP32 first, so ``ratio`` is the speed-up) and ``runtime_graph``
-    (:func:`runtime_graph` of the export)."""
+    (:func:`measure_latency`, FP32 first, so ``ratio`` is the speed-up), ``runtime_graph``
+    (:func:`runtime_graph` of the export) and ``cpu`` (:func:`cpu_integer_support`)."""
     with tempfile.TemporaryDirectory() as tmp:
         fp_path = Path(tmp) / "fp32.onnx"
         export_onnx(fp_model, input_size, fp_path)
@@ -162,7 +182,8 @@ def deployment_gain(fp_model: nn.Module, onnx_path: str | Path, input_size: tupl
         latency = measure_latency({"fp32": fp_path, "quantized": onnx_path}, input_size, batch_sizes, runs)
     q_bytes = Path(onnx_path).stat().st_size
     return {"fp32_bytes": fp_bytes, "bytes": q_bytes, "size_ratio": fp_bytes / q_bytes, "runs": runs,
-            "latency": {str(b): v for b, v in latency.items()}, "runtime_graph": runtime_graph(onnx_path)}
+            "latency": {str(b): v for b, v in latency.items()}, "runtime_graph": runtime_graph(onnx_path),
+            "cpu": cpu_integer_support()}
 
 
 def more_images(n: int, set_size: int | None = None) -> int | None:
