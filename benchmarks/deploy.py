@@ -569,7 +569,9 @@ def goals(rows: list[dict]) -> list[str]:
                          + ("" if ok else " (**below**)"))
     out.append(f"* **>= {SPEEDUP_GOAL:g}x FP32 at batch 1 and batch 32** (target form, torchvision ResNet-18/50, "
                f"MobileNetV2, W8A8 and W4A4; b1 / b32): " + ("**met**" if met else "**not met**") + ": "
-               + "; ".join(cells + ([f"not measured: {', '.join(missing)}"] if missing else [])) + ".")
+               + "; ".join(cells + ([f"not measured: {', '.join(missing)}"] if missing else [])) + "."
+               + ("" if met else " What bounds it on this CPU, kernel by kernel: `kernel_ceiling.md` "
+                  "(`benchmarks/kernel_ceiling.py`)."))
     vit = [r for r in target if r["model"] == "fmnist/vit"]
     if vit:
         out.append("* **Zoo ViT** (target form, measured figure): " + "; ".join(
