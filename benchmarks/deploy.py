@@ -121,9 +121,11 @@ def cpu_info() -> dict:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {"name": platform.processor() or "?", "cpus": os.cpu_count(), "flags": []}
+    from dfquant.quant.export import cpu_flags
+
     lines = text.splitlines()
     name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    flags = cpu_flags(text) or []
     keep = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")) or "vnni" in f)
     return {"name": name, "cpus": sum(ln.startswith("processor") for ln in lines), "flags": keep}
 

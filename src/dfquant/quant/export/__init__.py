@@ -62,14 +62,15 @@ from dfquant.quant.export.onnx_graph import (DEFAULT_OPSET, FLOAT_KERNELS, INT4_
                                              TORCHSCRIPT_MAX_OPSET)
 from dfquant.quant.export.qdq import INT32_MAX, clean_names, export_module, integer_weight
 from dfquant.quant.export.verify import (APPROX_TOP1_TOLERANCE_POINTS, LOGIT_MEAN_TOLERANCE, TOP1_TOLERANCE_POINTS,
-                                         cpu_integer_support, deployment_gain, measure_latency, more_images,
+                                         cpu_flags, cpu_integer_support, deployment_gain, measure_latency, more_images,
                                          top1_tolerance_images, verification_error, verification_passed, verify_onnx)
 
 __all__ = ["APPROX_TOP1_TOLERANCE_POINTS", "BIAS_ROUNDING_LOGIT_TOLERANCE", "DEFAULT_OPSET", "FLOAT_KERNELS", "FORMATS",
            "INT32_MAX", "INT4_MIN_OPSET", "INTEGER_KERNELS", "LOGIT_MEAN_TOLERANCE", "MIN_OPSET", "PASSES",
-           "TOP1_TOLERANCE_POINTS", "TORCHSCRIPT_MAX_OPSET", "clean_names", "cpu_integer_support", "deployment_gain",
-           "export_int_state", "export_module", "export_onnx", "integer_weight", "measure_latency", "more_images",
-           "runtime_graph", "top1_tolerance_images", "verification_error", "verification_passed", "verify_onnx"]
+           "TOP1_TOLERANCE_POINTS", "TORCHSCRIPT_MAX_OPSET", "clean_names", "cpu_flags", "cpu_integer_support",
+           "deployment_gain", "export_int_state", "export_module", "export_onnx", "integer_weight", "measure_latency",
+           "more_images", "runtime_graph", "top1_tolerance_images", "verification_error", "verification_passed",
+           "verify_onnx"]
 
 
 # ----------------------------------------------------------------------------------------

@@ -149,6 +149,17 @@ def measure_latency(paths: dict[str, str | Path], input_size: tuple[int, ...], b
     return out
 
 
+def cpu_flags(cpuinfo: str | None = None) -> list[str] | None:
+    """The x86 ``flags`` of ``/proc/cpuinfo`` (or of ``cpuinfo``, its text); None where there is no such line
+    (another OS, or an ARM CPU, whose line is ``Features``)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    return next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), None)
+
+
 def cpu_integer_support(cpuinfo: str | None = None) -> dict[str, bool]:
     """What decides onnxruntime's int8 speed on this CPU, from ``/proc/cpuinfo`` (or ``cpuinfo``, its text):
     ``{"x86", "vnni", "amx"}`` flags, or ``{}`` where unknown.
@@ -157,12 +168,7 @@ def cpu_integer_support(cpuinfo: str | None = None) -> dict[str, bool]:
     integer convolutions run only 1.5-2x its float ones (measured on an AMD EPYC, AVX2:
     benchmarks/results/kernel_ceiling.md); on a Xeon with VNNI and AMX the same kernels ran ResNet-18/50 at 2.1-2.8x
     FP32. A user who sees 1.6x should learn that it is the CPU, not the export."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return {}
-    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), None)
+    flags = cpu_flags(cpuinfo)
     if flags is None:
         return {}
     return {"x86": "sse2" in flags, "vnni": any("vnni" in f for f in flags),
