@@ -586,8 +586,8 @@ def _echo_deployment(dep: dict, fused_bias: bool) -> None:
     typer.echo(f"deployment vs float32 (onnxruntime, median of {dep['runs']} interleaved runs): "
                f"{dep['size_ratio']:.1f}x smaller ({dep['bytes'] / 1024:.0f} KiB vs {dep['fp32_bytes'] / 1024:.0f} KiB); "
                f"speed-up {speed}; {rt['integer']} integer and {rt['float']} float Conv/Gemm/MatMul kernels")
-    cpu = dep.get("cpu", {})
-    if rt["integer"] and cpu.get("x86") and not (cpu.get("vnni") or cpu.get("amx")):
+    cpu = dep["cpu"]  # {} where the flags are unknown
+    if rt["integer"] and cpu.get("x86") and not (cpu["vnni"] or cpu["amx"]):
         typer.echo("  this CPU has no VNNI or AMX: onnxruntime's integer kernels run only about 1.5-2x its float ones "
                    "here; CPUs with them run the same kernels faster (ResNet-18/50: 2.1-2.8x FP32 on a Xeon with both)")
     if not fused_bias and rt["integer"] == 0:
